@@ -1,0 +1,3 @@
+from fastmesh.cli import main
+
+raise SystemExit(main())

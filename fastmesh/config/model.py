@@ -1,0 +1,93 @@
+"""The validated configuration: plain frozen dataclasses.
+
+The loader/validator (fastmesh.config.loader) produces these from YAML/JSON;
+the plan compiler (fastmesh.plan) turns them into the data path's tables.
+Durations are float seconds; sizes are int bytes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Request limits applied by every listener (issue 3 extends this)."""
+
+    max_head_size: int = 32768          # whole request head -> 431
+    max_line_size: int = 8192           # request line -> 414
+    max_headers: int = 100              # header count -> 431
+    max_body_size: int = 0              # 0 = unlimited -> 413
+    header_timeout: float = 10.0        # time to receive a whole request head -> 408
+    keepalive_timeout: float = 60.0     # idle client keep-alive connection is closed
+
+
+@dataclass(frozen=True)
+class UpstreamKeepalive:
+    """Upstream connection pool settings, per target."""
+
+    max_idle: int = 64                  # idle connections kept per target
+    idle_timeout: float = 60.0          # an idle pooled connection older than this is closed
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    listen: str = "127.0.0.1:8000"
+    server_timing: bool = False         # add Server-Timing to responses (services may override)
+    limits: Limits = field(default_factory=Limits)
+    upstream_keepalive: UpstreamKeepalive = field(default_factory=UpstreamKeepalive)
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    protocol: str                       # "http" (https arrives with the TLS issue)
+    host: str
+    port: int
+    path: str                           # "" or "/base" (no trailing slash unless it is "/")
+    connect_timeout: float = 60.0
+    read_timeout: float = 60.0
+    write_timeout: float = 60.0
+    retries: int = 5
+    server_timing: bool | None = None   # None: use GatewaySettings.server_timing
+
+
+@dataclass(frozen=True)
+class Route:
+    name: str
+    service: str                        # name of a Service
+    index: int                          # declaration order across the whole file
+    hosts: tuple[str, ...] = ()         # lower-case; "*.example.com" wildcards
+    paths: tuple[str, ...] = ()         # "/prefix", "=/exact", "~regex" (as written)
+    methods: tuple[str, ...] = ()       # upper-case
+    headers: tuple[tuple[str, tuple[str, ...]], ...] = ()   # (lower-case name, allowed values)
+    strip_path: bool = True
+    preserve_host: bool = False
+    priority: int = 0                   # regex paths: higher is tried first
+
+
+@dataclass(frozen=True)
+class Config:
+    source: str                         # file name, or "<embedded default>"
+    services: tuple[Service, ...]
+    routes: tuple[Route, ...]
+    gateway: GatewaySettings
+    version: str                        # short hash of the canonical config
+
+
+@dataclass(frozen=True)
+class ConfigIssue:
+    source: str                         # file name
+    path: str                           # e.g. "services[0].routes[2].paths[1]" ("" = whole file)
+    message: str                        # what is wrong, with expected vs found where useful
+
+    def __str__(self) -> str:
+        where = f"{self.source}: {self.path}" if self.path else self.source
+        return f"{where}: {self.message}"
+
+
+class ConfigError(Exception):
+    """Every problem found in a config, all at once."""
+
+    def __init__(self, issues: list[ConfigIssue]):
+        self.issues = list(issues)
+        super().__init__("\n".join(str(i) for i in self.issues))
