@@ -1,0 +1,123 @@
+# The per-connection state machines of the data path and the worker's shared state.
+from libc.stdint cimport int64_t, uint64_t
+
+from fastmesh._core.http1 cimport Head, Chunked, Limits
+from fastmesh._core.buffer cimport Buf
+from fastmesh._core.router cimport Router
+from fastmesh._core.histogram cimport Histogram
+from fastmesh._core.pool cimport Pool, PooledConnection
+
+
+cdef class RouteTarget:
+    """One route of a Plan, compiled: where it goes and how, plus its counters."""
+    cdef readonly str name
+    cdef readonly str service
+    cdef readonly Pool pool
+    cdef bytes host_header          # Host sent upstream when preserve_host is off
+    cdef bytes base_path            # service path: b"" or b"/base"
+    cdef bint strip_path
+    cdef bint preserve_host
+    cdef bint server_timing
+    cdef double connect_timeout
+    cdef double read_timeout
+    cdef double write_timeout
+    cdef int64_t max_body_size      # 0: unlimited
+    cdef readonly Histogram h_total
+    cdef readonly Histogram h_upstream
+    cdef readonly Histogram h_added
+    cdef uint64_t status_counts[6]  # index: status // 100 (0 = no response)
+
+
+cdef class Gateway:
+    """Everything one worker's connections share: the active Plan, limits, clocks."""
+    cdef readonly object loop
+    cdef public object plan          # the Python Plan object (kept alive while active)
+    cdef Router router
+    cdef Limits limits
+    cdef double header_timeout
+    cdef double keepalive_timeout
+    cdef object sweeper
+    cdef DownstreamProtocol conns    # intrusive list of live client connections
+    cdef readonly Py_ssize_t connections
+    cdef readonly uint64_t requests
+    cdef readonly uint64_t local_responses   # answered by the gateway itself (404, 4xx, 5xx)
+    cdef uint64_t status_counts[6]
+    cdef readonly bint draining
+
+
+cdef class DownstreamProtocol:
+    cdef Gateway gw
+    cdef object transport
+    cdef bytes client_ip
+    cdef bytes local_port
+    cdef DownstreamProtocol prev
+    cdef DownstreamProtocol next
+    cdef int state
+    cdef int paused                  # bit set of reasons reading from the client is paused
+    cdef Buf ibuf                    # partial head / pipelined input
+    cdef Buf wbuf                    # head being built
+    cdef Head head
+    cdef const char* cur             # buffer the current head's spans point into
+    # the request in flight
+    cdef RouteTarget route
+    cdef UpstreamProtocol up
+    cdef object pending_out          # request bytes waiting for the upstream connection
+    cdef object replay               # the whole request, kept while it can be resent
+    cdef bint replayed
+    cdef int req_body_kind
+    cdef int64_t req_remaining
+    cdef int64_t req_body_seen
+    cdef Chunked req_chunked
+    cdef bint req_done
+    cdef bint keep_alive
+    cdef bint close_after
+    cdef bint http10
+    cdef bint method_head
+    cdef bint wants_upgrade
+    cdef bint expect_continue
+    cdef bint resp_started
+    cdef bint dechunk                # HTTP/1.0 client: relay a chunked response decoded
+    cdef int resp_status
+    cdef int64_t t_start
+    cdef int64_t t_up_start
+    cdef int64_t t_up_first
+    cdef double deadline
+    cdef int dkind
+
+    cdef int _feed(self, object data, const char* p, Py_ssize_t n) except -1
+    cdef int _parse_error(self, Py_ssize_t code) except -1
+    cdef int _process_buffered(self) except -1
+    cdef Py_ssize_t _on_head(self, const char* b, Py_ssize_t consumed, Py_ssize_t avail) except -1
+    cdef int _request_complete(self) except -1
+    cdef int _abort_request(self, int status, str message) except -1
+    cdef Py_ssize_t _take_body(self, const char* p, Py_ssize_t n) except -2
+    cdef int _send_upstream(self, object out) except -1
+    cdef int _build_request_head(self, const char* b, Py_ssize_t mlen) except -1
+    cdef int _write_response_head(self, UpstreamProtocol up, const char* b) except -1
+    cdef int _relay_body(self, object data, const char* p, Py_ssize_t off, Py_ssize_t n) except -1
+    cdef int _response_done(self, bint upstream_reusable) except -1
+    cdef int _fail(self, int status, str message) except -1
+    cdef int _local_response(self, int status, str message, bint close) except -1
+    cdef void _pause(self, int reason)
+    cdef void _resume(self, int reason)
+    cdef void _finish_request_metrics(self)
+    cdef void _detach_upstream(self, bint reusable)
+    cdef void _set_deadline(self, double seconds, int kind)
+
+
+cdef class UpstreamProtocol(PooledConnection):
+    cdef DownstreamProtocol down
+    cdef int state
+    cdef Buf rbuf
+    cdef Head head
+    cdef int body_kind
+    cdef int64_t remaining
+    cdef Chunked chunked
+    cdef bint resp_keep_alive
+    cdef bint was_reused
+    cdef bint got_bytes
+    cdef object connect_task
+
+    cdef void attach(self, DownstreamProtocol down, bint reused)
+    cdef int _parse_head(self, object data, const char* p, Py_ssize_t n) except -1
+    cdef int _body(self, object data, const char* p, Py_ssize_t off, Py_ssize_t n) except -1

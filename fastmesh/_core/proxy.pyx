@@ -1,0 +1,1066 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""The data path: client (downstream) and upstream connection state machines.
+
+One request, start to end (DESIGN.md §3):
+  data_received -> parse_request_head (one pass, offsets) -> Router.match_c
+  -> build the upstream head in one C buffer (hop-by-hop removed, X-Forwarded-*
+  and Via added, path rewritten) -> pooled upstream connection (or connect)
+  -> parse_response_head -> build the client head -> relay the body as slices
+  -> record histograms -> the upstream goes back to the pool if its framing
+  ended cleanly.
+
+Bodies stream with backpressure in both directions: when one side's write
+buffer is over its high-water mark, reading from the other side pauses.
+Timeouts are deadlines on the connection checked by one periodic sweep per
+worker (no timer object per request).
+"""
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
+from libc.stdint cimport int64_t, uint64_t
+from libc.string cimport memcpy, memset
+
+from fastmesh._core.http1 cimport (
+    Head, Header, Span, Chunked, Limits, limits_default, parse_request_head, parse_response_head,
+    chunked_feed, span_ieq,
+    PARSE_INCOMPLETE, ERR_BAD_REQUEST, ERR_URI_TOO_LONG, ERR_HEADERS_TOO_LARGE, ERR_VERSION,
+    ERR_NOT_IMPLEMENTED, ERR_BAD_RESPONSE, ERR_BAD_CHUNK,
+    H_HOST, H_X_FORWARDED_FOR, H_X_FORWARDED_PROTO, H_X_FORWARDED_HOST, H_X_FORWARDED_PORT,
+    H_VIA, H_UPGRADE, H_TRANSFER_ENCODING,
+    BODY_NONE, BODY_LENGTH, BODY_CHUNKED, BODY_UNTIL_CLOSE,
+)
+from fastmesh._core.buffer cimport (
+    Buf, buf_add, buf_add_bytes, buf_add_int, buf_consume, buf_take, buf_free, buf_reserve,
+)
+from fastmesh._core.router cimport Router
+from fastmesh._core.histogram cimport Histogram
+from fastmesh._core.pool cimport Pool, PooledConnection
+from fastmesh._core.includes.clock cimport now_ns
+
+import socket
+
+import orjson
+
+# Downstream states
+cdef enum:
+    D_HEAD = 0       # waiting for (more of) a request head
+    D_BODY = 1       # head forwarded, request body still arriving
+    D_WAIT = 2       # request complete, waiting for the response to end
+    D_TUNNEL = 3     # after 101 Switching Protocols: raw bytes both ways
+    D_CLOSED = 4
+
+# Reasons reading from the client is paused (bit set)
+cdef enum:
+    P_PIPELINE = 1   # the next request is buffered until the current response ends
+    P_UPSTREAM = 2   # the upstream's write buffer is full
+    P_CONNECT = 4    # the upstream connection is not established yet
+
+# Deadline kinds
+cdef enum:
+    K_NONE = 0
+    K_HEADER = 1     # whole request head must arrive in time (slowloris)
+    K_IDLE = 2       # keep-alive idle
+    K_CONNECT = 3    # upstream connect
+    K_READ = 4       # upstream response progress
+    K_WRITE = 5      # upstream accepting the request body
+
+# Upstream states
+cdef enum:
+    U_CONNECTING = 0
+    U_IDLE = 1       # in the pool
+    U_HEAD = 2       # request sent (or being sent), response head expected
+    U_BODY = 3
+    U_TUNNEL = 4
+    U_CLOSED = 5
+
+cdef Py_ssize_t INLINE_BODY_MAX = 65536   # body bytes copied into the head's write; more are sent as slices
+cdef Py_ssize_t PIPELINE_MAX = 65536      # pipelined input buffered before reading pauses
+cdef double SWEEP_INTERVAL = 0.1
+
+cdef bytes VIA_TOKEN = b"fastmesh"
+
+_REASONS = {
+    400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
+    413: "Content Too Large", 414: "URI Too Long", 431: "Request Header Fields Too Large",
+    500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway",
+    503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported",
+}
+
+_PARSE_ERRORS = {
+    ERR_BAD_REQUEST: (400, "malformed request"),
+    ERR_URI_TOO_LONG: (414, "request line too long"),
+    ERR_HEADERS_TOO_LARGE: (431, "request header block too large"),
+    ERR_VERSION: (505, "HTTP version not supported"),
+    ERR_NOT_IMPLEMENTED: (501, "transfer-coding not implemented"),
+    ERR_BAD_CHUNK: (400, "malformed chunked body"),
+}
+
+
+cdef inline double mono() noexcept nogil:
+    return now_ns() * 1e-9
+
+
+def error_response(int status, str message, bint close) -> bytes:
+    """A complete JSON error response: {"message": ...}."""
+    body = orjson.dumps({"message": message})
+    head = (
+        f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        f"{'Connection: close' if close else 'Connection: keep-alive'}\r\n\r\n"
+    ).encode()
+    return head + body
+
+
+cdef inline int add_span(Buf* w, const char* b, Span s) except -1:
+    return buf_add(w, b + s.off, s.len)
+
+
+cdef inline int add_lit(Buf* w, bytes s) except -1:
+    return buf_add(w, PyBytes_AS_STRING(s), PyBytes_GET_SIZE(s))
+
+
+cdef int add_ms(Buf* w, int64_t ns) except -1:
+    """Milliseconds with microsecond precision, e.g. 0.042."""
+    if ns < 0:
+        ns = 0
+    cdef int64_t us = ns // 1000
+    buf_add_int(w, us // 1000)
+    buf_add(w, ".", 1)
+    cdef int64_t frac = us % 1000
+    cdef char d[3]
+    d[0] = <char>(48 + frac // 100)
+    d[1] = <char>(48 + (frac // 10) % 10)
+    d[2] = <char>(48 + frac % 10)
+    return buf_add(w, d, 3)
+
+
+cdef class RouteTarget:
+    def __init__(self, str name, str service, Pool pool, str upstream_host, int upstream_port,
+                 str base_path, bint strip_path, bint preserve_host, bint server_timing,
+                 double connect_timeout, double read_timeout, double write_timeout,
+                 long long max_body_size):
+        self.name = name
+        self.service = service
+        self.pool = pool
+        if ":" in upstream_host and not upstream_host.startswith("["):
+            upstream_host = f"[{upstream_host}]"
+        self.host_header = (upstream_host if upstream_port == 80 else f"{upstream_host}:{upstream_port}").encode()
+        base = base_path.rstrip("/")
+        self.base_path = base.encode()
+        self.strip_path = strip_path
+        self.preserve_host = preserve_host
+        self.server_timing = server_timing
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.write_timeout = write_timeout
+        self.max_body_size = max_body_size
+        self.h_total = Histogram()
+        self.h_upstream = Histogram()
+        self.h_added = Histogram()
+
+    def counts(self):
+        """Responses by status class: {"2xx": n, ...} ("0xx": no response sent)."""
+        return {f"{i}xx": self.status_counts[i] for i in range(6) if self.status_counts[i]}
+
+
+cdef class Gateway:
+    def __init__(self, loop, plan, *, int max_head_size=32768, int max_line_size=8192,
+                 int max_headers=100, double header_timeout=10.0, double keepalive_timeout=60.0):
+        self.loop = loop
+        limits_default(&self.limits)
+        self.limits.max_head_size = max_head_size
+        self.limits.max_line_size = max_line_size
+        self.limits.max_headers = max_headers
+        self.header_timeout = header_timeout
+        self.keepalive_timeout = keepalive_timeout
+        self.set_plan(plan)
+        self.sweeper = loop.call_later(SWEEP_INTERVAL, self._sweep)
+
+    def set_plan(self, plan):
+        """Swap the active Plan. Requests already routed finish on the Plan they started with."""
+        self.router = <Router?>plan.router
+        self.plan = plan
+
+    def protocol_factory(self):
+        return DownstreamProtocol(self)
+
+    def _sweep(self):
+        cdef double now = mono()
+        cdef DownstreamProtocol c = self.conns
+        cdef DownstreamProtocol nxt
+        while c is not None:
+            nxt = c.next
+            if c.dkind != K_NONE and now >= c.deadline:
+                c._on_timeout()
+            c = nxt
+        self.sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
+
+    def close_idle_connections(self):
+        """Close client connections that wait between requests (for shutdown)."""
+        cdef DownstreamProtocol c = self.conns
+        cdef DownstreamProtocol nxt
+        self.draining = True
+        while c is not None:
+            nxt = c.next
+            if c.state == D_HEAD and c.ibuf.len == 0 and c.transport is not None:
+                c.transport.close()
+            c = nxt
+
+    def stop(self):
+        if self.sweeper is not None:
+            self.sweeper.cancel()
+            self.sweeper = None
+
+    def stats(self):
+        return {
+            "connections": self.connections,
+            "requests": self.requests,
+            "local_responses": self.local_responses,
+            "status": {f"{i}xx": self.status_counts[i] for i in range(6) if self.status_counts[i]},
+        }
+
+
+cdef class DownstreamProtocol:
+    """One client connection: parses requests, routes them, relays responses."""
+
+    def __cinit__(self, Gateway gw):
+        self.gw = gw
+        self.state = D_HEAD
+        self.keep_alive = True
+
+    def __dealloc__(self):
+        buf_free(&self.ibuf)
+        buf_free(&self.wbuf)
+
+    # -- asyncio protocol ----------------------------------------------------------------
+    def connection_made(self, transport):
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        sock = transport.get_extra_info("sockname")
+        self.client_ip = (peer[0] if peer else "unknown").encode()
+        self.local_port = (str(sock[1]) if sock and len(sock) > 1 else "").encode()
+        gw = self.gw
+        self.next = gw.conns
+        if gw.conns is not None:
+            gw.conns.prev = self
+        gw.conns = self
+        gw.connections += 1
+        self._set_deadline(gw.header_timeout, K_HEADER)
+
+    def connection_lost(self, exc):
+        cdef Gateway gw = self.gw
+        self.state = D_CLOSED
+        self.dkind = K_NONE
+        if self.prev is not None:
+            self.prev.next = self.next
+        elif gw.conns is self:
+            gw.conns = self.next
+        if self.next is not None:
+            self.next.prev = self.prev
+        self.prev = self.next = None
+        gw.connections -= 1
+        if self.up is not None:
+            if not self.resp_started and self.route is not None:
+                self.resp_status = 0
+                self._finish_request_metrics()
+            self._detach_upstream(False)
+        self.transport = None
+
+    def data_received(self, data):
+        self._feed(data, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+
+    def eof_received(self):
+        # A client that half-closes still gets the response in flight; then we close.
+        self.close_after = True
+        if self.state == D_HEAD and self.ibuf.len == 0:
+            return False
+        return True
+
+    def pause_writing(self):
+        # The client reads slower than the upstream sends: stop reading the upstream
+        # (and do not blame the upstream for the silence that follows).
+        if self.up is not None and self.up.transport is not None:
+            self.up.transport.pause_reading()
+            if self.dkind == K_READ:
+                self.dkind = K_NONE
+
+    def resume_writing(self):
+        if self.up is not None and self.up.transport is not None:
+            self.up.transport.resume_reading()
+            if self.dkind == K_NONE and self.state != D_TUNNEL:
+                self._set_deadline(self.route.read_timeout, K_READ)
+
+    def header_values(self, bytes lower_name):
+        """Values of a request header (router callback; only for routes with header rules)."""
+        cdef list out = []
+        cdef int i
+        cdef Header* hd
+        cdef const char* name = PyBytes_AS_STRING(lower_name)
+        cdef Py_ssize_t nlen = PyBytes_GET_SIZE(lower_name)
+        for i in range(self.head.nheaders):
+            hd = &self.head.headers[i]
+            if hd.name.len == nlen and span_ieq(self.cur, hd.name, name, nlen):
+                out.append(PyBytes_FromStringAndSize(self.cur + hd.value.off, hd.value.len))
+        return out
+
+    # -- input ---------------------------------------------------------------------------
+    cdef int _feed(self, object data, const char* p, Py_ssize_t n) except -1:
+        """Consume client bytes: request heads, request bodies, pipelined requests."""
+        cdef Py_ssize_t off = 0
+        cdef Py_ssize_t r, taken
+        cdef object out
+        while off < n and self.transport is not None:
+            if self.state == D_BODY:
+                taken = self._take_body(p + off, n - off)
+                if taken < 0:
+                    return 0
+                if taken:
+                    if data is not None and off == 0 and taken == n:
+                        out = data
+                    else:
+                        out = PyBytes_FromStringAndSize(p + off, taken)
+                    self._send_upstream(out)
+                    off += taken
+                continue
+            if self.state == D_WAIT:
+                # The next pipelined request, before this response ended: hold it.
+                buf_add(&self.ibuf, p + off, n - off)
+                if self.ibuf.len > PIPELINE_MAX:
+                    self._pause(P_PIPELINE)
+                return 0
+            if self.state == D_TUNNEL:
+                if self.up is not None and self.up.transport is not None:
+                    self.up.transport.write(data if data is not None and off == 0
+                                            else PyBytes_FromStringAndSize(p + off, n - off))
+                return 0
+            if self.state != D_HEAD:
+                return 0
+            if self.ibuf.len:
+                buf_add(&self.ibuf, p + off, n - off)
+                return self._process_buffered()
+            # Common case: the whole head is in this read; parse it in place.
+            self.t_start = now_ns()
+            r = parse_request_head(p + off, n - off, &self.head, &self.gw.limits)
+            if r == PARSE_INCOMPLETE:
+                buf_add(&self.ibuf, p + off, n - off)
+                if self.dkind == K_IDLE:
+                    self._set_deadline(self.gw.header_timeout, K_HEADER)
+                return 0
+            self.cur = p + off
+            if r < 0:
+                return self._parse_error(r)
+            off += self._on_head(p + off, r, n - off)
+        return 0
+
+    cdef int _parse_error(self, Py_ssize_t code) except -1:
+        status, message = _PARSE_ERRORS.get(code, (400, "malformed request"))
+        return self._local_response(status, message, True)
+
+    cdef int _process_buffered(self) except -1:
+        """Go on with buffered input (a head that came in pieces, pipelined requests)."""
+        cdef Py_ssize_t r
+        cdef object rest
+        if self.state != D_HEAD or self.ibuf.len == 0 or self.transport is None:
+            return 0
+        r = parse_request_head(self.ibuf.data, self.ibuf.len, &self.head, &self.gw.limits)
+        if r == PARSE_INCOMPLETE:
+            if self.dkind == K_IDLE:
+                self._set_deadline(self.gw.header_timeout, K_HEADER)
+            return 0
+        # Hand the bytes to _feed as one object so ibuf can collect what comes next.
+        rest = PyBytes_FromStringAndSize(self.ibuf.data, self.ibuf.len)
+        self.ibuf.len = 0
+        return self._feed(rest, PyBytes_AS_STRING(rest), PyBytes_GET_SIZE(rest))
+
+    cdef Py_ssize_t _on_head(self, const char* b, Py_ssize_t consumed, Py_ssize_t avail) except -1:
+        """A complete request head is at b[0:consumed], avail bytes at b.
+
+        Returns how many bytes were used (head plus the body bytes sent along with it).
+        """
+        cdef Gateway gw = self.gw
+        cdef Head* h = &self.head
+        cdef Py_ssize_t mlen = 0
+        cdef const char* host
+        cdef Py_ssize_t host_len
+        cdef RouteTarget rt
+        cdef Py_ssize_t taken
+        cdef object out
+        gw.requests += 1
+        self.dkind = K_NONE
+        self.http10 = h.version_minor == 0
+        self.keep_alive = h.keep_alive and not self.close_after and not gw.draining
+        self.method_head = h.method_head
+        self.wants_upgrade = h.upgrade
+        self.expect_continue = h.expect_continue
+        self.resp_started = False
+        self.dechunk = False
+        self.replayed = False
+        self.replay = None
+        self.resp_status = 0
+        self.route = None
+        if h.method_connect:
+            self._local_response(405, "CONNECT is not supported", True)
+            return avail
+        if h.absolute_form:
+            host = b + h.authority.off
+            host_len = h.authority.len
+        elif h.host_index >= 0:
+            host = b + h.headers[h.host_index].value.off
+            host_len = h.headers[h.host_index].value.len
+        else:
+            host = b""
+            host_len = 0
+        rt = <RouteTarget>gw.router.match_c(
+            host, host_len, b + h.path.off, h.path.len, b + h.method.off, h.method.len, self, &mlen)
+        if rt is None:
+            # Without a route the body is not read: close when one was announced.
+            if h.body_kind != BODY_NONE:
+                self._local_response(404, "no route matched the request", True)
+                return avail
+            self._local_response(404, "no route matched the request", False)
+            return consumed
+        if rt.max_body_size and h.content_length > rt.max_body_size:
+            self._local_response(413, "request body too large", True)
+            return avail
+        self.route = rt
+        self.req_body_kind = h.body_kind
+        self.req_remaining = h.content_length if h.body_kind == BODY_LENGTH else 0
+        self.req_body_seen = 0
+        memset(&self.req_chunked, 0, sizeof(Chunked))
+        self.req_done = h.body_kind == BODY_NONE
+        self.state = D_WAIT if self.req_done else D_BODY
+        self._build_request_head(b, mlen)
+        # Body bytes that came with the head go out in the same write when small.
+        taken = 0
+        if not self.req_done and avail > consumed:
+            taken = self._take_body(b + consumed, min(avail - consumed, INLINE_BODY_MAX))
+            if taken < 0:
+                return avail
+            buf_add(&self.wbuf, b + consumed, taken)
+        out = buf_take(&self.wbuf)
+        if self.req_done:
+            self.replay = out
+        self._send_upstream(out)
+        return consumed + taken
+
+    cdef Py_ssize_t _take_body(self, const char* p, Py_ssize_t n) except -2:
+        """How many of these bytes belong to the request body; -1 after a framing error."""
+        cdef Py_ssize_t take
+        cdef int ndata = 0
+        if self.req_body_kind == BODY_LENGTH:
+            take = n if n < self.req_remaining else <Py_ssize_t>self.req_remaining
+            self.req_remaining -= take
+            if self.req_remaining == 0:
+                self._request_complete()
+        elif self.req_body_kind == BODY_CHUNKED:
+            take = chunked_feed(&self.req_chunked, p, n, NULL, 0, &ndata)
+            if take < 0:
+                self._abort_request(400, "malformed chunked request body")
+                return -1
+            if self.req_chunked.done:
+                self._request_complete()
+        else:
+            return 0
+        self.req_body_seen += take
+        if self.dkind == K_WRITE:
+            self.deadline = mono() + self.route.write_timeout
+        if self.route is not None and self.route.max_body_size and self.req_body_seen > self.route.max_body_size:
+            self._abort_request(413, "request body too large")
+            return -1
+        return take
+
+    cdef int _request_complete(self) except -1:
+        self.req_done = True
+        if self.state == D_BODY:
+            self.state = D_WAIT
+        if self.up is not None and self.up.state == U_HEAD and self.dkind == K_WRITE:
+            self._set_deadline(self.route.read_timeout, K_READ)
+        return 0
+
+    cdef int _abort_request(self, int status, str message) except -1:
+        """The request body broke its framing or a limit midway: answer if we still can, close."""
+        self.close_after = True
+        if self.up is not None:
+            self._detach_upstream(False)
+        if not self.resp_started:
+            self._local_response(status, message, True)
+        elif self.transport is not None:
+            self.transport.close()
+        return 0
+
+    cdef int _send_upstream(self, object out) except -1:
+        cdef UpstreamProtocol up = self.up
+        cdef Pool pool
+        if up is None:
+            pool = self.route.pool
+            up = <UpstreamProtocol>pool.acquire()
+            if up is None:
+                self.pending_out = out
+                self._connect()
+                return 0
+            up.attach(self, True)
+            self.t_up_start = now_ns()
+            self._set_deadline(self.route.read_timeout if self.req_done else self.route.write_timeout,
+                               K_READ if self.req_done else K_WRITE)
+        elif up.transport is None:
+            # Still connecting: queue behind what is already waiting.
+            self.pending_out = out if self.pending_out is None else self.pending_out + out
+            return 0
+        up.transport.write(out)
+        return 0
+
+    def _connect(self):
+        cdef RouteTarget rt = self.route
+        cdef UpstreamProtocol up = UpstreamProtocol()
+        up.attach(self, False)
+        rt.pool.opened(up)
+        self._pause(P_CONNECT)
+        self._set_deadline(rt.connect_timeout, K_CONNECT)
+        task = self.gw.loop.create_task(
+            self.gw.loop.create_connection(lambda: up, rt.pool.host, rt.pool.port))
+        up.connect_task = task
+        task.add_done_callback(up._connect_done)
+
+    def _upstream_ready(self, UpstreamProtocol up):
+        """The upstream connection is up: send what waited for it."""
+        cdef object out = self.pending_out
+        self.pending_out = None
+        self.t_up_start = now_ns()
+        self._set_deadline(self.route.read_timeout if self.req_done else self.route.write_timeout,
+                           K_READ if self.req_done else K_WRITE)
+        if out is not None:
+            up.transport.write(out)
+        self._resume(P_CONNECT)
+
+    def _upstream_connect_failed(self, exc):
+        self.up = None
+        self.pending_out = None
+        if isinstance(exc, ConnectionRefusedError):
+            msg = "upstream refused the connection"
+        elif isinstance(exc, socket.gaierror):
+            msg = "upstream host could not be resolved"
+        else:
+            msg = f"upstream connection failed: {exc.__class__.__name__}"
+        self._fail(502, msg)
+
+    # -- output --------------------------------------------------------------------------
+    cdef int _build_request_head(self, const char* b, Py_ssize_t mlen) except -1:
+        """The upstream request head, in one pass over the parsed headers."""
+        cdef Buf* w = &self.wbuf
+        cdef Head* h = &self.head
+        cdef RouteTarget rt = self.route
+        cdef Header* hd
+        cdef int i
+        cdef bint first_xff = True
+        cdef bint first_via = True
+        cdef const char* path = b + h.path.off
+        cdef Py_ssize_t plen = h.path.len
+        cdef Py_ssize_t base_len = PyBytes_GET_SIZE(rt.base_path)
+        w.len = 0
+        add_span(w, b, h.method)
+        buf_add(w, " ", 1)
+        # path: service path + (route-stripped) request path, exactly one '/' between
+        if rt.strip_path and mlen > 0:
+            path += mlen
+            plen -= mlen
+        if base_len:
+            buf_add(w, PyBytes_AS_STRING(rt.base_path), base_len)
+            if plen and path[0] != 47:
+                buf_add(w, "/", 1)
+        elif plen == 0 or path[0] != 47:
+            buf_add(w, "/", 1)
+        buf_add(w, path, plen)
+        if h.has_query:
+            buf_add(w, "?", 1)
+            add_span(w, b, h.query)
+        buf_add(w, " HTTP/1.1\r\nHost: ", 17)
+        if rt.preserve_host and h.host_index >= 0:
+            add_span(w, b, h.headers[h.host_index].value)
+        else:
+            add_lit(w, rt.host_header)
+        buf_add(w, "\r\n", 2)
+        # end-to-end headers as sent; X-Forwarded-* and Via are rewritten below
+        for i in range(h.nheaders):
+            hd = &h.headers[i]
+            if hd.hop or hd.kind == H_HOST or hd.kind == H_X_FORWARDED_FOR \
+                    or hd.kind == H_X_FORWARDED_PROTO or hd.kind == H_X_FORWARDED_HOST \
+                    or hd.kind == H_X_FORWARDED_PORT or hd.kind == H_VIA:
+                continue
+            add_span(w, b, hd.name)
+            buf_add(w, ": ", 2)
+            add_span(w, b, hd.value)
+            buf_add(w, "\r\n", 2)
+        buf_add(w, "X-Forwarded-For: ", 17)
+        for i in range(h.nheaders):
+            hd = &h.headers[i]
+            if hd.kind == H_X_FORWARDED_FOR and hd.value.len:
+                add_span(w, b, hd.value)
+                buf_add(w, ", ", 2)
+        add_lit(w, self.client_ip)
+        buf_add(w, "\r\nX-Forwarded-Proto: http\r\n", 27)
+        if h.host_index >= 0:
+            buf_add(w, "X-Forwarded-Host: ", 18)
+            add_span(w, b, h.headers[h.host_index].value)
+            buf_add(w, "\r\n", 2)
+        buf_add(w, "X-Forwarded-Port: ", 18)
+        add_lit(w, self.local_port)
+        buf_add(w, "\r\nVia: ", 7)
+        for i in range(h.nheaders):
+            hd = &h.headers[i]
+            if hd.kind == H_VIA and hd.value.len:
+                add_span(w, b, hd.value)
+                buf_add(w, ", ", 2)
+        buf_add(w, "1.0 fastmesh\r\n" if self.http10 else "1.1 fastmesh\r\n", 14)
+        if h.body_kind == BODY_CHUNKED:
+            buf_add(w, "Transfer-Encoding: chunked\r\n", 28)
+        elif h.content_length >= 0:
+            buf_add(w, "Content-Length: ", 16)
+            buf_add_int(w, h.content_length)
+            buf_add(w, "\r\n", 2)
+        if h.upgrade and h.upgrade_index >= 0:
+            buf_add(w, "Connection: upgrade\r\nUpgrade: ", 30)
+            add_span(w, b, h.headers[h.upgrade_index].value)
+            buf_add(w, "\r\n", 2)
+        buf_add(w, "\r\n", 2)
+        return 0
+
+    cdef int _write_response_head(self, UpstreamProtocol up, const char* b) except -1:
+        cdef Buf* w = &self.wbuf
+        cdef Head* h = &up.head
+        cdef Header* hd
+        cdef int i
+        cdef int64_t now
+        cdef int status = h.status
+        cdef bint closing
+        w.len = 0
+        buf_add(w, "HTTP/1.1 ", 9)
+        buf_add_int(w, status)
+        buf_add(w, " ", 1)
+        add_span(w, b, h.reason)
+        buf_add(w, "\r\n", 2)
+        for i in range(h.nheaders):
+            hd = &h.headers[i]
+            if hd.hop or hd.kind == H_VIA:
+                continue
+            add_span(w, b, hd.name)
+            buf_add(w, ": ", 2)
+            add_span(w, b, hd.value)
+            buf_add(w, "\r\n", 2)
+        buf_add(w, "Via: ", 5)
+        for i in range(h.nheaders):
+            hd = &h.headers[i]
+            if hd.kind == H_VIA and hd.value.len:
+                add_span(w, b, hd.value)
+                buf_add(w, ", ", 2)
+        buf_add(w, "1.0 fastmesh\r\n" if h.version_minor == 0 else "1.1 fastmesh\r\n", 14)
+        if status == 101:
+            buf_add(w, "Connection: upgrade\r\n", 21)
+            if h.upgrade_index >= 0:
+                buf_add(w, "Upgrade: ", 9)
+                add_span(w, b, h.headers[h.upgrade_index].value)
+                buf_add(w, "\r\n", 2)
+            buf_add(w, "\r\n", 2)
+            return 0
+        closing = not self.keep_alive or self.close_after or not self.req_done
+        if up.body_kind == BODY_CHUNKED:
+            if self.http10:
+                self.dechunk = True     # HTTP/1.0 has no chunked coding: decode, close-delimit
+                closing = True
+            elif not h.te_passthrough:
+                buf_add(w, "Transfer-Encoding: chunked\r\n", 28)
+        elif up.body_kind == BODY_LENGTH or (h.content_length >= 0 and status != 204 and status >= 200):
+            buf_add(w, "Content-Length: ", 16)
+            buf_add_int(w, h.content_length)
+            buf_add(w, "\r\n", 2)
+        elif up.body_kind == BODY_UNTIL_CLOSE:
+            closing = True
+        if self.route.server_timing:
+            now = now_ns()
+            buf_add(w, "Server-Timing: gateway;dur=", 27)
+            add_ms(w, (now - self.t_start) - (self.t_up_first - self.t_up_start))
+            buf_add(w, ", upstream;dur=", 15)
+            add_ms(w, self.t_up_first - self.t_up_start)
+            buf_add(w, "\r\n", 2)
+        if closing:
+            self.close_after = True
+            buf_add(w, "Connection: close\r\n", 19)
+        elif self.http10:
+            buf_add(w, "Connection: keep-alive\r\n", 24)
+        buf_add(w, "\r\n", 2)
+        return 0
+
+    cdef int _relay_body(self, object data, const char* p, Py_ssize_t off, Py_ssize_t n) except -1:
+        """Send response body bytes p[off:off+n] (data is their bytes object, or None)."""
+        if n <= 0 or self.transport is None:
+            return 0
+        if data is not None and off == 0 and n == PyBytes_GET_SIZE(data):
+            self.transport.write(data)
+        else:
+            self.transport.write(PyBytes_FromStringAndSize(p + off, n))
+        return 0
+
+    def _relay_decoded(self, list spans):
+        for chunk in spans:
+            if chunk:
+                self.transport.write(chunk)
+
+    # -- response lifecycle --------------------------------------------------------------
+    cdef int _response_done(self, bint upstream_reusable) except -1:
+        """The response ended: return the upstream, record timings, go on with the next request."""
+        if not self.req_done:
+            upstream_reusable = False
+            self.close_after = True
+        self._detach_upstream(upstream_reusable)
+        self._finish_request_metrics()
+        self.route = None
+        self.replay = None
+        if self.transport is None:
+            return 0
+        if self.close_after or not self.keep_alive:
+            self.state = D_CLOSED
+            self.transport.close()
+            return 0
+        self.state = D_HEAD
+        self._set_deadline(self.gw.keepalive_timeout, K_IDLE)
+        self._resume(P_PIPELINE)
+        if self.ibuf.len:
+            self._process_buffered()
+        return 0
+
+    cdef void _finish_request_metrics(self):
+        cdef RouteTarget rt = self.route
+        cdef int64_t end, total, upstream
+        cdef int cls = self.resp_status // 100
+        if cls < 0 or cls > 5:
+            cls = 0
+        self.gw.status_counts[cls] += 1
+        if rt is None:
+            return
+        rt.status_counts[cls] += 1
+        if self.t_up_start == 0:
+            return
+        end = now_ns()
+        total = end - self.t_start
+        upstream = end - self.t_up_start
+        rt.h_total.record(total)
+        rt.h_upstream.record(upstream)
+        rt.h_added.record(total - upstream)
+        self.t_up_start = 0
+
+    cdef void _detach_upstream(self, bint reusable):
+        cdef UpstreamProtocol up = self.up
+        if up is None:
+            return
+        self.up = None
+        up.down = None
+        if up.connect_task is not None and up.transport is None:
+            up.connect_task.cancel()
+        if reusable and up.state == U_IDLE:
+            up.reusable = True
+            up.pool.release(up, mono())
+        else:
+            up.reusable = False
+            up.state = U_CLOSED
+            up.pool.discard(up)
+
+    cdef int _fail(self, int status, str message) except -1:
+        """The upstream failed us: an error response if none started, else cut the client off."""
+        if self.up is not None:
+            self._detach_upstream(False)
+        self.pending_out = None
+        if not self.resp_started and self.transport is not None:
+            self.close_after = self.close_after or not self.req_done
+            self.resp_status = status
+            self._finish_request_metrics()
+            self.gw.local_responses += 1
+            self.transport.write(error_response(status, message, self.close_after or not self.keep_alive))
+            self.route = None
+            self.resp_started = False
+            if self.close_after or not self.keep_alive:
+                self.state = D_CLOSED
+                self.transport.close()
+            else:
+                self.state = D_HEAD
+                self._resume(P_CONNECT)
+                self._set_deadline(self.gw.keepalive_timeout, K_IDLE)
+                self._resume(P_PIPELINE)
+                if self.ibuf.len:
+                    self._process_buffered()
+        elif self.transport is not None:
+            self.state = D_CLOSED
+            self.transport.close()
+        return 0
+
+    cdef int _local_response(self, int status, str message, bint close) except -1:
+        """Answer from the gateway itself (routing and parse errors)."""
+        cdef Gateway gw = self.gw
+        gw.local_responses += 1
+        gw.status_counts[status // 100] += 1
+        close = close or not self.keep_alive or self.close_after
+        if self.transport is None:
+            return 0
+        self.transport.write(error_response(status, message, close))
+        if close:
+            self.state = D_CLOSED
+            self.dkind = K_NONE
+            self.transport.close()
+        else:
+            self.state = D_HEAD
+            self._set_deadline(gw.keepalive_timeout, K_IDLE)
+        return 0
+
+    def _on_timeout(self):
+        cdef int kind = self.dkind
+        self.dkind = K_NONE
+        if self.transport is None:
+            return
+        if kind == K_HEADER:
+            if self.ibuf.len:
+                self._local_response(408, "request head not received in time", True)
+            else:
+                self.transport.close()
+        elif kind == K_IDLE:
+            self.transport.close()
+        elif kind == K_CONNECT:
+            self.close_after = True
+            self._fail(504, "upstream connect timed out")
+        elif kind == K_READ:
+            self.close_after = True
+            self._fail(504, "upstream timed out")
+        elif kind == K_WRITE:
+            self.close_after = True
+            self._fail(504, "upstream timed out receiving the request body")
+
+    cdef void _set_deadline(self, double seconds, int kind):
+        if seconds <= 0:
+            self.dkind = K_NONE
+            return
+        self.deadline = mono() + seconds
+        self.dkind = kind
+
+    cdef void _pause(self, int reason):
+        if self.paused == 0 and self.transport is not None:
+            self.transport.pause_reading()
+        self.paused |= reason
+
+    cdef void _resume(self, int reason):
+        if not (self.paused & reason):
+            return
+        self.paused &= ~reason
+        if self.paused == 0 and self.transport is not None:
+            self.transport.resume_reading()
+
+
+cdef class UpstreamProtocol(PooledConnection):
+    """One connection to an upstream target; bound to a client request while in use."""
+
+    def __dealloc__(self):
+        buf_free(&self.rbuf)
+
+    cdef void attach(self, DownstreamProtocol down, bint reused):
+        self.down = down
+        down.up = self
+        self.was_reused = reused
+        self.got_bytes = False
+        self.state = U_HEAD if reused else U_CONNECTING
+        self.rbuf.len = 0
+
+    def _connect_done(self, task):
+        cdef DownstreamProtocol down = self.down
+        self.connect_task = None
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            self.closed = True
+            self.state = U_CLOSED
+            if down is not None:
+                self.pool.discard(self)
+                down._upstream_connect_failed(exc)
+            return
+
+    def connection_made(self, transport):
+        cdef DownstreamProtocol down = self.down
+        self.transport = transport
+        if down is None:
+            # The client gave up while we were connecting.
+            self.closed = True
+            transport.close()
+            return
+        self.state = U_HEAD
+        down._upstream_ready(self)
+
+    def connection_lost(self, exc):
+        cdef DownstreamProtocol down = self.down
+        cdef int state = self.state
+        self.closed = True
+        self.transport = None
+        self.state = U_CLOSED
+        if down is None:
+            return
+        if state == U_BODY and self.body_kind == BODY_UNTIL_CLOSE:
+            down._response_done(False)
+        elif state == U_TUNNEL:
+            down.up = None
+            self.down = None
+            self.pool.discard(self)
+            if down.transport is not None:
+                down.transport.close()
+        elif state == U_HEAD and not self.got_bytes and self.was_reused \
+                and down.replay is not None and not down.replayed:
+            # A pooled connection the upstream had already closed: resend on a fresh one.
+            down.up = None
+            self.down = None
+            self.pool.discard(self)
+            down.replayed = True
+            down.pending_out = down.replay
+            down._connect()
+        elif state == U_HEAD:
+            down._fail(502, "upstream closed the connection before responding")
+        else:
+            down._fail(502, "upstream closed the connection mid-response")
+
+    def eof_received(self):
+        return False
+
+    def pause_writing(self):
+        # The upstream reads the request body slower than the client sends it.
+        if self.down is not None:
+            self.down._pause(P_UPSTREAM)
+
+    def resume_writing(self):
+        if self.down is not None:
+            self.down._resume(P_UPSTREAM)
+
+    def data_received(self, data):
+        cdef DownstreamProtocol down = self.down
+        cdef const char* p = PyBytes_AS_STRING(data)
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
+        if self.state == U_TUNNEL:
+            if down is not None and down.transport is not None:
+                down.transport.write(data)
+            return
+        if down is None or self.state == U_IDLE or down.transport is None or down.state == D_CLOSED:
+            # Bytes from an idle connection: its framing cannot be trusted any more.
+            self.reusable = False
+            self.close()
+            return
+        self.got_bytes = True
+        if down.dkind == K_READ:
+            down.deadline = mono() + down.route.read_timeout
+        if self.state == U_HEAD:
+            self._parse_head(data, p, n)
+        elif self.state == U_BODY:
+            self._body(data, p, 0, n)
+
+    cdef int _parse_head(self, object data, const char* p, Py_ssize_t n) except -1:
+        cdef DownstreamProtocol down = self.down
+        cdef const char* b
+        cdef Py_ssize_t avail, r, off
+        cdef object owner
+        if self.rbuf.len:
+            buf_add(&self.rbuf, p, n)
+            owner = PyBytes_FromStringAndSize(self.rbuf.data, self.rbuf.len)
+            self.rbuf.len = 0
+        else:
+            owner = data
+        b = PyBytes_AS_STRING(owner)
+        avail = PyBytes_GET_SIZE(owner)
+        off = 0
+        while True:
+            r = parse_response_head(b + off, avail - off, &self.head, &down.gw.limits, down.method_head)
+            if r == PARSE_INCOMPLETE:
+                buf_add(&self.rbuf, b + off, avail - off)
+                return 0
+            if r < 0:
+                self.reusable = False
+                down._fail(502, "upstream sent an invalid response")
+                return 0
+            if self.head.status >= 100 and self.head.status < 200 and self.head.status != 101:
+                # Interim response: relay 100 Continue to a client that asked for it.
+                if self.head.status == 100 and down.expect_continue and not down.resp_started:
+                    down.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                off += r
+                if off >= avail:
+                    return 0
+                continue
+            break
+        down.t_up_first = now_ns()
+        if self.head.status == 101 and not down.wants_upgrade:
+            down._fail(502, "upstream switched protocols without an upgrade request")
+            return 0
+        self.body_kind = self.head.body_kind
+        self.remaining = self.head.content_length if self.body_kind == BODY_LENGTH else 0
+        if self.body_kind == BODY_LENGTH and self.remaining == 0:
+            self.body_kind = BODY_NONE
+        self.resp_keep_alive = self.head.keep_alive
+        memset(&self.chunked, 0, sizeof(Chunked))
+        down.resp_status = self.head.status
+        # Shift the spans' base: they are relative to b + off.
+        down._write_response_head(self, b + off)
+        down.resp_started = True
+        down.transport.write(buf_take(&down.wbuf))
+        off += r
+        if self.head.status == 101:
+            self.state = U_TUNNEL
+            down.state = D_TUNNEL
+            down.dkind = K_NONE
+            down.req_done = True
+            if off < avail:
+                down.transport.write(PyBytes_FromStringAndSize(b + off, avail - off))
+            down._resume(P_PIPELINE | P_UPSTREAM | P_CONNECT)
+            if down.ibuf.len:
+                self.transport.write(PyBytes_FromStringAndSize(down.ibuf.data, down.ibuf.len))
+                down.ibuf.len = 0
+            return 0
+        if self.body_kind == BODY_NONE:
+            if off < avail:
+                self.resp_keep_alive = False   # bytes after a bodiless response: not trustworthy
+            self.state = U_IDLE
+            down._response_done(self.resp_keep_alive)
+            return 0
+        self.state = U_BODY
+        if off < avail:
+            self._body(owner, b, off, avail - off)
+        return 0
+
+    cdef int _body(self, object data, const char* p, Py_ssize_t off, Py_ssize_t n) except -1:
+        cdef DownstreamProtocol down = self.down
+        cdef Py_ssize_t take
+        cdef Span spans[32]
+        cdef int ndata = 0
+        cdef int i
+        cdef Py_ssize_t r
+        cdef bint done = False
+        if self.body_kind == BODY_LENGTH:
+            take = n if n < self.remaining else <Py_ssize_t>self.remaining
+            self.remaining -= take
+            down._relay_body(data, p, off, take)
+            done = self.remaining == 0
+        elif self.body_kind == BODY_CHUNKED:
+            if down.dechunk:
+                take = 0
+                while take < n and not self.chunked.done:
+                    r = chunked_feed(&self.chunked, p + off + take, n - take, spans, 32, &ndata)
+                    if r < 0:
+                        down._fail(502, "upstream sent a malformed chunked body")
+                        return 0
+                    for i in range(ndata):
+                        down.transport.write(PyBytes_FromStringAndSize(p + off + take + spans[i].off, spans[i].len))
+                    take += r
+                    if r == 0:
+                        break
+            else:
+                take = chunked_feed(&self.chunked, p + off, n, NULL, 0, &ndata)
+                if take < 0:
+                    down._fail(502, "upstream sent a malformed chunked body")
+                    return 0
+                down._relay_body(data, p, off, take)
+            done = self.chunked.done
+        else:
+            down._relay_body(data, p, off, n)
+            return 0
+        if done:
+            if take < n:
+                self.resp_keep_alive = False   # the upstream sent more than it framed
+            self.state = U_IDLE
+            down._response_done(self.resp_keep_alive)
+        return 0
