@@ -1,0 +1,424 @@
+#!/usr/bin/env python3
+"""Compare fastmesh with nginx and HAProxy as a reverse proxy, in one interleaved run.
+
+What it measures (the methodology of DESIGN.md section 8):
+
+* The upstream is nginx with one worker answering ``return 200 "ok"``, so the
+  upstream is never the bottleneck and every row talks to the same thing.
+* Rows: ``direct`` (wrk straight to the upstream: the floor), ``fastmesh``,
+  ``nginx`` (reverse proxy) and ``haproxy``; every proxy has ONE worker and
+  keep-alive, pooled connections to the upstream.
+* Throughput: ``wrk -t1 -c50`` -> req/s, p50, p99. Reported as a ratio to the
+  nginx proxy and to direct, because absolute numbers depend on the machine.
+* Latency one hop adds: ``wrk -t1 -c1`` -> p50/p99; *added latency* is the
+  row's p50/p99 minus direct's p50/p99 in microseconds.
+* Errors: wrk's socket errors (connect/read/write/timeout) and responses with
+  status >= 400, summed over all runs; any error makes a row suspect.
+* Interleaving: every round runs every row once per scenario, the order
+  rotated each round, so slow drift of the machine (thermal, neighbours) hits
+  all rows alike; the table shows medians over rounds.
+* Memory: RSS of each proxy's processes (master + worker for nginx,
+  supervisor + worker for fastmesh, one process for HAProxy) when idle after
+  start and after the load runs, and the summed peak (VmHWM).
+* ``--scenario routes``: fastmesh with the benchmarked route alone against
+  fastmesh with it hidden among N (default 10,000) routes with distinct hosts
+  and prefix paths -> the throughput cost of a big routing table.
+
+wrk, the upstream and the proxy share the machine, as they did when the bars
+in DESIGN.md were set; run on a quiet machine and compare ratios, not raw
+req/s, across machines.
+
+Usage:  python3 benches/compare.py [--rounds 3] [--duration 5] [--json out.json]
+        python3 benches/compare.py --scenario routes [--routes 10000]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import loadgen  # noqa: E402
+import report  # noqa: E402
+import servers  # noqa: E402
+
+ALL_TARGETS = ("direct", "fastmesh", "nginx", "haproxy")
+PACKAGES = {"wrk": "wrk", "nginx": "nginx-light", "haproxy": "haproxy"}
+SBIN = ("/usr/sbin", "/usr/local/sbin", "/sbin")
+
+
+@dataclass
+class Target:
+    """One row of the table: a server (or the upstream itself) and its results."""
+    name: str
+    server: servers.Server | None = None
+    failed: str | None = None                 # "failed to start: ..." etc.
+    runs: dict[str, list[dict]] = field(default_factory=dict)
+    mem_idle: dict = field(default_factory=dict)
+    mem_after: dict = field(default_factory=dict)
+
+
+# --- setup -----------------------------------------------------------------
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scenario", choices=("compare", "routes"), default="compare",
+                   help="compare: direct/fastmesh/nginx/haproxy; routes: fastmesh 1 vs N routes")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median reported)")
+    p.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
+    p.add_argument("--warmup", type=float, default=1.0,
+                   help="seconds of unmeasured -c50 load before each throughput run (0: none)")
+    p.add_argument("--connections", type=int, default=50, help="wrk -c for the throughput runs")
+    p.add_argument("--targets", default=",".join(ALL_TARGETS),
+                   help="comma-separated rows for --scenario compare (default: all)")
+    p.add_argument("--routes", type=int, default=10_000,
+                   help="number of routes for --scenario routes")
+    p.add_argument("--route-position", type=float, default=0.7,
+                   help="where the benchmarked route sits among --routes (fraction, not first)")
+    p.add_argument("--ready-timeout", type=float, default=30.0,
+                   help="seconds to wait for a server to accept connections and answer")
+    p.add_argument("--python", default=sys.executable, help="interpreter that runs fastmesh")
+    p.add_argument("--json", metavar="PATH", help="also write raw runs and summary as JSON")
+    p.add_argument("--no-install", action="store_true", help="never run apt-get")
+    p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs)")
+    args = p.parse_args(argv)
+    if args.rounds < 1 or args.duration <= 0 or args.connections < 1:
+        p.error("--rounds >= 1, --duration > 0 and --connections >= 1 are required")
+    unknown = set(args.targets.split(",")) - set(ALL_TARGETS)
+    if unknown:
+        p.error(f"unknown targets {sorted(unknown)}; choose from {ALL_TARGETS}")
+    return args
+
+
+def which(tool: str) -> str | None:
+    found = shutil.which(tool)
+    if found:
+        return found
+    for d in SBIN:
+        if os.access(os.path.join(d, tool), os.X_OK):
+            return os.path.join(d, tool)
+    return None
+
+
+def ensure_tools(no_install: bool) -> dict[str, str | None]:
+    """Paths of wrk, nginx, haproxy; apt-get installs missing ones when root.
+
+    wrk and nginx are required; without haproxy its row is reported as missing.
+    """
+    tools = {t: which(t) for t in PACKAGES}
+    missing = [t for t, path in tools.items() if not path]
+    if missing and not no_install and os.geteuid() == 0 and shutil.which("apt-get"):
+        pkgs = [PACKAGES[t] for t in missing]
+        print(f"installing {' '.join(pkgs)} with apt-get ...", file=sys.stderr)
+        if _apt_install(pkgs) != 0:
+            _run_quiet(["apt-get", "update"], 300)
+            _apt_install(pkgs)
+        tools = {t: which(t) for t in PACKAGES}
+        missing = [t for t, path in tools.items() if not path]
+    required = [t for t in missing if t != "haproxy"]
+    if required:
+        pkgs = " ".join(PACKAGES[t] for t in missing)
+        sys.exit(f"missing {', '.join(missing)}. Install them, e.g. on Debian/Ubuntu:\n"
+                 f"    sudo apt-get install -y {pkgs}\n"
+                 "(or build wrk from https://github.com/wg/wrk); then run this again.")
+    return tools
+
+
+def _apt_install(pkgs: list[str]) -> int:
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    return _run_quiet(["apt-get", "install", "-y", *pkgs], 600, env)
+
+
+def _run_quiet(argv, timeout, env=None) -> int:
+    try:
+        return subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              timeout=timeout, env=env).returncode
+    except (OSError, subprocess.TimeoutExpired):
+        return 1
+
+
+def _version(argv, drop: str = "") -> str:
+    """First line of a tool's version output, trimmed to the version words."""
+    line = _first_line(argv).replace(drop, "").split(" Copyright")[0].split(" - http")[0]
+    return line.strip()
+
+
+def _first_line(argv) -> str:
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    out = (p.stdout + p.stderr).strip().splitlines()
+    return out[0].strip() if out else "?"
+
+
+def system_nginx_on_80() -> str | None:
+    """A note when something (a system nginx, say) listens on :80: we leave it alone."""
+    try:
+        out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, timeout=5).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for line in out.splitlines():
+        cols = line.split()
+        if len(cols) >= 4 and cols[3].endswith(":80"):
+            who = cols[5] if len(cols) > 5 else "unknown process"
+            return f"port 80 is in use ({who}); left alone, the benchmark uses its own ports"
+    return None
+
+
+def machine_info(tools: dict) -> dict:
+    try:
+        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                    if line.startswith("model name")), platform.processor())
+    except OSError:
+        cpu = platform.processor()
+    git = ["git", "-C", str(servers.REPO)]
+    rev = _first_line(git + ["rev-parse", "--short", "HEAD"])
+    dirty = subprocess.run(git + ["status", "--porcelain"], capture_output=True,
+                           text=True, timeout=10).stdout.strip()
+    return {
+        "nproc": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)),
+        "cpu": cpu,
+        "kernel": platform.release(),
+        "loadavg_start": os.getloadavg(),
+        "python": platform.python_version(),
+        "nginx": _version([tools["nginx"], "-v"], "nginx version: "),
+        "haproxy": (_version([tools["haproxy"], "-v"], " version")
+                    if tools.get("haproxy") else "haproxy not installed"),
+        "wrk": _version([tools["wrk"], "-v"]),
+        "fastmesh": f"git {rev}{' (with uncommitted changes)' if dirty else ''}",
+    }
+
+
+# --- starting the rows -----------------------------------------------------
+
+def start(target: Target, server: servers.Server, timeout: float) -> None:
+    """Start one proxy; a failure is recorded in the row, never raised."""
+    target.server = server
+    try:
+        server.start(timeout)
+        target.mem_idle = servers.memory(server)
+    except servers.StartError as e:
+        target.failed = "failed to start: " + str(e)
+    except OSError as e:
+        target.failed = f"failed to start: {e}"
+
+
+def compare_targets(args, tools, tmp: Path, upstream: servers.Server) -> list[Target]:
+    wanted = args.targets.split(",")
+    up = upstream.port
+    rows = []
+    for name in ALL_TARGETS:
+        if name not in wanted:
+            continue
+        t = Target(name)
+        rows.append(t)
+        if name == "direct":
+            t.server = upstream
+            continue
+        port = servers.free_port()
+        if name == "fastmesh":
+            srv = servers.fastmesh_server("fastmesh", servers.fastmesh_conf(up), port, tmp,
+                                          python=args.python)
+        elif name == "nginx":
+            srv = servers.nginx_server("proxy", servers.nginx_proxy_conf(tmp, port, up),
+                                       port, tmp, tools["nginx"])
+        else:
+            if not tools.get("haproxy"):
+                t.failed = "not installed (apt-get install -y haproxy)"
+                continue
+            srv = servers.haproxy_server(servers.haproxy_conf(tmp, port, up), port, tmp,
+                                         tools["haproxy"])
+        start(t, srv, args.ready_timeout)
+    return rows
+
+
+def routes_targets(args, tmp: Path, upstream: servers.Server) -> list[Target]:
+    direct = Target("direct", server=upstream)
+    rows = [direct]
+    for label, n in (("fastmesh 1 route", 1), (f"fastmesh {args.routes:,} routes", args.routes)):
+        t = Target(label)
+        rows.append(t)
+        conf = servers.fastmesh_conf(upstream.port, n_routes=n, position=args.route_position)
+        srv = servers.fastmesh_server(f"fastmesh-{n}", conf, servers.free_port(), tmp,
+                                      python=args.python, host_header=servers.BENCH_HOST,
+                                      path=servers.BENCH_PATH)
+        start(t, srv, max(args.ready_timeout, 60.0))
+    return rows
+
+
+# --- measuring -------------------------------------------------------------
+
+def scenarios(args) -> list[tuple[str, int]]:
+    return [("throughput", args.connections), ("latency", 1)]
+
+
+def measure_once(t: Target, scenario: str, conns: int, args, tools) -> None:
+    """One wrk run of one row; errors are stored as runs with an 'error' key."""
+    srv = t.server
+    if not srv.alive():
+        t.runs.setdefault(scenario, []).append(
+            {"error": f"process exited ({srv.proc.returncode}): {srv.stderr_tail(3)}"})
+        return
+    if scenario == "throughput" and args.warmup > 0:
+        warm = loadgen.wrk_argv(tools["wrk"], srv.url, args.connections, args.warmup,
+                                host=srv.host_header)
+        try:
+            loadgen.run_wrk(warm, args.warmup)
+        except (RuntimeError, ValueError):
+            pass                                   # the measured run will show it
+    argv = loadgen.wrk_argv(tools["wrk"], srv.url, conns, args.duration, host=srv.host_header)
+    try:
+        result = loadgen.run_wrk(argv, args.duration)
+    except (RuntimeError, ValueError) as e:
+        result = {"error": str(e)}
+    result["argv"] = argv
+    t.runs.setdefault(scenario, []).append(result)
+
+
+def run_rounds(rows: list[Target], args, tools) -> None:
+    live = [t for t in rows if not t.failed]
+    for r in range(args.rounds):
+        order = live[r % len(live):] + live[:r % len(live)] if live else []
+        for scenario, conns in scenarios(args):
+            for t in order:
+                print(f"round {r + 1}/{args.rounds} {scenario:<10} {t.name}", file=sys.stderr)
+                measure_once(t, scenario, conns, args, tools)
+    for t in live:
+        if t.name != "direct":             # direct's server is the upstream itself
+            t.mem_after = servers.memory(t.server)
+
+
+# --- summarising -----------------------------------------------------------
+
+def median_of(runs: list[dict], key: str) -> float | None:
+    vals = [r[key] for r in runs if "error" not in r]
+    return statistics.median(vals) if vals else None
+
+
+def summarize(rows: list[Target], scenario_names: list[str]) -> dict[str, dict]:
+    out = {}
+    for t in rows:
+        s = {"failed": t.failed, "mem_idle": t.mem_idle, "mem_after": t.mem_after}
+        errors = {"non2xx": 0, "socket": 0, "failed_runs": 0, "runs": 0}
+        for name in scenario_names:
+            runs = t.runs.get(name, [])
+            s[name] = {k: median_of(runs, k) for k in ("rps", "p50", "p99", "p999")}
+            for r in runs:
+                errors["runs"] += 1
+                if "error" in r:
+                    errors["failed_runs"] += 1
+                    s.setdefault("run_errors", []).append(r["error"])
+                else:
+                    errors["non2xx"] += int(r["non2xx"])
+                    errors["socket"] += int(r["socket_errors"])
+        s["errors"] = errors
+        out[t.name] = s
+    return out
+
+
+def ratios(summary: dict, baseline: str, direct: str = "direct") -> None:
+    """Add throughput ratios and added latency (vs direct) to every row."""
+    def rps(name):
+        return (summary.get(name) or {}).get("throughput", {}).get("rps")
+
+    def lat(name, q):
+        return (summary.get(name) or {}).get("latency", {}).get(q)
+
+    for name, s in summary.items():
+        mine = rps(name)
+        s["vs_baseline"] = mine / rps(baseline) if mine and rps(baseline) else None
+        s["vs_direct"] = mine / rps(direct) if mine and rps(direct) else None
+        for q in ("p50", "p99"):
+            a, d = lat(name, q), lat(direct, q)
+            s[f"added_{q}"] = a - d if a is not None and d is not None else None
+
+
+# --- main ------------------------------------------------------------------
+
+def _sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _sigterm)
+    tools = ensure_tools(args.no_install)
+    info = machine_info(tools)
+    note = system_nginx_on_80()
+    tmp = Path(tempfile.mkdtemp(prefix="fastmesh-bench-"))
+    os.chmod(tmp, 0o755)          # nginx workers may run as another user
+    rows: list[Target] = []
+    upstream = None
+    try:
+        up_port = servers.free_port()
+        upstream = servers.nginx_server("upstream", servers.nginx_upstream_conf(tmp, up_port),
+                                        up_port, tmp, tools["nginx"])
+        try:
+            upstream.start(args.ready_timeout)
+        except servers.StartError as e:
+            print(f"the upstream nginx did not start: {e}", file=sys.stderr)
+            return 1
+        if args.scenario == "compare":
+            rows = compare_targets(args, tools, tmp, upstream)
+            baseline = "nginx"
+        else:
+            rows = routes_targets(args, tmp, upstream)
+            baseline = rows[1].name
+        for t in rows:
+            if t.failed:
+                print(f"{t.name}: {t.failed}", file=sys.stderr)
+        started = time.time()
+        run_rounds(rows, args, tools)
+        info["loadavg_end"] = os.getloadavg()
+        info["measured_s"] = round(time.time() - started, 1)
+        summary = summarize(rows, [s for s, _ in scenarios(args)])
+        ratios(summary, baseline)
+        commands = {t.name: t.server.argv for t in rows if t.server}
+        text = report.markdown(args, info, rows, summary, baseline, commands, note, tmp)
+        print(text)
+        if args.json:
+            write_json(args.json, args, info, rows, summary, commands)
+        return 0
+    except KeyboardInterrupt:
+        print("interrupted; stopping servers", file=sys.stderr)
+        return 130
+    finally:
+        for t in rows:
+            if t.server is not None and t.server is not upstream:
+                t.server.stop()
+        if upstream is not None:
+            upstream.stop()
+        if args.keep_tmp:
+            print(f"configs and logs kept in {tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path, args, info, rows, summary, commands) -> None:
+    doc = {
+        "settings": vars(args),
+        "machine": info,
+        "commands": commands,
+        "summary": summary,
+        "runs": {t.name: t.runs for t in rows},
+    }
+    Path(path).write_text(json.dumps(doc, indent=2, default=str))
+    print(f"wrote {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

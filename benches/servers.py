@@ -1,0 +1,356 @@
+"""Servers under test: config rendering, start/stop, readiness and memory.
+
+Every server runs as a child of this process in its own session (so its
+workers can be found and killed by session id, never by name), from its own
+temporary directory (config, pid file, error log, temp paths), on a loopback
+port picked here. Nothing outside that directory is touched; a system nginx
+(e.g. on :80) is left alone.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+class StartError(RuntimeError):
+    """A server did not come up; the message carries its last stderr lines."""
+
+
+def free_port() -> int:
+    """A loopback port that is free right now (small race, fine on a quiet box)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- config rendering ------------------------------------------------------
+
+def _nginx_common(tmp: Path, name: str) -> str:
+    """Top of an nginx.conf: one worker, foreground, everything inside tmp."""
+    return f"""
+worker_processes 1;
+daemon off;
+master_process on;
+pid {tmp}/{name}.pid;
+error_log {tmp}/{name}-error.log warn;
+events {{ worker_connections 8192; }}
+"""
+
+
+def _nginx_http_common(tmp: Path, name: str) -> str:
+    return f"""
+    access_log off;
+    keepalive_requests 1000000;
+    keepalive_timeout 75s;
+    client_body_temp_path {tmp}/{name}-body;
+    proxy_temp_path {tmp}/{name}-proxy;
+    fastcgi_temp_path {tmp}/{name}-fastcgi;
+    uwsgi_temp_path {tmp}/{name}-uwsgi;
+    scgi_temp_path {tmp}/{name}-scgi;
+"""
+
+
+def nginx_upstream_conf(tmp: Path, port: int) -> str:
+    """The benchmark upstream: `return 200 "ok"`, never the bottleneck."""
+    return _nginx_common(tmp, "upstream") + f"""
+http {{{_nginx_http_common(tmp, "upstream")}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{ return 200 "ok"; }}
+    }}
+}}
+"""
+
+
+def nginx_proxy_conf(tmp: Path, port: int, upstream_port: int) -> str:
+    """nginx as a reverse proxy with pooled keep-alive upstream connections."""
+    return _nginx_common(tmp, "proxy") + f"""
+http {{{_nginx_http_common(tmp, "proxy")}
+    upstream backend {{
+        server 127.0.0.1:{upstream_port};
+        keepalive 64;
+        keepalive_requests 1000000;
+        keepalive_timeout 60s;
+    }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+}}
+"""
+
+
+def haproxy_conf(tmp: Path, port: int, upstream_port: int) -> str:
+    """HAProxy, one thread, HTTP mode, always reusing idle server connections."""
+    return f"""
+global
+    nbthread 1
+    maxconn 8192
+    pidfile {tmp}/haproxy.pid
+
+defaults
+    mode http
+    option http-keep-alive
+    http-reuse always
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+    timeout http-keep-alive 30s
+    timeout http-request 10s
+
+frontend fe
+    bind 127.0.0.1:{port}
+    default_backend be
+
+backend be
+    server up 127.0.0.1:{upstream_port}
+"""
+
+
+def _q(s: str) -> str:
+    """A YAML scalar: JSON strings are valid YAML double-quoted scalars."""
+    return json.dumps(s)
+
+
+BENCH_HOST = "bench-target.example.com"
+BENCH_PATH = "/bench/target"
+
+
+def fastmesh_conf(upstream_port: int, n_routes: int = 0, position: float = 0.7) -> str:
+    """Declarative fastmesh config.
+
+    n_routes == 0: the plain config (one route, ``paths: [/]``, any host).
+    n_routes >= 1: n_routes routes with distinct hosts and prefix paths spread
+    over services of 100 routes each; the benchmarked route (BENCH_HOST +
+    BENCH_PATH) is one of them, at ``position`` of the list (not first).
+    """
+    url = f"http://127.0.0.1:{upstream_port}"
+    if n_routes <= 0:
+        return f"""_format_version: "1"
+services:
+  - name: bench
+    url: {url}
+    routes:
+      - name: all
+        paths: [/]
+"""
+    bench_at = min(n_routes - 1, max(1, int(n_routes * position))) if n_routes > 1 else 0
+    lines = ['_format_version: "1"', "services:"]
+    per_service = 100
+    for i in range(n_routes):
+        if i % per_service == 0:
+            lines += [f"  - name: svc{i // per_service}", f"    url: {url}", "    routes:"]
+        if i == bench_at:
+            host, path, name = BENCH_HOST, BENCH_PATH, "bench"
+        else:
+            host, path, name = f"svc{i}.example.com", f"/api/v1/svc{i}", f"r{i}"
+        lines += [f"      - name: {_q(name)}",
+                  f"        hosts: [{_q(host)}]",
+                  f"        paths: [{_q(path)}]"]
+    return "\n".join(lines) + "\n"
+
+
+# --- process lifecycle -----------------------------------------------------
+
+@dataclass
+class Server:
+    """One running server: its process, where it listens, how to reach it."""
+    name: str
+    argv: list[str]
+    port: int
+    workdir: Path
+    env: dict | None = None
+    cwd: Path | None = None
+    host_header: str | None = None      # Host to send (routes scenario)
+    path: str = "/"
+    proc: subprocess.Popen | None = None
+    stderr_path: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}{self.path}"
+
+    def start(self, ready_timeout: float) -> None:
+        self.stderr_path = self.workdir / f"{self.name}.stderr"
+        with open(self.stderr_path, "wb") as err:
+            self.proc = subprocess.Popen(
+                self.argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+                cwd=self.cwd or self.workdir, env=self.env, start_new_session=True)
+        try:
+            wait_ready(self, ready_timeout)
+        except StartError:
+            self.stop()
+            raise
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stderr_tail(self, n: int = 6) -> str:
+        try:
+            lines = self.stderr_path.read_text(errors="replace").strip().splitlines()
+        except (OSError, AttributeError):
+            return ""
+        return "\n".join(lines[-n:])
+
+    def stop(self, grace: float = 5.0) -> None:
+        """SIGTERM the session, wait (bounded), then SIGKILL whatever is left."""
+        if self.proc is None:
+            return
+        sid = self.proc.pid       # session leader: its pid is the session id
+        _signal_session(sid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+        _signal_session(sid, signal.SIGKILL)
+        try:
+            self.proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+        deadline = time.monotonic() + grace
+        while session_pids(sid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+def _signal_session(sid: int, sig: int) -> None:
+    for pid in session_pids(sid):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def wait_ready(server: Server, timeout: float) -> None:
+    """Bounded wait: the port accepts TCP, then one GET gets a 2xx answer."""
+    deadline = time.monotonic() + timeout
+    last = "no connection"
+    while time.monotonic() < deadline:
+        if not server.alive():
+            raise StartError(f"exited with code {server.proc.returncode}: {server.stderr_tail(3)}")
+        try:
+            status = http_get_status(server.port, server.path, server.host_header)
+            if 200 <= status < 300:
+                return
+            last = f"HTTP {status}"
+        except OSError as e:
+            last = str(e) or type(e).__name__
+        time.sleep(0.1)
+    raise StartError(f"not ready after {timeout:.0f}s ({last}): {server.stderr_tail(3)}")
+
+
+def http_get_status(port: int, path: str = "/", host: str | None = None) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+    try:
+        headers = {"Host": host} if host else {}
+        conn.request("GET", path, headers=headers)
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+    finally:
+        conn.close()
+
+
+# --- memory ----------------------------------------------------------------
+
+def _proc_table() -> dict[int, tuple[str, int, int]]:
+    """pid -> (state, ppid, session) for every process we can read."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()
+        # fields[0] = state, [1] = ppid, [2] = pgrp, [3] = session
+        table[int(entry)] = (fields[0], int(fields[1]), int(fields[3]))
+    return table
+
+
+def session_pids(root: int) -> list[int]:
+    """Live processes started by us for one server: the session whose leader is
+    root (we started it with a new session), plus root's descendants in case
+    one of them moved to a session of its own. Zombies are left out."""
+    table = _proc_table()
+    found = {pid for pid, (_, _, sid) in table.items() if sid == root}
+    if root in table:
+        found.add(root)
+    grew = True
+    while grew:
+        kids = {pid for pid, (_, ppid, _) in table.items() if ppid in found} - found
+        found |= kids
+        grew = bool(kids)
+    return sorted(pid for pid in found if table[pid][0] != "Z")
+
+
+def _status_kb(pid: int, key: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def memory(server: Server) -> dict:
+    """RSS and peak RSS (VmHWM) summed over all the server's processes, in KiB.
+
+    For nginx that is master + worker, for fastmesh supervisor + worker,
+    for HAProxy its single process. Shared pages (the code of a forked
+    master and worker) are counted in each, as RSS does.
+    """
+    if not server.alive():
+        return {}
+    pids = session_pids(server.proc.pid)
+    per = {pid: _status_kb(pid, "VmRSS") for pid in pids}
+    return {
+        "processes": len(pids),
+        "rss_kb": sum(per.values()),
+        "hwm_kb": sum(_status_kb(pid, "VmHWM") for pid in pids),
+        "max_proc_rss_kb": max(per.values(), default=0),
+    }
+
+
+# --- constructors ----------------------------------------------------------
+
+def nginx_server(name: str, conf: str, port: int, workdir: Path, nginx: str) -> Server:
+    path = workdir / f"{name}.conf"
+    path.write_text(conf)
+    argv = [nginx, "-p", str(workdir), "-c", str(path), "-e", str(workdir / f"{name}-error.log")]
+    return Server(name, argv, port, workdir)
+
+
+def haproxy_server(conf: str, port: int, workdir: Path, haproxy: str) -> Server:
+    path = workdir / "haproxy.cfg"
+    path.write_text(conf)
+    return Server("haproxy", [haproxy, "-db", "-f", str(path)], port, workdir)
+
+
+def fastmesh_server(name: str, conf: str, port: int, workdir: Path, python: str = sys.executable,
+                    host_header: str | None = None, path: str = "/") -> Server:
+    cfg = workdir / f"{name}.yaml"
+    cfg.write_text(conf)
+    argv = [python, "-m", "fastmesh", "run", "--config", str(cfg),
+            "--listen", f"127.0.0.1:{port}", "--workers", "1"]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return Server(name, argv, port, workdir, env=env, cwd=REPO,
+                  host_header=host_header, path=path)
