@@ -16,7 +16,7 @@ worker (no timer object per request).
 """
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
 from libc.stdint cimport int64_t, uint64_t
-from libc.string cimport memcpy, memset
+from libc.string cimport memchr, memcpy, memset
 
 from fastmesh._core.http1 cimport (
     Head, Header, Span, Chunked, Limits, limits_default, parse_request_head, parse_response_head,
@@ -335,6 +335,13 @@ cdef class DownstreamProtocol:
                 return 0
             if self.ibuf.len:
                 buf_add(&self.ibuf, p + off, n - off)
+                # A head ends with a newline: re-parse only when one arrived (or a limit
+                # may have been passed), so a byte-at-a-time client costs O(n), not O(n^2).
+                if memchr(p + off, 10, n - off) == NULL \
+                        and self.ibuf.len <= self.gw.limits.max_head_size \
+                        and not (self.ibuf.len - (n - off) <= self.gw.limits.max_line_size
+                                 < self.ibuf.len):
+                    return 0
                 return self._process_buffered()
             # Common case: the whole head is in this read; parse it in place.
             self.t_start = now_ns()
@@ -997,8 +1004,20 @@ cdef class UpstreamProtocol(PooledConnection):
         # Shift the spans' base: they are relative to b + off.
         down._write_response_head(self, b + off)
         down.resp_started = True
-        down.transport.write(buf_take(&down.wbuf))
         off += r
+        if self.body_kind == BODY_LENGTH and self.remaining <= avail - off \
+                and self.remaining <= INLINE_BODY_MAX:
+            # The whole (small) body came with the head: one write, one syscall.
+            buf_add(&down.wbuf, b + off, <Py_ssize_t>self.remaining)
+            off += <Py_ssize_t>self.remaining
+            self.remaining = 0
+            down.transport.write(buf_take(&down.wbuf))
+            if off < avail:
+                self.resp_keep_alive = False   # the upstream sent more than it framed
+            self.state = U_IDLE
+            down._response_done(self.resp_keep_alive)
+            return 0
+        down.transport.write(buf_take(&down.wbuf))
         if self.head.status == 101:
             self.state = U_TUNNEL
             down.state = D_TUNNEL
