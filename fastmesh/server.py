@@ -59,7 +59,10 @@ class Worker:
             self.loop, compile_plan(config, self.pools),
             max_head_size=limits.max_head_size, max_line_size=limits.max_line_size,
             max_headers=limits.max_headers, header_timeout=limits.header_timeout,
-            keepalive_timeout=limits.keepalive_timeout,
+            body_timeout=limits.body_timeout, keepalive_timeout=limits.keepalive_timeout,
+            max_requests_per_connection=limits.max_requests_per_connection,
+            max_connections=limits.max_connections,
+            max_response_head_size=limits.max_response_head_size,
         )
         self.server = await self.loop.create_server(
             self.gateway.protocol_factory, host, port, reuse_port=True, backlog=4096)

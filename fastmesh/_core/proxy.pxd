@@ -34,8 +34,12 @@ cdef class Gateway:
     cdef public object plan          # the Python Plan object (kept alive while active)
     cdef Router router
     cdef Limits limits
+    cdef Limits resp_limits          # for upstream response heads (502 past them)
     cdef double header_timeout
+    cdef double body_timeout
     cdef double keepalive_timeout
+    cdef Py_ssize_t max_requests_per_connection
+    cdef Py_ssize_t max_connections
     cdef object sweeper
     cdef DownstreamProtocol conns    # intrusive list of live client connections
     cdef readonly Py_ssize_t connections
@@ -53,6 +57,7 @@ cdef class DownstreamProtocol:
     cdef DownstreamProtocol prev
     cdef DownstreamProtocol next
     cdef int state
+    cdef Py_ssize_t served           # requests started on this connection
     cdef int paused                  # bit set of reasons reading from the client is paused
     cdef Buf ibuf                    # partial head / pipelined input
     cdef Buf wbuf                    # head being built
@@ -89,6 +94,7 @@ cdef class DownstreamProtocol:
     cdef int _process_buffered(self) except -1
     cdef Py_ssize_t _on_head(self, const char* b, Py_ssize_t consumed, Py_ssize_t avail) except -1
     cdef int _request_complete(self) except -1
+    cdef void _await_progress(self)
     cdef int _abort_request(self, int status, str message) except -1
     cdef Py_ssize_t _take_body(self, const char* p, Py_ssize_t n) except -2
     cdef int _send_upstream(self, object out) except -1

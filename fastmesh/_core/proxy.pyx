@@ -19,7 +19,7 @@ from libc.stdint cimport int64_t, uint64_t
 from libc.string cimport memchr, memcpy, memset
 
 from fastmesh._core.http1 cimport (
-    Head, Header, Span, Chunked, Limits, limits_default, parse_request_head, parse_response_head,
+    Head, Header, Span, Chunked, Limits, limits_default, MAX_HEADERS, parse_request_head, parse_response_head,
     chunked_feed, span_ieq,
     PARSE_INCOMPLETE, ERR_BAD_REQUEST, ERR_URI_TOO_LONG, ERR_HEADERS_TOO_LARGE, ERR_VERSION,
     ERR_NOT_IMPLEMENTED, ERR_BAD_RESPONSE, ERR_BAD_CHUNK,
@@ -61,6 +61,7 @@ cdef enum:
     K_CONNECT = 3    # upstream connect
     K_READ = 4       # upstream response progress
     K_WRITE = 5      # upstream accepting the request body
+    K_BODY = 6       # client sending the request body
 
 # Upstream states
 cdef enum:
@@ -79,7 +80,7 @@ cdef bytes VIA_TOKEN = b"fastmesh"
 
 _REASONS = {
     400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
-    413: "Content Too Large", 414: "URI Too Long", 431: "Request Header Fields Too Large",
+    413: "Content Too Large", 503: "Service Unavailable", 414: "URI Too Long", 431: "Request Header Fields Too Large",
     500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway",
     503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported",
 }
@@ -163,14 +164,23 @@ cdef class RouteTarget:
 
 cdef class Gateway:
     def __init__(self, loop, plan, *, int max_head_size=32768, int max_line_size=8192,
-                 int max_headers=100, double header_timeout=10.0, double keepalive_timeout=60.0):
+                 int max_headers=100, double header_timeout=10.0, double body_timeout=60.0,
+                 double keepalive_timeout=60.0, Py_ssize_t max_requests_per_connection=10000,
+                 Py_ssize_t max_connections=16384, int max_response_head_size=65536):
         self.loop = loop
         limits_default(&self.limits)
         self.limits.max_head_size = max_head_size
         self.limits.max_line_size = max_line_size
         self.limits.max_headers = max_headers
+        limits_default(&self.resp_limits)
+        self.resp_limits.max_head_size = max_response_head_size
+        self.resp_limits.max_line_size = min(8192, max_response_head_size)
+        self.resp_limits.max_headers = MAX_HEADERS
         self.header_timeout = header_timeout
+        self.body_timeout = body_timeout
         self.keepalive_timeout = keepalive_timeout
+        self.max_requests_per_connection = max_requests_per_connection
+        self.max_connections = max_connections
         self.set_plan(plan)
         self.sweeper = loop.call_later(SWEEP_INTERVAL, self._sweep)
 
@@ -243,6 +253,11 @@ cdef class DownstreamProtocol:
             gw.conns.prev = self
         gw.conns = self
         gw.connections += 1
+        if gw.connections > gw.max_connections:
+            # Refuse cleanly rather than queue: the client learns at once and can retry elsewhere.
+            self.keep_alive = False
+            self._local_response(503, "too many connections", True)
+            return
         self._set_deadline(gw.header_timeout, K_HEADER)
 
     def connection_lost(self, exc):
@@ -391,9 +406,11 @@ cdef class DownstreamProtocol:
         cdef Py_ssize_t taken
         cdef object out
         gw.requests += 1
+        self.served += 1
         self.dkind = K_NONE
         self.http10 = h.version_minor == 0
-        self.keep_alive = h.keep_alive and not self.close_after and not gw.draining
+        self.keep_alive = h.keep_alive and not self.close_after and not gw.draining \
+            and (gw.max_requests_per_connection == 0 or self.served < gw.max_requests_per_connection)
         self.method_head = h.method_head
         self.wants_upgrade = h.upgrade
         self.expect_continue = h.expect_continue
@@ -467,8 +484,8 @@ cdef class DownstreamProtocol:
         else:
             return 0
         self.req_body_seen += take
-        if self.dkind == K_WRITE:
-            self.deadline = mono() + self.route.write_timeout
+        if self.dkind == K_BODY:
+            self.deadline = mono() + self.gw.body_timeout
         if self.route is not None and self.route.max_body_size and self.req_body_seen > self.route.max_body_size:
             self._abort_request(413, "request body too large")
             return -1
@@ -478,9 +495,22 @@ cdef class DownstreamProtocol:
         self.req_done = True
         if self.state == D_BODY:
             self.state = D_WAIT
-        if self.up is not None and self.up.state == U_HEAD and self.dkind == K_WRITE:
-            self._set_deadline(self.route.read_timeout, K_READ)
+        if self.up is not None and self.up.transport is not None:
+            self._await_progress()
         return 0
+
+    cdef void _await_progress(self):
+        """Set the deadline for whoever we are waiting on now.
+
+        While the request body arrives: the client (body_timeout, 408) unless the upstream's
+        write buffer is full (write_timeout, 504); after it: the upstream (read_timeout, 504).
+        """
+        if self.req_done:
+            self._set_deadline(self.route.read_timeout, K_READ)
+        elif self.paused & P_UPSTREAM:
+            self._set_deadline(self.route.write_timeout, K_WRITE)
+        else:
+            self._set_deadline(self.gw.body_timeout, K_BODY)
 
     cdef int _abort_request(self, int status, str message) except -1:
         """The request body broke its framing or a limit midway: answer if we still can, close."""
@@ -505,8 +535,7 @@ cdef class DownstreamProtocol:
                 return 0
             up.attach(self, True)
             self.t_up_start = now_ns()
-            self._set_deadline(self.route.read_timeout if self.req_done else self.route.write_timeout,
-                               K_READ if self.req_done else K_WRITE)
+            self._await_progress()
         elif up.transport is None:
             # Still connecting: queue behind what is already waiting.
             self.pending_out = out if self.pending_out is None else self.pending_out + out
@@ -531,8 +560,7 @@ cdef class DownstreamProtocol:
         cdef object out = self.pending_out
         self.pending_out = None
         self.t_up_start = now_ns()
-        self._set_deadline(self.route.read_timeout if self.req_done else self.route.write_timeout,
-                           K_READ if self.req_done else K_WRITE)
+        self._await_progress()
         if out is not None:
             up.transport.write(out)
         self._resume(P_CONNECT)
@@ -835,6 +863,14 @@ cdef class DownstreamProtocol:
         elif kind == K_WRITE:
             self.close_after = True
             self._fail(504, "upstream timed out receiving the request body")
+        elif kind == K_BODY:
+            self.close_after = True
+            if self.up is not None:
+                self._detach_upstream(False)
+            if not self.resp_started:
+                self._local_response(408, "request body not received in time", True)
+            else:
+                self.transport.close()
 
     cdef void _set_deadline(self, double seconds, int kind):
         if seconds <= 0:
@@ -930,12 +966,18 @@ cdef class UpstreamProtocol(PooledConnection):
 
     def pause_writing(self):
         # The upstream reads the request body slower than the client sends it.
-        if self.down is not None:
-            self.down._pause(P_UPSTREAM)
+        cdef DownstreamProtocol down = self.down
+        if down is not None:
+            down._pause(P_UPSTREAM)
+            if down.state == D_BODY:
+                down._await_progress()
 
     def resume_writing(self):
-        if self.down is not None:
-            self.down._resume(P_UPSTREAM)
+        cdef DownstreamProtocol down = self.down
+        if down is not None:
+            down._resume(P_UPSTREAM)
+            if down.state == D_BODY:
+                down._await_progress()
 
     def data_received(self, data):
         cdef DownstreamProtocol down = self.down
@@ -973,7 +1015,7 @@ cdef class UpstreamProtocol(PooledConnection):
         avail = PyBytes_GET_SIZE(owner)
         off = 0
         while True:
-            r = parse_response_head(b + off, avail - off, &self.head, &down.gw.limits, down.method_head)
+            r = parse_response_head(b + off, avail - off, &self.head, &down.gw.resp_limits, down.method_head)
             if r == PARSE_INCOMPLETE:
                 buf_add(&self.rbuf, b + off, avail - off)
                 return 0

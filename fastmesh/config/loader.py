@@ -58,7 +58,11 @@ LIMIT_PARSERS = {
     "max_headers": integer(1, None, "max_headers"),
     "max_body_size": size(0, "max_body_size"),
     "header_timeout": duration,
+    "body_timeout": duration,
     "keepalive_timeout": duration,
+    "max_requests_per_connection": integer(0, None, "max_requests_per_connection"),
+    "max_connections": integer(1, None, "max_connections"),
+    "max_response_head_size": size(1024, "max_response_head_size"),
 }
 KEEPALIVE_PARSERS = {
     "max_idle": integer(0, None, "max_idle"),
