@@ -26,6 +26,9 @@ cdef class RouteTarget:
     cdef readonly Histogram h_upstream
     cdef readonly Histogram h_added
     cdef uint64_t status_counts[6]  # index: status // 100 (0 = no response)
+    cdef readonly uint64_t bytes_in     # request bytes received from clients (head + body)
+    cdef readonly uint64_t bytes_out    # response bytes sent to clients (head + body)
+    cdef readonly str upstream_label    # "host:port", for logs and metrics
 
 
 cdef class Gateway:
@@ -47,11 +50,17 @@ cdef class Gateway:
     cdef readonly uint64_t local_responses   # answered by the gateway itself (404, 4xx, 5xx)
     cdef uint64_t status_counts[6]
     cdef readonly bint draining
+    cdef bint log_enabled            # collect one record per request (access log)
+    cdef list log_records            # taken in batches by take_log_records()
+    cdef bint request_id_enabled     # X-Request-Id: reuse the client's or generate one
+    cdef bytes request_id_prefix
+    cdef uint64_t request_id_counter
 
 
 cdef class DownstreamProtocol:
     cdef Gateway gw
     cdef object transport
+    cdef object write                # transport.write, looked up once per connection
     cdef bytes client_ip
     cdef bytes local_port
     cdef DownstreamProtocol prev
@@ -86,6 +95,10 @@ cdef class DownstreamProtocol:
     cdef int64_t t_start
     cdef int64_t t_up_start
     cdef int64_t t_up_first
+    cdef int64_t req_bytes           # request bytes received (head + body)
+    cdef int64_t resp_bytes          # response bytes sent
+    cdef object log_request          # (wall time, method, target, host, user agent) when logging
+    cdef bytes request_id
     cdef double deadline
     cdef int dkind
 
@@ -107,11 +120,14 @@ cdef class DownstreamProtocol:
     cdef void _pause(self, int reason)
     cdef void _resume(self, int reason)
     cdef void _finish_request_metrics(self)
+    cdef void _log(self, int status)
+    cdef int _add_request_id(self, Buf* w) except -1
     cdef void _detach_upstream(self, bint reusable)
     cdef void _set_deadline(self, double seconds, int kind)
 
 
 cdef class UpstreamProtocol(PooledConnection):
+    cdef object write                # transport.write, looked up once per connection
     cdef DownstreamProtocol down
     cdef int state
     cdef Buf rbuf

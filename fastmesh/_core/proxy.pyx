@@ -35,7 +35,9 @@ from fastmesh._core.histogram cimport Histogram
 from fastmesh._core.pool cimport Pool, PooledConnection
 from fastmesh._core.includes.clock cimport now_ns
 
+import os
 import socket
+import time
 
 import orjson
 
@@ -144,6 +146,7 @@ cdef class RouteTarget:
         if ":" in upstream_host and not upstream_host.startswith("["):
             upstream_host = f"[{upstream_host}]"
         self.host_header = (upstream_host if upstream_port == 80 else f"{upstream_host}:{upstream_port}").encode()
+        self.upstream_label = f"{upstream_host}:{upstream_port}"
         base = base_path.rstrip("/")
         self.base_path = base.encode()
         self.strip_path = strip_path
@@ -181,6 +184,8 @@ cdef class Gateway:
         self.keepalive_timeout = keepalive_timeout
         self.max_requests_per_connection = max_requests_per_connection
         self.max_connections = max_connections
+        self.log_records = []
+        self.request_id_prefix = os.urandom(4).hex().encode()
         self.set_plan(plan)
         self.sweeper = loop.call_later(SWEEP_INTERVAL, self._sweep)
 
@@ -188,6 +193,22 @@ cdef class Gateway:
         """Swap the active Plan. Requests already routed finish on the Plan they started with."""
         self.router = <Router?>plan.router
         self.plan = plan
+
+    def enable_access_log(self, bint enabled=True):
+        """Collect one record per request; take them with take_log_records()."""
+        self.log_enabled = enabled
+
+    def enable_request_id(self, bint enabled=True):
+        """X-Request-Id on every request: the client's if sent, else generated; returned too."""
+        self.request_id_enabled = enabled
+
+    def take_log_records(self):
+        """Records since the last call (oldest first), as tuples:
+        (time, client_ip, method, target, host, user_agent, status, route, service, upstream,
+         total_ns, upstream_ns, bytes_in, bytes_out, request_id). Absent values are None."""
+        records = self.log_records
+        self.log_records = []
+        return records
 
     def protocol_factory(self):
         return DownstreamProtocol(self)
@@ -243,6 +264,7 @@ cdef class DownstreamProtocol:
     # -- asyncio protocol ----------------------------------------------------------------
     def connection_made(self, transport):
         self.transport = transport
+        self.write = transport.write
         peer = transport.get_extra_info("peername")
         sock = transport.get_extra_info("sockname")
         self.client_ip = (peer[0] if peer else "unknown").encode()
@@ -278,6 +300,7 @@ cdef class DownstreamProtocol:
                 self._finish_request_metrics()
             self._detach_upstream(False)
         self.transport = None
+        self.write = None
 
     def data_received(self, data):
         self._feed(data, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
@@ -343,7 +366,7 @@ cdef class DownstreamProtocol:
                 return 0
             if self.state == D_TUNNEL:
                 if self.up is not None and self.up.transport is not None:
-                    self.up.transport.write(data if data is not None and off == 0
+                    self.up.write(data if data is not None and off == 0
                                             else PyBytes_FromStringAndSize(p + off, n - off))
                 return 0
             if self.state != D_HEAD:
@@ -420,6 +443,25 @@ cdef class DownstreamProtocol:
         self.replay = None
         self.resp_status = 0
         self.route = None
+        self.req_bytes = consumed
+        self.resp_bytes = 0
+        self.request_id = None
+        if gw.log_enabled:
+            self.log_request = (
+                time.time(),
+                PyBytes_FromStringAndSize(b + h.method.off, h.method.len),
+                PyBytes_FromStringAndSize(b + h.target.off, h.target.len),
+                PyBytes_FromStringAndSize(b + h.headers[h.host_index].value.off,
+                                          h.headers[h.host_index].value.len) if h.host_index >= 0 else None,
+                self.header_values(b"user-agent"),
+            )
+        if gw.request_id_enabled:
+            ids = self.header_values(b"x-request-id")
+            if ids:
+                self.request_id = ids[len(ids) - 1]
+            else:
+                gw.request_id_counter += 1
+                self.request_id = gw.request_id_prefix + b"%016x" % gw.request_id_counter
         if h.method_connect:
             self._local_response(405, "CONNECT is not supported", True)
             return avail
@@ -484,6 +526,7 @@ cdef class DownstreamProtocol:
         else:
             return 0
         self.req_body_seen += take
+        self.req_bytes += take
         if self.dkind == K_BODY:
             self.deadline = mono() + self.gw.body_timeout
         if self.route is not None and self.route.max_body_size and self.req_body_seen > self.route.max_body_size:
@@ -540,7 +583,7 @@ cdef class DownstreamProtocol:
             # Still connecting: queue behind what is already waiting.
             self.pending_out = out if self.pending_out is None else self.pending_out + out
             return 0
-        up.transport.write(out)
+        up.write(out)
         return 0
 
     def _connect(self):
@@ -562,7 +605,7 @@ cdef class DownstreamProtocol:
         self.t_up_start = now_ns()
         self._await_progress()
         if out is not None:
-            up.transport.write(out)
+            up.write(out)
         self._resume(P_CONNECT)
 
     def _upstream_connect_failed(self, exc):
@@ -619,6 +662,8 @@ cdef class DownstreamProtocol:
                     or hd.kind == H_X_FORWARDED_PROTO or hd.kind == H_X_FORWARDED_HOST \
                     or hd.kind == H_X_FORWARDED_PORT or hd.kind == H_VIA:
                 continue
+            if self.request_id is not None and hd.name.len == 12 and span_ieq(b, hd.name, "x-request-id", 12):
+                continue
             add_span(w, b, hd.name)
             buf_add(w, ": ", 2)
             add_span(w, b, hd.value)
@@ -637,7 +682,10 @@ cdef class DownstreamProtocol:
             buf_add(w, "\r\n", 2)
         buf_add(w, "X-Forwarded-Port: ", 18)
         add_lit(w, self.local_port)
-        buf_add(w, "\r\nVia: ", 7)
+        buf_add(w, "\r\n", 2)
+        if self.request_id is not None:
+            self._add_request_id(w)
+        buf_add(w, "Via: ", 5)
         for i in range(h.nheaders):
             hd = &h.headers[i]
             if hd.kind == H_VIA and hd.value.len:
@@ -707,6 +755,8 @@ cdef class DownstreamProtocol:
             buf_add(w, "\r\n", 2)
         elif up.body_kind == BODY_UNTIL_CLOSE:
             closing = True
+        if self.request_id is not None:
+            self._add_request_id(w)
         if self.route.server_timing:
             now = now_ns()
             buf_add(w, "Server-Timing: gateway;dur=", 27)
@@ -722,20 +772,26 @@ cdef class DownstreamProtocol:
         buf_add(w, "\r\n", 2)
         return 0
 
+    cdef int _add_request_id(self, Buf* w) except -1:
+        buf_add(w, "X-Request-Id: ", 14)
+        add_lit(w, self.request_id)
+        return buf_add(w, "\r\n", 2)
+
     cdef int _relay_body(self, object data, const char* p, Py_ssize_t off, Py_ssize_t n) except -1:
         """Send response body bytes p[off:off+n] (data is their bytes object, or None)."""
         if n <= 0 or self.transport is None:
             return 0
+        self.resp_bytes += n
         if data is not None and off == 0 and n == PyBytes_GET_SIZE(data):
-            self.transport.write(data)
+            self.write(data)
         else:
-            self.transport.write(PyBytes_FromStringAndSize(p + off, n))
+            self.write(PyBytes_FromStringAndSize(p + off, n))
         return 0
 
     def _relay_decoded(self, list spans):
         for chunk in spans:
             if chunk:
-                self.transport.write(chunk)
+                self.write(chunk)
 
     # -- response lifecycle --------------------------------------------------------------
     cdef int _response_done(self, bint upstream_reusable) except -1:
@@ -768,9 +824,15 @@ cdef class DownstreamProtocol:
             cls = 0
         self.gw.status_counts[cls] += 1
         if rt is None:
+            if self.gw.log_enabled:
+                self._log(self.resp_status)
             return
         rt.status_counts[cls] += 1
+        rt.bytes_in += self.req_bytes
+        rt.bytes_out += self.resp_bytes
         if self.t_up_start == 0:
+            if self.gw.log_enabled:
+                self._log(self.resp_status)
             return
         end = now_ns()
         total = end - self.t_start
@@ -778,7 +840,30 @@ cdef class DownstreamProtocol:
         rt.h_total.record(total)
         rt.h_upstream.record(upstream)
         rt.h_added.record(total - upstream)
+        if self.gw.log_enabled:
+            self._log(self.resp_status)
         self.t_up_start = 0
+
+    cdef void _log(self, int status):
+        """Append this request's access-log record (only when the access log is on)."""
+        cdef RouteTarget rt = self.route
+        cdef object req = self.log_request
+        cdef int64_t end = now_ns()
+        cdef object ua = None
+        if req is None:
+            req = (time.time(), None, None, None, None)
+        self.log_request = None
+        if req[4]:
+            ua = req[4][len(req[4]) - 1]
+        self.gw.log_records.append((
+            req[0], self.client_ip, req[1], req[2], req[3], ua, status,
+            rt.name if rt is not None else None,
+            rt.service if rt is not None else None,
+            rt.upstream_label if rt is not None and self.t_up_start else None,
+            end - self.t_start,
+            end - self.t_up_start if self.t_up_start else None,
+            self.req_bytes, self.resp_bytes, self.request_id,
+        ))
 
     cdef void _detach_upstream(self, bint reusable):
         cdef UpstreamProtocol up = self.up
@@ -804,9 +889,11 @@ cdef class DownstreamProtocol:
         if not self.resp_started and self.transport is not None:
             self.close_after = self.close_after or not self.req_done
             self.resp_status = status
+            payload = error_response(status, message, self.close_after or not self.keep_alive)
+            self.resp_bytes = len(payload)
             self._finish_request_metrics()
             self.gw.local_responses += 1
-            self.transport.write(error_response(status, message, self.close_after or not self.keep_alive))
+            self.write(payload)
             self.route = None
             self.resp_started = False
             if self.close_after or not self.keep_alive:
@@ -832,7 +919,11 @@ cdef class DownstreamProtocol:
         close = close or not self.keep_alive or self.close_after
         if self.transport is None:
             return 0
-        self.transport.write(error_response(status, message, close))
+        payload = error_response(status, message, close)
+        self.resp_bytes = len(payload)
+        if gw.log_enabled:
+            self._log(status)
+        self.write(payload)
         if close:
             self.state = D_CLOSED
             self.dkind = K_NONE
@@ -923,6 +1014,7 @@ cdef class UpstreamProtocol(PooledConnection):
     def connection_made(self, transport):
         cdef DownstreamProtocol down = self.down
         self.transport = transport
+        self.write = transport.write
         if down is None:
             # The client gave up while we were connecting.
             self.closed = True
@@ -936,6 +1028,7 @@ cdef class UpstreamProtocol(PooledConnection):
         cdef int state = self.state
         self.closed = True
         self.transport = None
+        self.write = None
         self.state = U_CLOSED
         if down is None:
             return
@@ -985,7 +1078,7 @@ cdef class UpstreamProtocol(PooledConnection):
         cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
         if self.state == U_TUNNEL:
             if down is not None and down.transport is not None:
-                down.transport.write(data)
+                down.write(data)
             return
         if down is None or self.state == U_IDLE or down.transport is None or down.state == D_CLOSED:
             # Bytes from an idle connection: its framing cannot be trusted any more.
@@ -1026,7 +1119,7 @@ cdef class UpstreamProtocol(PooledConnection):
             if self.head.status >= 100 and self.head.status < 200 and self.head.status != 101:
                 # Interim response: relay 100 Continue to a client that asked for it.
                 if self.head.status == 100 and down.expect_continue and not down.resp_started:
-                    down.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    down.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                 off += r
                 if off >= avail:
                     return 0
@@ -1053,23 +1146,25 @@ cdef class UpstreamProtocol(PooledConnection):
             buf_add(&down.wbuf, b + off, <Py_ssize_t>self.remaining)
             off += <Py_ssize_t>self.remaining
             self.remaining = 0
-            down.transport.write(buf_take(&down.wbuf))
+            down.resp_bytes += down.wbuf.len
+            down.write(buf_take(&down.wbuf))
             if off < avail:
                 self.resp_keep_alive = False   # the upstream sent more than it framed
             self.state = U_IDLE
             down._response_done(self.resp_keep_alive)
             return 0
-        down.transport.write(buf_take(&down.wbuf))
+        down.resp_bytes += down.wbuf.len
+        down.write(buf_take(&down.wbuf))
         if self.head.status == 101:
             self.state = U_TUNNEL
             down.state = D_TUNNEL
             down.dkind = K_NONE
             down.req_done = True
             if off < avail:
-                down.transport.write(PyBytes_FromStringAndSize(b + off, avail - off))
+                down.write(PyBytes_FromStringAndSize(b + off, avail - off))
             down._resume(P_PIPELINE | P_UPSTREAM | P_CONNECT)
             if down.ibuf.len:
-                self.transport.write(PyBytes_FromStringAndSize(down.ibuf.data, down.ibuf.len))
+                self.write(PyBytes_FromStringAndSize(down.ibuf.data, down.ibuf.len))
                 down.ibuf.len = 0
             return 0
         if self.body_kind == BODY_NONE:
@@ -1105,7 +1200,7 @@ cdef class UpstreamProtocol(PooledConnection):
                         down._fail(502, "upstream sent a malformed chunked body")
                         return 0
                     for i in range(ndata):
-                        down.transport.write(PyBytes_FromStringAndSize(p + off + take + spans[i].off, spans[i].len))
+                        down.write(PyBytes_FromStringAndSize(p + off + take + spans[i].off, spans[i].len))
                     take += r
                     if r == 0:
                         break
