@@ -1,23 +1,33 @@
 """One gateway worker: a uvloop event loop, its listener, the active Plan, reload and shutdown.
 
-The data path itself lives in fastmesh._core.proxy; this module only wires it
-to sockets and signals.
+The data path itself lives in fastmesh._core.proxy; this module only wires it to sockets, signals
+and the supervisor:
+
+- `run_gateway` runs the whole gateway. With one worker, everything (worker, config control and
+  the admin API) shares one process and one loop; with more, fastmesh.supervisor starts worker
+  processes that enter through `worker_main`.
+- A config change is applied in two steps, so that no worker serves a half-applied config:
+  `Worker.prepare` compiles the new Plan beside the active one, `Worker.commit` swaps it in (one
+  assignment), `Worker.abort` drops it.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import socket
 import sys
+import time
 
 import uvloop
 
-from fastmesh import __version__
 from time import monotonic
 from fastmesh._core.proxy import Gateway
-from fastmesh.config import Config, ConfigError, load_config, load_config_data
-from fastmesh.defaults import embedded_config
+from fastmesh.accesslog import AccessLog
+from fastmesh.config import Config
 from fastmesh.echo import start_echo
+from fastmesh.metrics import RouteStats
 from fastmesh.plan import PoolRegistry, compile_plan
 
 log = logging.getLogger("fastmesh")
@@ -36,24 +46,33 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host or "0.0.0.0", int(port)
 
 
-class Worker:
-    """Serves a config on one listener until told to stop."""
+def format_url(host: str, port: int) -> str:
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else shown}:{port}"
 
-    def __init__(self, config_path: str | None, listen: str | None):
-        self.config_path = config_path
-        self.listen_override = listen
+
+class Worker:
+    """Serves one Plan at a time on one SO_REUSEPORT listener until told to stop."""
+
+    def __init__(self, index: int = 0):
+        self.index = index
         self.loop = asyncio.get_running_loop()
         self.pools = PoolRegistry()
+        self.route_stats = RouteStats()
         self.gateway: Gateway | None = None
         self.server = None
-        self.echo_server = None
-        self.stopping = asyncio.Event()
+        self.address: tuple[str, int] | None = None
         self.sweeper = None
+        self.access_log: AccessLog | None = None
+        self.pending: dict[str, object] = {}      # version -> prepared Plan
+        self.started = time.time()
+        self.stopped = False
 
-    async def start(self) -> None:
-        config = await self._initial_config()
-        listen = self.listen_override or config.gateway.listen
-        host, port = parse_listen(listen)
+    @property
+    def version(self) -> str | None:
+        return self.gateway.plan.version if self.gateway is not None else None
+
+    async def start(self, config: Config, host: str, port: int) -> None:
         limits = config.gateway.limits
         self.gateway = Gateway(
             self.loop, compile_plan(config, self.pools),
@@ -64,91 +83,175 @@ class Worker:
             max_connections=limits.max_connections,
             max_response_head_size=limits.max_response_head_size,
         )
-        self.server = await self.loop.create_server(
-            self.gateway.protocol_factory, host, port, reuse_port=True, backlog=4096)
+        try:
+            self.server = await self.loop.create_server(
+                self.gateway.protocol_factory, host, port, reuse_port=True, backlog=4096)
+        except BaseException:
+            self.gateway.stop()
+            raise
         bound = self.server.sockets[0].getsockname()
         self.address = (bound[0], bound[1])
         self.sweeper = self.loop.call_later(POOL_SWEEP_INTERVAL, self._sweep_pools)
-        self._announce(config)
-
-    async def _initial_config(self) -> Config:
-        if self.config_path:
-            return load_config(self.config_path)
-        self.echo_server = await start_echo("127.0.0.1", 0)
-        echo_port = self.echo_server.sockets[0].getsockname()[1]
-        listen = self.listen_override or "127.0.0.1:8000"
-        return load_config_data(embedded_config(echo_port, listen), source="<embedded default>")
-
-    def _announce(self, config: Config) -> None:
-        host, port = self.address
-        shown = f"[{host}]" if ":" in host else host
-        url = f"http://{'127.0.0.1' if host == '0.0.0.0' else shown}:{port}"
-        print(f"fastmesh {__version__} listening on {url} "
-              f"(config {config.source}, version {config.version}, "
-              f"{len(config.routes)} route(s))", flush=True)
-        if self.echo_server is not None:
-            echo_port = self.echo_server.sockets[0].getsockname()[1]
-            print(f"embedded default: every path goes to the built-in echo upstream on "
-                  f"127.0.0.1:{echo_port}\ntry: curl -i {url}/hello?name=fastmesh", flush=True)
+        if config.gateway.request_id:
+            self.gateway.enable_request_id(True)
+        if config.gateway.access_log != "off":
+            self.access_log = AccessLog(self.gateway, self.loop, config.gateway.access_log)
+            self.access_log.start()
 
     def _sweep_pools(self) -> None:
         self.pools.sweep(monotonic())
         self.sweeper = self.loop.call_later(POOL_SWEEP_INTERVAL, self._sweep_pools)
 
-    def reload(self) -> bool:
-        """Re-read the config file; a bad config is refused and the old Plan keeps serving."""
-        if not self.config_path:
-            log.warning("reload ignored: running on the embedded default config")
-            return False
+    # -- two-step config change ----------------------------------------------------------------
+    def prepare(self, config: Config) -> str | None:
+        """Compile `config` beside the active Plan; the error text if it cannot be compiled."""
         try:
-            config = load_config(self.config_path)
-            plan = compile_plan(config, self.pools)
-        except ConfigError as exc:
-            print(f"reload refused, still serving version {self.gateway.plan.version}:\n{exc}",
-                  file=sys.stderr, flush=True)
-            return False
+            self.pending = {config.version: compile_plan(config, self.pools)}
+        except Exception as exc:          # a validated config should always compile
+            self.pending = {}
+            return f"worker {self.index}: cannot compile config {config.version}: {exc}"
+        return None
+
+    def commit(self, version: str) -> bool:
+        """Swap in the prepared Plan: requests already routed finish on the old one."""
+        plan = self.pending.pop(version, None)
+        self.pending = {}
+        if plan is None:
+            return self.version == version
+        old = self.gateway.plan
         self.gateway.set_plan(plan)
-        print(f"reloaded: config version {config.version}", flush=True)
+        self.route_stats.retire(old)
         return True
+
+    def abort(self, version: str) -> None:
+        self.pending.pop(version, None)
+
+    # -- stats -----------------------------------------------------------------------------------
+    def snapshot(self, full: bool = True) -> dict:
+        gw = self.gateway
+        stats = gw.stats()
+        snap = {
+            "index": self.index, "pid": os.getpid(), "version": self.version,
+            "started": self.started, "connections": stats["connections"],
+            "requests": stats["requests"], "local_responses": stats["local_responses"],
+            "status": stats["status"],
+        }
+        if full:
+            snap["routes"] = self.route_stats.snapshot(gw.plan)
+            snap["pools"] = self.pools.stats()
+        return snap
 
     async def shutdown(self, drain_timeout: float = DRAIN_TIMEOUT) -> None:
         """Stop accepting, let in-flight requests finish (bounded), close the rest."""
-        self.server.close()
+        if self.stopped:
+            return
+        self.stopped = True
+        if self.server is not None:
+            self.server.close()
+        if self.gateway is None:
+            return
         self.gateway.close_idle_connections()
         deadline = self.loop.time() + drain_timeout
         while self.gateway.connections and self.loop.time() < deadline:
             await asyncio.sleep(0.05)
             self.gateway.close_idle_connections()
         self.gateway.stop()
+        if self.access_log is not None:
+            self.access_log.stop()
         if self.sweeper is not None:
             self.sweeper.cancel()
         self.pools.close_idle()
-        if self.echo_server is not None:
-            self.echo_server.close()
 
 
-async def _serve(config_path: str | None, listen: str | None) -> int:
-    worker = Worker(config_path, listen)
+# --- the whole gateway ----------------------------------------------------------------------------
+
+def run_gateway(config_path: str | None, listen: str | None, workers: int = 1,
+                admin: str | None = None, drain_timeout: float = DRAIN_TIMEOUT) -> int:
+    from fastmesh.supervisor import serve
+    return uvloop.run(serve(config_path, listen, workers, admin, drain_timeout))
+
+
+# --- a worker process (started by fastmesh.supervisor) ---------------------------------------------
+
+def worker_main(fd: int) -> int:
+    """Entry point of a worker process: `fd` is its end of the supervisor's socket pair."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)     # reloads come from the supervisor
+    code = uvloop.run(_worker_process(socket.socket(fileno=fd)))
+    sys.stdout.flush()
+    os._exit(code)
+
+
+async def _worker_process(sock: socket.socket) -> int:
+    from fastmesh.ipc import Channel, ChannelClosed, decode_config
+    channel = await Channel.open(sock)
+    loop = asyncio.get_running_loop()
     try:
-        await worker.start()
-    except ConfigError as exc:
-        print(str(exc), file=sys.stderr)
+        start = await channel.recv()
+    except ChannelClosed:
         return 1
-    except OSError as exc:
-        print(f"fastmesh: cannot listen: {exc}", file=sys.stderr)
+    worker = Worker(start["index"])
+    drain = float(start.get("drain", DRAIN_TIMEOUT))
+    try:
+        config = decode_config(start["config"], start["version"])
+        await worker.start(config, start["host"], start["port"])
+    except Exception as exc:
+        what = f"cannot listen: {exc}" if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
+        channel.send({"t": "failed", "error": what})
+        await channel.drain()
         return 1
-    loop = worker.loop
+    channel.send({"t": "ready", "pid": os.getpid(), "version": worker.version,
+                  "address": list(worker.address)})
+    stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, worker.stopping.set)
-    loop.add_signal_handler(signal.SIGHUP, worker.reload)
-    await worker.stopping.wait()
-    await worker.shutdown()
+        loop.add_signal_handler(sig, stop.set)
+
+    async def serve_channel() -> None:
+        while True:
+            msg = await channel.recv()
+            kind = msg.get("t")
+            reply = {"t": "reply", "id": msg.get("id"), "ok": True}
+            if kind == "prepare":
+                try:
+                    error = worker.prepare(decode_config(msg["config"], msg["version"]))
+                except Exception as exc:
+                    error = f"worker {worker.index}: bad config message: {exc}"
+                if error:
+                    reply.update(ok=False, error=error)
+            elif kind == "commit":
+                reply["ok"] = worker.commit(msg["version"])
+                reply["version"] = worker.version
+            elif kind == "abort":
+                worker.abort(msg["version"])
+            elif kind == "stats":
+                reply["stats"] = worker.snapshot(full=msg.get("full", True))
+            elif kind == "stop":
+                nonlocal drain
+                drain = float(msg.get("drain", drain))
+                stop.set()
+                return
+            else:
+                reply.update(ok=False, error=f"unknown message {kind!r}")
+            channel.send(reply)
+
+    listener = asyncio.ensure_future(serve_channel())
+    stopper = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([listener, stopper], return_when=asyncio.FIRST_COMPLETED)
+    # Stopped by the supervisor, a signal, or the supervisor's end of the pipe closing.
+    listener.cancel()
+    try:
+        await listener
+    except (asyncio.CancelledError, ChannelClosed):
+        pass
+    await worker.shutdown(drain)
+    try:
+        channel.send({"t": "final", "stats": worker.snapshot()})
+        await asyncio.wait_for(channel.drain(), 2)
+    except (ChannelClosed, asyncio.TimeoutError, OSError):
+        pass
     return 0
 
 
-def run_gateway(config_path: str | None, listen: str | None) -> int:
-    return uvloop.run(_serve(config_path, listen))
-
+# --- the echo upstream ------------------------------------------------------------------------------
 
 async def _serve_echo(listen: str) -> int:
     host, port = parse_listen(listen)

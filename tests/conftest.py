@@ -18,6 +18,11 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 15.0
 
+# `fastmesh run` defaults to one worker per CPU. The fixtures here assume ONE serving process
+# (one upstream pool per target, the RSS of the process they measure); multi-worker tests
+# (test_supervisor.py and friends) pass --workers explicitly.
+os.environ.setdefault("FASTMESH_WORKERS", "1")
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -102,3 +102,21 @@ def test_route_counts_request_and_response_bytes():
     sent, received, bytes_in, bytes_out = run_gateway(scenario)
     assert bytes_in == sent
     assert bytes_out == received
+
+
+def test_configured_access_log_and_request_id_through_a_real_gateway(tmp_path, echo, gateway):
+    import time
+
+    from conftest import config, get, service
+
+    log = tmp_path / "gw-access.log"
+    gw = gateway(config(service("s", echo.url, [{"name": "r", "paths": ["/"]}]),
+                        access_log=str(log), request_id=True))
+    resp = get(gw.port, "/logged")
+    rid = resp.header("x-request-id")
+    assert rid
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not (log.exists() and log.read_text().strip()):
+        time.sleep(0.05)
+    record = json.loads(log.read_text().splitlines()[0])
+    assert record["uri"] == "/logged" and record["status"] == 200 and record["request_id"] == rid

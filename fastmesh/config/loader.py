@@ -30,6 +30,8 @@ import yaml
 from fastmesh.config.model import (
     Config, ConfigError, ConfigIssue, GatewaySettings, Limits, Route, Service, UpstreamKeepalive,
 )
+from fastmesh.config.operations import access_log_target, read_admin
+from fastmesh.config.upstreams import read_upstreams, upstreams_version
 from fastmesh.config.schema import (
     Fields, Invalid, Issues, address_host, boolean, child, describe, duration, host, integer,
     ip_literal, hostname, listen_address, name, port_number, size, split_host_port, string, token,
@@ -42,9 +44,10 @@ except AttributeError:  # PyYAML built without libyaml
 
 HTTPS_NOT_YET = "protocol 'https' is not supported yet (TLS arrives with the TLS issue)"
 
-TOP_FIELDS = ("_format_version", "gateway", "services", "routes")
-NOT_YET_SUPPORTED = ("upstreams", "targets", "consumers", "plugins")
-GATEWAY_FIELDS = ("listen", "server_timing", "limits", "upstream_keepalive")
+TOP_FIELDS = ("_format_version", "gateway", "services", "routes", "upstreams", "targets")
+NOT_YET_SUPPORTED = ("consumers", "plugins")
+GATEWAY_FIELDS = ("listen", "server_timing", "limits", "upstream_keepalive", "admin",
+                  "access_log", "request_id")
 SERVICE_FIELDS = ("name", "url", "protocol", "host", "port", "path", "connect_timeout",
                   "read_timeout", "write_timeout", "retries", "server_timing", "routes")
 URL_PARTS = ("protocol", "host", "port", "path")
@@ -93,11 +96,13 @@ def load_config_data(data: object, source: str = "<config>") -> Config:
     check_format_version(top)
     gateway = read_gateway(top.section("gateway", GATEWAY_FIELDS))
     services, nested = read_services(top)
+    upstreams, services = read_upstreams(top, services)
     routes = read_routes(top, nested, list(dict.fromkeys(s.name for s in services if s.name)))
     if issues:
         raise ConfigError(issues.items)
     return Config(source=source, services=tuple(services), routes=tuple(routes), gateway=gateway,
-                  version=config_version(gateway, services, routes))
+                  version=upstreams_version(config_version(gateway, services, routes), upstreams),
+                  upstreams=tuple(upstreams))
 
 
 def read_document(path: str) -> object:
@@ -179,6 +184,9 @@ def read_gateway(fields: Fields) -> GatewaySettings:
         limits=read_limits(fields.section("limits", LIMIT_PARSERS)),
         upstream_keepalive=read_table(fields.section("upstream_keepalive", KEEPALIVE_PARSERS),
                                       KEEPALIVE_PARSERS, UpstreamKeepalive()),
+        admin=read_admin(fields),
+        access_log=fields.value("access_log", access_log_target, defaults.access_log),
+        request_id=fields.value("request_id", boolean, defaults.request_id),
     )
 
 

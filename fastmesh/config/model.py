@@ -34,11 +34,22 @@ class UpstreamKeepalive:
 
 
 @dataclass(frozen=True)
+class AdminSettings:
+    """The admin API listener (parsed by fastmesh.config.operations)."""
+
+    listen: str | None = None           # None: the default 127.0.0.1:8001; "off": disabled
+    token: str | None = None            # when set: "Authorization: Bearer <token>" required
+
+
+@dataclass(frozen=True)
 class GatewaySettings:
     listen: str = "127.0.0.1:8000"
     server_timing: bool = False         # add Server-Timing to responses (services may override)
     limits: Limits = field(default_factory=Limits)
     upstream_keepalive: UpstreamKeepalive = field(default_factory=UpstreamKeepalive)
+    admin: AdminSettings = field(default_factory=AdminSettings)
+    access_log: str = "off"            # "off", "-" (stdout) or a file path: JSON lines
+    request_id: bool = False           # X-Request-Id: reuse the client's or generate; returned
 
 
 @dataclass(frozen=True)
@@ -53,6 +64,7 @@ class Service:
     write_timeout: float = 60.0
     retries: int = 5
     server_timing: bool | None = None   # None: use GatewaySettings.server_timing
+    upstream: str | None = None         # set when `host` names an upstream: balanced over it
 
 
 @dataclass(frozen=True)
@@ -76,6 +88,7 @@ class Config:
     routes: tuple[Route, ...]
     gateway: GatewaySettings
     version: str                        # short hash of the canonical config
+    upstreams: tuple = ()               # fastmesh.config.upstreams.Upstream, declaration order
 
 
 @dataclass(frozen=True)
