@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fastmesh._core.balancer import Balancer
 from fastmesh._core.pool import Pool
 from fastmesh._core.proxy import RouteTarget
 from fastmesh._core.router import Router
@@ -58,33 +59,69 @@ class PoolRegistry:
 class Plan:
     """The compiled, immutable form of a Config."""
 
-    def __init__(self, config: Config, router: Router, targets: list[RouteTarget]):
+    def __init__(self, config: Config, router: Router, targets: list[RouteTarget],
+                 balancers: dict[str, Balancer] | None = None):
         self.config = config
         self.router = router
         self.targets = targets
+        self.balancers = balancers or {}          # upstream name -> Balancer (this Plan's)
         self.version = config.version
 
+    def health_entries(self) -> list[tuple]:
+        """(Upstream, Balancer) pairs for fastmesh.health.HealthChecker."""
+        return [(u, self.balancers[u.name]) for u in self.config.upstreams if u.name in self.balancers]
 
-def compile_plan(config: Config, pools: PoolRegistry) -> Plan:
+
+def compile_plan(config: Config, pools: PoolRegistry, previous: Plan | None = None) -> Plan:
+    """Compile `config`; with `previous`, balancers inherit its targets' health and EWMA."""
     services = {s.name: s for s in config.services}
     gateway = config.gateway
+    balancers = _balancers(config, pools, previous)
+    upstreams = {u.name: u for u in config.upstreams}
     targets: list[RouteTarget] = []
     specs: list[RouteSpec] = []
     for route in config.routes:
         service = services[route.service]
         server_timing = gateway.server_timing if service.server_timing is None else service.server_timing
+        balancer = balancers.get(service.upstream) if service.upstream else None
+        upstream = upstreams.get(service.upstream) if service.upstream else None
         target = RouteTarget(
             route.name, service.name,
-            pools.get(service.host, service.port, gateway.upstream_keepalive.max_idle,
-                      gateway.upstream_keepalive.idle_timeout),
+            _pool(pools, gateway, service.host, service.port),
             service.host, service.port, service.path,
             route.strip_path, route.preserve_host, server_timing,
             service.connect_timeout, service.read_timeout, service.write_timeout,
             gateway.limits.max_body_size,
+            balancer=balancer,
+            hash_on=upstream.hash_on if upstream is not None and upstream.algorithm == "consistent-hashing" else None,
+            hash_name=upstream.hash_on_name if upstream is not None else None,
+            retries=service.retries,
         )
         targets.append(target)
         specs.append(_spec(route, target))
-    return Plan(config, Router(specs), targets)
+    return Plan(config, Router(specs), targets, balancers)
+
+
+def _pool(pools: PoolRegistry, gateway, host: str, port: int) -> Pool:
+    keepalive = gateway.upstream_keepalive
+    return pools.get(host, port, keepalive.max_idle, keepalive.idle_timeout)
+
+
+def _balancers(config: Config, pools: PoolRegistry, previous: Plan | None) -> dict[str, Balancer]:
+    """One Balancer per upstream that a service uses, each target with its pool."""
+    used = {s.upstream for s in config.services if s.upstream}
+    balancers: dict[str, Balancer] = {}
+    for upstream in config.upstreams:
+        if upstream.name not in used:
+            continue
+        balancer = Balancer.from_upstream(upstream)
+        for target in balancer.targets:
+            target.pool = _pool(pools, config.gateway, target.host, target.port)
+        old = previous.balancers.get(upstream.name) if previous is not None else None
+        if old is not None:
+            balancer.inherit(old)
+        balancers[upstream.name] = balancer
+    return balancers
 
 
 def _spec(route: Route, target: RouteTarget) -> RouteSpec:

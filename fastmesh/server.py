@@ -28,6 +28,7 @@ from fastmesh.accesslog import AccessLog
 from fastmesh.config import Config
 from fastmesh.echo import start_echo
 from fastmesh.metrics import RouteStats
+from fastmesh.health import HealthChecker
 from fastmesh.plan import PoolRegistry, compile_plan
 
 log = logging.getLogger("fastmesh")
@@ -64,6 +65,7 @@ class Worker:
         self.address: tuple[str, int] | None = None
         self.sweeper = None
         self.access_log: AccessLog | None = None
+        self.health = HealthChecker(self.loop)
         self.pending: dict[str, object] = {}      # version -> prepared Plan
         self.started = time.time()
         self.stopped = False
@@ -92,6 +94,7 @@ class Worker:
         bound = self.server.sockets[0].getsockname()
         self.address = (bound[0], bound[1])
         self.sweeper = self.loop.call_later(POOL_SWEEP_INTERVAL, self._sweep_pools)
+        self.health.start(self.gateway.plan.health_entries())
         if config.gateway.request_id:
             self.gateway.enable_request_id(True)
         if config.gateway.access_log != "off":
@@ -106,7 +109,7 @@ class Worker:
     def prepare(self, config: Config) -> str | None:
         """Compile `config` beside the active Plan; the error text if it cannot be compiled."""
         try:
-            self.pending = {config.version: compile_plan(config, self.pools)}
+            self.pending = {config.version: compile_plan(config, self.pools, self.gateway.plan)}
         except Exception as exc:          # a validated config should always compile
             self.pending = {}
             return f"worker {self.index}: cannot compile config {config.version}: {exc}"
@@ -120,6 +123,7 @@ class Worker:
             return self.version == version
         old = self.gateway.plan
         self.gateway.set_plan(plan)
+        self.health.replace(plan.health_entries())
         self.route_stats.retire(old)
         return True
 
@@ -156,6 +160,7 @@ class Worker:
             await asyncio.sleep(0.05)
             self.gateway.close_idle_connections()
         self.gateway.stop()
+        await self.health.stop()
         if self.access_log is not None:
             self.access_log.stop()
         if self.sweeper is not None:

@@ -6,6 +6,7 @@ from fastmesh._core.buffer cimport Buf
 from fastmesh._core.router cimport Router
 from fastmesh._core.histogram cimport Histogram
 from fastmesh._core.pool cimport Pool, PooledConnection
+from fastmesh._core.balancer cimport Balancer, Target
 
 
 cdef class RouteTarget:
@@ -29,6 +30,10 @@ cdef class RouteTarget:
     cdef readonly uint64_t bytes_in     # request bytes received from clients (head + body)
     cdef readonly uint64_t bytes_out    # response bytes sent to clients (head + body)
     cdef readonly str upstream_label    # "host:port", for logs and metrics
+    cdef readonly Balancer balancer     # None: the service has one plain host
+    cdef str hash_on                    # consistent hashing key source (None: no key)
+    cdef str hash_name                  # header / cookie / query arg name for hash_on
+    cdef int retries                    # connect failures retried on another target
 
 
 cdef class Gateway:
@@ -74,6 +79,9 @@ cdef class DownstreamProtocol:
     cdef const char* cur             # buffer the current head's spans point into
     # the request in flight
     cdef RouteTarget route
+    cdef Target target               # the balanced target this request went to (or None)
+    cdef bytes hash_key
+    cdef int tries
     cdef UpstreamProtocol up
     cdef object pending_out          # request bytes waiting for the upstream connection
     cdef object replay               # the whole request, kept while it can be resent
@@ -116,6 +124,11 @@ cdef class DownstreamProtocol:
     cdef int _relay_body(self, object data, const char* p, Py_ssize_t off, Py_ssize_t n) except -1
     cdef int _response_done(self, bint upstream_reusable) except -1
     cdef int _fail(self, int status, str message) except -1
+    cdef void _end_target(self, int outcome, int status)
+    cdef bint _choose_target(self, const char* b, Head* h) except -1
+    cdef bint _retry_elsewhere(self) except -1
+    cdef bint _connect_failed_retry(self) except -1
+    cdef Pool _pick_pool(self)
     cdef int _local_response(self, int status, str message, bint close) except -1
     cdef void _pause(self, int reason)
     cdef void _resume(self, int reason)

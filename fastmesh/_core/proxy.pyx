@@ -33,7 +33,12 @@ from fastmesh._core.buffer cimport (
 from fastmesh._core.router cimport Router
 from fastmesh._core.histogram cimport Histogram
 from fastmesh._core.pool cimport Pool, PooledConnection
+from fastmesh._core.balancer cimport (
+    Balancer, Target, OUTCOME_RESPONSE, OUTCOME_CONNECT_FAIL, OUTCOME_TIMEOUT, OUTCOME_RESET,
+    OUTCOME_ABORTED,
+)
 from fastmesh._core.includes.clock cimport now_ns
+from fastmesh._core.balancer import request_hash_key
 
 import os
 import socket
@@ -139,14 +144,19 @@ cdef class RouteTarget:
     def __init__(self, str name, str service, Pool pool, str upstream_host, int upstream_port,
                  str base_path, bint strip_path, bint preserve_host, bint server_timing,
                  double connect_timeout, double read_timeout, double write_timeout,
-                 long long max_body_size):
+                 long long max_body_size, Balancer balancer=None, str hash_on=None,
+                 str hash_name=None, int retries=0):
         self.name = name
         self.service = service
         self.pool = pool
         if ":" in upstream_host and not upstream_host.startswith("["):
             upstream_host = f"[{upstream_host}]"
         self.host_header = (upstream_host if upstream_port == 80 else f"{upstream_host}:{upstream_port}").encode()
-        self.upstream_label = f"{upstream_host}:{upstream_port}"
+        self.upstream_label = f"{upstream_host}:{upstream_port}" if balancer is None else upstream_host
+        self.balancer = balancer
+        self.hash_on = hash_on
+        self.hash_name = hash_name
+        self.retries = retries
         base = base_path.rstrip("/")
         self.base_path = base.encode()
         self.strip_path = strip_path
@@ -294,6 +304,7 @@ cdef class DownstreamProtocol:
             self.next.prev = self.prev
         self.prev = self.next = None
         gw.connections -= 1
+        self._end_target(OUTCOME_ABORTED, 0)
         if self.up is not None:
             if not self.resp_started and self.route is not None:
                 self.resp_status = 0
@@ -487,6 +498,11 @@ cdef class DownstreamProtocol:
             self._local_response(413, "request body too large", True)
             return avail
         self.route = rt
+        self.target = None
+        self.tries = 0
+        self.hash_key = None
+        if rt.balancer is not None and not self._choose_target(b, h):
+            return avail if h.body_kind != BODY_NONE else consumed
         self.req_body_kind = h.body_kind
         self.req_remaining = h.content_length if h.body_kind == BODY_LENGTH else 0
         self.req_body_seen = 0
@@ -506,6 +522,76 @@ cdef class DownstreamProtocol:
             self.replay = out
         self._send_upstream(out)
         return consumed + taken
+
+    cdef bint _choose_target(self, const char* b, Head* h) except -1:
+        """Pick the balanced target for this request; answers 503 itself when there is none."""
+        cdef RouteTarget rt = self.route
+        cdef Balancer bal = rt.balancer
+        cdef Target t
+        cdef bytes key = b""
+        cdef bint close = h.body_kind != BODY_NONE
+        if not bal.admit():
+            self._local_response(503, f"upstream '{rt.upstream_label}' is over its circuit breaker limits", close)
+            return False
+        if rt.hash_on is not None:
+            key = request_hash_key(
+                rt.hash_on, rt.hash_name, self.client_ip,
+                PyBytes_FromStringAndSize(b + h.path.off, h.path.len),
+                PyBytes_FromStringAndSize(b + h.query.off, h.query.len),
+                [(b"cookie", v) for v in self.header_values(b"cookie")] if rt.hash_on == "cookie"
+                else [(rt.hash_name.encode(), v) for v in self.header_values(rt.hash_name.lower().encode())]
+                if rt.hash_on == "header" else ())
+            self.hash_key = key
+        t = bal.pick(PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key), None)
+        if t is None:
+            self._local_response(503, f"no healthy target in upstream '{rt.upstream_label}'", close)
+            return False
+        bal.begin(t)
+        self.target = t
+        self.tries = 1
+        return True
+
+    cdef bint _retry_elsewhere(self) except -1:
+        """After a connect failure: resend the kept request to another target, if allowed."""
+        cdef RouteTarget rt = self.route
+        cdef Target failed = self.target
+        cdef Target t
+        cdef bytes key = self.hash_key if self.hash_key is not None else b""
+        if failed is None or self.replay is None or self.tries > rt.retries or self.resp_started:
+            return False
+        t = rt.balancer.pick(PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key), failed)
+        if t is None or t is failed:
+            return False
+        rt.balancer.begin(t)
+        self.target = t
+        self.tries += 1
+        self.pending_out = self.replay
+        self._connect()
+        return True
+
+    cdef void _end_target(self, int outcome, int status):
+        """Tell the balancer how the request to its target ended (once per begin)."""
+        cdef Target t = self.target
+        if t is None:
+            return
+        self.target = None
+        self.route.balancer.end(t, now_ns() - self.t_up_start if self.t_up_start else 0,
+                                outcome, status)
+
+    cdef bint _connect_failed_retry(self) except -1:
+        """Record a connect failure on the target; True when the request went to another one."""
+        cdef Target failed = self.target
+        if failed is None:
+            return False
+        self._end_target(OUTCOME_CONNECT_FAIL, 0)
+        self.target = failed          # only to exclude it from the next pick
+        if self._retry_elsewhere():
+            return True
+        self.target = None
+        return False
+
+    cdef Pool _pick_pool(self):
+        return <Pool>self.target.pool if self.target is not None else self.route.pool
 
     cdef Py_ssize_t _take_body(self, const char* p, Py_ssize_t n) except -2:
         """How many of these bytes belong to the request body; -1 after a framing error."""
@@ -558,6 +644,7 @@ cdef class DownstreamProtocol:
     cdef int _abort_request(self, int status, str message) except -1:
         """The request body broke its framing or a limit midway: answer if we still can, close."""
         self.close_after = True
+        self._end_target(OUTCOME_ABORTED, 0)
         if self.up is not None:
             self._detach_upstream(False)
         if not self.resp_started:
@@ -570,7 +657,7 @@ cdef class DownstreamProtocol:
         cdef UpstreamProtocol up = self.up
         cdef Pool pool
         if up is None:
-            pool = self.route.pool
+            pool = self._pick_pool()
             up = <UpstreamProtocol>pool.acquire()
             if up is None:
                 self.pending_out = out
@@ -588,13 +675,14 @@ cdef class DownstreamProtocol:
 
     def _connect(self):
         cdef RouteTarget rt = self.route
+        cdef Pool pool = self._pick_pool()
         cdef UpstreamProtocol up = UpstreamProtocol()
         up.attach(self, False)
-        rt.pool.opened(up)
+        pool.opened(up)
         self._pause(P_CONNECT)
         self._set_deadline(rt.connect_timeout, K_CONNECT)
         task = self.gw.loop.create_task(
-            self.gw.loop.create_connection(lambda: up, rt.pool.host, rt.pool.port))
+            self.gw.loop.create_connection(lambda: up, pool.host, pool.port))
         up.connect_task = task
         task.add_done_callback(up._connect_done)
 
@@ -611,6 +699,8 @@ cdef class DownstreamProtocol:
     def _upstream_connect_failed(self, exc):
         self.up = None
         self.pending_out = None
+        if self._connect_failed_retry():
+            return
         if isinstance(exc, ConnectionRefusedError):
             msg = "upstream refused the connection"
         elif isinstance(exc, socket.gaierror):
@@ -883,6 +973,7 @@ cdef class DownstreamProtocol:
 
     cdef int _fail(self, int status, str message) except -1:
         """The upstream failed us: an error response if none started, else cut the client off."""
+        self._end_target(OUTCOME_TIMEOUT if status == 504 else OUTCOME_RESET, 0)
         if self.up is not None:
             self._detach_upstream(False)
         self.pending_out = None
@@ -946,6 +1037,10 @@ cdef class DownstreamProtocol:
         elif kind == K_IDLE:
             self.transport.close()
         elif kind == K_CONNECT:
+            if self.up is not None:
+                self._detach_upstream(False)
+            if self._connect_failed_retry():
+                return
             self.close_after = True
             self._fail(504, "upstream connect timed out")
         elif kind == K_READ:
@@ -956,6 +1051,7 @@ cdef class DownstreamProtocol:
             self._fail(504, "upstream timed out receiving the request body")
         elif kind == K_BODY:
             self.close_after = True
+            self._end_target(OUTCOME_ABORTED, 0)
             if self.up is not None:
                 self._detach_upstream(False)
             if not self.resp_started:
@@ -1126,6 +1222,7 @@ cdef class UpstreamProtocol(PooledConnection):
                 continue
             break
         down.t_up_first = now_ns()
+        down._end_target(OUTCOME_RESPONSE, self.head.status)
         if self.head.status == 101 and not down.wants_upgrade:
             down._fail(502, "upstream switched protocols without an upgrade request")
             return 0
