@@ -34,6 +34,7 @@ cdef class RouteTarget:
     cdef str hash_on                    # consistent hashing key source (None: no key)
     cdef str hash_name                  # header / cookie / query arg name for hash_on
     cdef int retries                    # connect failures retried on another target
+    cdef readonly uint64_t retried      # requests resent to another target
 
 
 cdef class Gateway:

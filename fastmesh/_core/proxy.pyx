@@ -563,6 +563,7 @@ cdef class DownstreamProtocol:
         if t is None or t is failed:
             return False
         rt.balancer.begin(t)
+        rt.retried += 1
         self.target = t
         self.tries += 1
         self.pending_out = self.replay
