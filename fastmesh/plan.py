@@ -96,6 +96,8 @@ def compile_plan(config: Config, pools: PoolRegistry, previous: Plan | None = No
             hash_on=upstream.hash_on if upstream is not None and upstream.algorithm == "consistent-hashing" else None,
             hash_name=upstream.hash_on_name if upstream is not None else None,
             retries=service.retries,
+            retry_on=service.retry_on,
+            per_try_timeout=service.per_try_timeout,
         )
         targets.append(target)
         specs.append(_spec(route, target))

@@ -63,7 +63,7 @@ def test_read_timeout_is_504(scripted, gateway):
         read_request_head(conn)
         time.sleep(3)
     up = scripted(handler)
-    gw = gateway(route_all(up.url, read_timeout="300ms"))
+    gw = gateway(route_all(up.url, read_timeout="300ms", retries=0))
     start = time.monotonic()
     resp = get(gw.port)
     assert_json_error(resp, 504, "timed out")
@@ -93,7 +93,8 @@ def unaccepting_listener():
 
 
 def test_connect_timeout_is_504_when_the_upstream_never_accepts(gateway, unaccepting_listener):
-    gw = gateway(route_all(f"http://127.0.0.1:{unaccepting_listener}", connect_timeout="300ms"))
+    gw = gateway(route_all(f"http://127.0.0.1:{unaccepting_listener}", connect_timeout="300ms",
+                           retries=0))
     start = time.monotonic()
     assert_json_error(get(gw.port), 504, "connect timed out")
     assert time.monotonic() - start < 2.0

@@ -34,7 +34,10 @@ cdef class RouteTarget:
     cdef str hash_on                    # consistent hashing key source (None: no key)
     cdef str hash_name                  # header / cookie / query arg name for hash_on
     cdef int retries                    # connect failures retried on another target
-    cdef readonly uint64_t retried      # requests resent to another target
+    cdef readonly uint64_t retried      # requests resent (to another target when one exists)
+    cdef int retry_mask                 # RETRY_* conditions beyond connect failures
+    cdef double per_try_timeout         # read timeout of one attempt
+    cdef double retry_tokens            # retry budget: +0.2 per request, -1 per retry, cap 10
 
 
 cdef class Gateway:
@@ -83,6 +86,8 @@ cdef class DownstreamProtocol:
     cdef Target target               # the balanced target this request went to (or None)
     cdef bytes hash_key
     cdef int tries
+    cdef bint idempotent
+    cdef object retry_timer
     cdef UpstreamProtocol up
     cdef object pending_out          # request bytes waiting for the upstream connection
     cdef object replay               # the whole request, kept while it can be resent
@@ -127,7 +132,8 @@ cdef class DownstreamProtocol:
     cdef int _fail(self, int status, str message) except -1
     cdef void _end_target(self, int outcome, int status)
     cdef bint _choose_target(self, const char* b, Head* h) except -1
-    cdef bint _retry_elsewhere(self) except -1
+    cdef bint _retry(self, Target failed, int why) except -1
+    cdef bint _may_retry(self, int why)
     cdef bint _connect_failed_retry(self) except -1
     cdef Pool _pick_pool(self)
     cdef int _local_response(self, int status, str message, bint close) except -1

@@ -41,6 +41,7 @@ from fastmesh._core.includes.clock cimport now_ns
 from fastmesh._core.balancer import request_hash_key
 
 import os
+import random
 import socket
 import time
 
@@ -69,6 +70,17 @@ cdef enum:
     K_READ = 4       # upstream response progress
     K_WRITE = 5      # upstream accepting the request body
     K_BODY = 6       # client sending the request body
+
+# Why a request may be resent (RouteTarget.retry_mask holds the configured ones)
+cdef enum:
+    RETRY_CONNECT = 1    # connection failed: nothing was sent, always safe
+    RETRY_TIMEOUT = 2    # no response head in time (idempotent methods only)
+    RETRY_5XX = 4        # 502/503/504 head (idempotent methods only; not relayed)
+
+cdef double RETRY_BACKOFF_BASE = 0.025
+cdef double RETRY_BACKOFF_MAX = 0.25
+cdef double RETRY_BUDGET_RATIO = 0.2
+cdef double RETRY_BUDGET_BURST = 10.0
 
 # Upstream states
 cdef enum:
@@ -100,6 +112,22 @@ _PARSE_ERRORS = {
     ERR_NOT_IMPLEMENTED: (501, "transfer-coding not implemented"),
     ERR_BAD_CHUNK: (400, "malformed chunked body"),
 }
+
+
+cdef bint _idempotent(const char* m, Py_ssize_t n) noexcept:
+    """RFC 9110 §9.2.2 idempotent methods (safe to resend)."""
+    if n == 3:
+        return (m[0] == 71 and m[1] == 69 and m[2] == 84) or (m[0] == 80 and m[1] == 85 and m[2] == 84)
+    if n == 4:
+        return m[0] == 72 and m[1] == 69 and m[2] == 65 and m[3] == 68
+    if n == 6:
+        return m[0] == 68 and m[1] == 69 and m[2] == 76 and m[3] == 69 and m[4] == 84 and m[5] == 69
+    if n == 7:
+        return m[0] == 79 and m[1] == 80 and m[2] == 84 and m[3] == 73 and m[4] == 79 \
+            and m[5] == 78 and m[6] == 83
+    if n == 5:
+        return m[0] == 84 and m[1] == 82 and m[2] == 65 and m[3] == 67 and m[4] == 69
+    return False
 
 
 cdef inline double mono() noexcept nogil:
@@ -145,7 +173,8 @@ cdef class RouteTarget:
                  str base_path, bint strip_path, bint preserve_host, bint server_timing,
                  double connect_timeout, double read_timeout, double write_timeout,
                  long long max_body_size, Balancer balancer=None, str hash_on=None,
-                 str hash_name=None, int retries=0):
+                 str hash_name=None, int retries=0, retry_on=("connect-failure",),
+                 double per_try_timeout=0.0):
         self.name = name
         self.service = service
         self.pool = pool
@@ -157,6 +186,10 @@ cdef class RouteTarget:
         self.hash_on = hash_on
         self.hash_name = hash_name
         self.retries = retries
+        self.retry_mask = RETRY_CONNECT | (RETRY_TIMEOUT if "timeout" in retry_on else 0) \
+            | (RETRY_5XX if "5xx" in retry_on else 0)
+        self.per_try_timeout = per_try_timeout if per_try_timeout > 0 else read_timeout
+        self.retry_tokens = RETRY_BUDGET_BURST
         base = base_path.rstrip("/")
         self.base_path = base.encode()
         self.strip_path = strip_path
@@ -305,6 +338,9 @@ cdef class DownstreamProtocol:
         self.prev = self.next = None
         gw.connections -= 1
         self._end_target(OUTCOME_ABORTED, 0)
+        if self.retry_timer is not None:
+            self.retry_timer.cancel()
+            self.retry_timer = None
         if self.up is not None:
             if not self.resp_started and self.route is not None:
                 self.resp_status = 0
@@ -499,8 +535,10 @@ cdef class DownstreamProtocol:
             return avail
         self.route = rt
         self.target = None
-        self.tries = 0
+        self.tries = 1
         self.hash_key = None
+        self.idempotent = _idempotent(b + h.method.off, h.method.len)
+        rt.retry_tokens = min(rt.retry_tokens + RETRY_BUDGET_RATIO, RETRY_BUDGET_BURST)
         if rt.balancer is not None and not self._choose_target(b, h):
             return avail if h.body_kind != BODY_NONE else consumed
         self.req_body_kind = h.body_kind
@@ -551,24 +589,51 @@ cdef class DownstreamProtocol:
         self.tries = 1
         return True
 
-    cdef bint _retry_elsewhere(self) except -1:
-        """After a connect failure: resend the kept request to another target, if allowed."""
+    cdef bint _retry(self, Target failed, int why) except -1:
+        """Resend the kept request after a failure, if the retry rules allow it.
+
+        Never after a response byte reached the client, never a body that was streamed (only a
+        request kept whole in `replay`), timeouts and 5xx only for idempotent methods, within
+        the service's `retries` and the route's retry budget; to another target when one
+        exists; after an exponential backoff with jitter.
+        """
         cdef RouteTarget rt = self.route
-        cdef Target failed = self.target
-        cdef Target t
+        cdef Target t = None
         cdef bytes key = self.hash_key if self.hash_key is not None else b""
-        if failed is None or self.replay is None or self.tries > rt.retries or self.resp_started:
+        cdef double delay
+        if not self._may_retry(why):
             return False
-        t = rt.balancer.pick(PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key), failed)
-        if t is None or t is failed:
-            return False
-        rt.balancer.begin(t)
+        if rt.balancer is not None:
+            t = rt.balancer.pick(PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key), failed)
+            if t is None:
+                return False
+            rt.balancer.begin(t)
+            self.target = t
+        rt.retry_tokens -= 1.0
         rt.retried += 1
-        self.target = t
         self.tries += 1
         self.pending_out = self.replay
-        self._connect()
+        self.dkind = K_NONE
+        self._pause(P_CONNECT)
+        delay = min(RETRY_BACKOFF_BASE * (1 << min(self.tries - 2, 10)), RETRY_BACKOFF_MAX)
+        self.retry_timer = self.gw.loop.call_later(delay * (0.5 + 0.5 * random.random()),
+                                                   self._retry_now)
         return True
+
+    cdef bint _may_retry(self, int why):
+        """Whether the rules allow resending this request after a failure of kind `why`."""
+        cdef RouteTarget rt = self.route
+        if rt is None or self.replay is None or self.resp_started or self.tries > rt.retries \
+                or self.transport is None:
+            return False
+        if why != RETRY_CONNECT and not (self.idempotent and rt.retry_mask & why):
+            return False
+        return rt.retry_tokens >= 1.0
+
+    def _retry_now(self):
+        self.retry_timer = None
+        if self.transport is not None and self.pending_out is not None and self.up is None:
+            self._connect()
 
     cdef void _end_target(self, int outcome, int status):
         """Tell the balancer how the request to its target ended (once per begin)."""
@@ -580,16 +645,10 @@ cdef class DownstreamProtocol:
                                 outcome, status)
 
     cdef bint _connect_failed_retry(self) except -1:
-        """Record a connect failure on the target; True when the request went to another one."""
+        """Record a connect failure on the target; True when the request is being resent."""
         cdef Target failed = self.target
-        if failed is None:
-            return False
         self._end_target(OUTCOME_CONNECT_FAIL, 0)
-        self.target = failed          # only to exclude it from the next pick
-        if self._retry_elsewhere():
-            return True
-        self.target = None
-        return False
+        return self._retry(failed, RETRY_CONNECT)
 
     cdef Pool _pick_pool(self):
         return <Pool>self.target.pool if self.target is not None else self.route.pool
@@ -636,7 +695,7 @@ cdef class DownstreamProtocol:
         write buffer is full (write_timeout, 504); after it: the upstream (read_timeout, 504).
         """
         if self.req_done:
-            self._set_deadline(self.route.read_timeout, K_READ)
+            self._set_deadline(self.route.per_try_timeout, K_READ)
         elif self.paused & P_UPSTREAM:
             self._set_deadline(self.route.write_timeout, K_WRITE)
         else:
@@ -1045,6 +1104,13 @@ cdef class DownstreamProtocol:
             self.close_after = True
             self._fail(504, "upstream connect timed out")
         elif kind == K_READ:
+            if not self.resp_started and self.route is not None:
+                failed = self.target
+                self._end_target(OUTCOME_TIMEOUT, 0)
+                if self.up is not None:
+                    self._detach_upstream(False)
+                if self._retry(failed, RETRY_TIMEOUT):
+                    return
             self.close_after = True
             self._fail(504, "upstream timed out")
         elif kind == K_WRITE:
@@ -1223,6 +1289,17 @@ cdef class UpstreamProtocol(PooledConnection):
                 continue
             break
         down.t_up_first = now_ns()
+        if 502 <= self.head.status <= 504 and down._may_retry(RETRY_5XX):
+            failed = down.target
+            status = self.head.status
+            down._end_target(OUTCOME_RESPONSE, status)
+            down.up = None
+            self.down = None
+            self.state = U_CLOSED
+            self.pool.discard(self)          # its body is not read: never reuse it
+            if not down._retry(failed, RETRY_5XX):
+                down._fail(status, f"upstream answered {status}")
+            return 0
         down._end_target(OUTCOME_RESPONSE, self.head.status)
         if self.head.status == 101 and not down.wants_upgrade:
             down._fail(502, "upstream switched protocols without an upgrade request")

@@ -49,7 +49,8 @@ NOT_YET_SUPPORTED = ("consumers", "plugins")
 GATEWAY_FIELDS = ("listen", "server_timing", "limits", "upstream_keepalive", "admin",
                   "access_log", "request_id")
 SERVICE_FIELDS = ("name", "url", "protocol", "host", "port", "path", "connect_timeout",
-                  "read_timeout", "write_timeout", "retries", "server_timing", "routes")
+                  "read_timeout", "write_timeout", "retries", "retry_on", "per_try_timeout",
+                  "server_timing", "routes")
 URL_PARTS = ("protocol", "host", "port", "path")
 ROUTE_FIELDS = ("name", "service", "hosts", "paths", "methods", "headers", "strip_path",
                 "preserve_host", "priority")
@@ -76,6 +77,7 @@ SERVICE_TUNING_PARSERS = {
     "read_timeout": duration,
     "write_timeout": duration,
     "retries": integer(0, 32, "retries"),
+    "per_try_timeout": duration,
     "server_timing": boolean,
 }
 
@@ -228,8 +230,21 @@ def read_service(fields: Fields) -> Service:
     protocol, host_name, port, path = read_upstream_address(fields)
     tuning = {key: fields.value(key, parse) for key, parse in SERVICE_TUNING_PARSERS.items()}
     tuning = {key: value for key, value in tuning.items() if value is not None}
+    if fields.has("retry_on"):
+        tuning["retry_on"] = fields.values("retry_on", retry_condition, "list of strings")
     return Service(name=fields.value("name", name, required=True), protocol=protocol,
                    host=host_name, port=port, path=path, **tuning)
+
+
+RETRY_CONDITIONS = ("connect-failure", "timeout", "5xx")
+
+
+def retry_condition(value: object) -> str:
+    """One of RETRY_CONDITIONS (timeout and 5xx apply to idempotent methods only)."""
+    text = string(value)
+    if text not in RETRY_CONDITIONS:
+        raise Invalid(f"expected one of {', '.join(RETRY_CONDITIONS)}, found {text!r}")
+    return text
 
 
 def read_upstream_address(fields: Fields) -> tuple[str, str, int, str]:
