@@ -96,3 +96,28 @@ def test_retry_budget_bounds_extra_load(scripted, gateway):
             assert c.read_response().status == 503
     extra = len(log) - n
     assert 0 < extra <= 10 + 0.2 * n + 1, extra
+
+
+def test_get_that_hits_a_reset_is_retried_on_another_target(scripted, gateway):
+    def resetter(conn, index):
+        read_request_head(conn)        # read the request, then close without answering
+    dead_log, good_log = [], []
+    bad = scripted(resetter)
+    good = scripted_upstream(scripted, lambda m: OK, good_log)
+    gw = gateway(upstream_config([f"127.0.0.1:{bad.port}", f"127.0.0.1:{good.port}"]))
+    for _ in range(4):
+        resp = get(gw.port)
+        assert resp.status == 200 and resp.body == b"ok"
+    assert bad.connections >= 1
+
+
+def test_post_that_hits_a_reset_is_not_retried(scripted, gateway):
+    def resetter(conn, index):
+        read_request_head(conn)
+    bad = scripted(resetter)
+    gw = gateway(config(service("s", bad.url, [{"name": "r", "paths": ["/"]}])))
+    with RawClient(gw.port) as c:
+        c.send(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx")
+        assert c.read_response().status == 502
+    time.sleep(0.3)
+    assert bad.connections == 1

@@ -76,6 +76,7 @@ cdef enum:
     RETRY_CONNECT = 1    # connection failed: nothing was sent, always safe
     RETRY_TIMEOUT = 2    # no response head in time (idempotent methods only)
     RETRY_5XX = 4        # 502/503/504 head (idempotent methods only; not relayed)
+    RETRY_RESET = 8      # connection closed/reset before a response head (idempotent only)
 
 cdef double RETRY_BACKOFF_BASE = 0.025
 cdef double RETRY_BACKOFF_MAX = 0.25
@@ -187,7 +188,7 @@ cdef class RouteTarget:
         self.hash_name = hash_name
         self.retries = retries
         self.retry_mask = RETRY_CONNECT | (RETRY_TIMEOUT if "timeout" in retry_on else 0) \
-            | (RETRY_5XX if "5xx" in retry_on else 0)
+            | (RETRY_5XX if "5xx" in retry_on else 0) | (RETRY_RESET if "reset" in retry_on else 0)
         self.per_try_timeout = per_try_timeout if per_try_timeout > 0 else read_timeout
         self.retry_tokens = RETRY_BUDGET_BURST
         base = base_path.rstrip("/")
@@ -1213,7 +1214,13 @@ cdef class UpstreamProtocol(PooledConnection):
             down.pending_out = down.replay
             down._connect()
         elif state == U_HEAD:
-            down._fail(502, "upstream closed the connection before responding")
+            failed = down.target
+            down._end_target(OUTCOME_RESET, 0)
+            down.up = None
+            self.down = None
+            self.pool.discard(self)
+            if not down._retry(failed, RETRY_RESET):
+                down._fail(502, "upstream closed the connection before responding")
         else:
             down._fail(502, "upstream closed the connection mid-response")
 

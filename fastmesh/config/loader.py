@@ -236,11 +236,11 @@ def read_service(fields: Fields) -> Service:
                    host=host_name, port=port, path=path, **tuning)
 
 
-RETRY_CONDITIONS = ("connect-failure", "timeout", "5xx")
+RETRY_CONDITIONS = ("connect-failure", "timeout", "reset", "5xx")
 
 
 def retry_condition(value: object) -> str:
-    """One of RETRY_CONDITIONS (timeout and 5xx apply to idempotent methods only)."""
+    """One of RETRY_CONDITIONS (timeout, reset and 5xx apply to idempotent methods only)."""
     text = string(value)
     if text not in RETRY_CONDITIONS:
         raise Invalid(f"expected one of {', '.join(RETRY_CONDITIONS)}, found {text!r}")

@@ -63,7 +63,7 @@ class Service:
     read_timeout: float = 60.0
     write_timeout: float = 60.0
     retries: int = 5
-    retry_on: tuple[str, ...] = ("connect-failure", "timeout")   # timeout/5xx: idempotent only
+    retry_on: tuple[str, ...] = ("connect-failure", "timeout", "reset")   # all but connect-failure: idempotent only
     per_try_timeout: float = 0.0        # read timeout of one attempt; 0 = read_timeout
     server_timing: bool | None = None   # None: use GatewaySettings.server_timing
     upstream: str | None = None         # set when `host` names an upstream: balanced over it
