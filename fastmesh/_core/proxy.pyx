@@ -154,6 +154,24 @@ cdef inline int add_lit(Buf* w, bytes s) except -1:
     return buf_add(w, PyBytes_AS_STRING(s), PyBytes_GET_SIZE(s))
 
 
+cdef inline int add_header(Buf* w, const char* b, Header* hd) except -1:
+    """Copy one parsed header as a normalized 'Name: value' line."""
+    add_span(w, b, hd.name)
+    buf_add(w, ": ", 2)
+    add_span(w, b, hd.value)
+    return buf_add(w, "\r\n", 2)
+
+
+cdef int add_values_of(Buf* w, const char* b, Head* h, int kind) except -1:
+    """Every value of headers of one kind (X-Forwarded-For, Via), each followed by ', '."""
+    cdef int i
+    for i in range(h.nheaders):
+        if h.headers[i].kind == kind and h.headers[i].value.len:
+            add_span(w, b, h.headers[i].value)
+            buf_add(w, ", ", 2)
+    return 0
+
+
 cdef int add_ms(Buf* w, int64_t ns) except -1:
     """Milliseconds with microsecond precision, e.g. 0.042."""
     if ns < 0:
@@ -815,16 +833,9 @@ cdef class DownstreamProtocol:
                 continue
             if self.request_id is not None and hd.name.len == 12 and span_ieq(b, hd.name, "x-request-id", 12):
                 continue
-            add_span(w, b, hd.name)
-            buf_add(w, ": ", 2)
-            add_span(w, b, hd.value)
-            buf_add(w, "\r\n", 2)
+            add_header(w, b, hd)
         buf_add(w, "X-Forwarded-For: ", 17)
-        for i in range(h.nheaders):
-            hd = &h.headers[i]
-            if hd.kind == H_X_FORWARDED_FOR and hd.value.len:
-                add_span(w, b, hd.value)
-                buf_add(w, ", ", 2)
+        add_values_of(w, b, h, H_X_FORWARDED_FOR)
         add_lit(w, self.client_ip)
         buf_add(w, "\r\nX-Forwarded-Proto: http\r\n", 27)
         if h.host_index >= 0:
@@ -837,11 +848,7 @@ cdef class DownstreamProtocol:
         if self.request_id is not None:
             self._add_request_id(w)
         buf_add(w, "Via: ", 5)
-        for i in range(h.nheaders):
-            hd = &h.headers[i]
-            if hd.kind == H_VIA and hd.value.len:
-                add_span(w, b, hd.value)
-                buf_add(w, ", ", 2)
+        add_values_of(w, b, h, H_VIA)
         buf_add(w, "1.0 fastmesh\r\n" if self.http10 else "1.1 fastmesh\r\n", 14)
         if h.body_kind == BODY_CHUNKED:
             buf_add(w, "Transfer-Encoding: chunked\r\n", 28)
@@ -874,16 +881,9 @@ cdef class DownstreamProtocol:
             hd = &h.headers[i]
             if hd.hop or hd.kind == H_VIA:
                 continue
-            add_span(w, b, hd.name)
-            buf_add(w, ": ", 2)
-            add_span(w, b, hd.value)
-            buf_add(w, "\r\n", 2)
+            add_header(w, b, hd)
         buf_add(w, "Via: ", 5)
-        for i in range(h.nheaders):
-            hd = &h.headers[i]
-            if hd.kind == H_VIA and hd.value.len:
-                add_span(w, b, hd.value)
-                buf_add(w, ", ", 2)
+        add_values_of(w, b, h, H_VIA)
         buf_add(w, "1.0 fastmesh\r\n" if h.version_minor == 0 else "1.1 fastmesh\r\n", 14)
         if status == 101:
             buf_add(w, "Connection: upgrade\r\n", 21)
