@@ -37,7 +37,7 @@ cdef class RouteTarget:
     cdef readonly uint64_t retried      # requests resent (to another target when one exists)
     cdef int retry_mask                 # RETRY_* conditions beyond connect failures
     cdef double per_try_timeout         # read timeout of one attempt
-    cdef double retry_tokens            # retry budget: +0.2 per request, -1 per retry, cap 10
+    cdef double retry_tokens            # retry budget: +0.2 per request, -1 per retry (burst cap)
 
 
 cdef class Gateway:

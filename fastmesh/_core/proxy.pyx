@@ -557,7 +557,11 @@ cdef class DownstreamProtocol:
         self.tries = 1
         self.hash_key = None
         self.idempotent = _idempotent(b + h.method.off, h.method.len)
-        rt.retry_tokens = min(rt.retry_tokens + RETRY_BUDGET_RATIO, RETRY_BUDGET_BURST)
+        # Retry budget: each request earns 0.2 retries; the bank holds a burst of 10 plus one
+        # per open client connection, so one failure event can retry every request in flight
+        # while a lasting outage costs at most 20 % extra load.
+        rt.retry_tokens = min(rt.retry_tokens + RETRY_BUDGET_RATIO,
+                              RETRY_BUDGET_BURST + gw.connections)
         if rt.balancer is not None and not self._choose_target(b, h):
             return avail if h.body_kind != BODY_NONE else consumed
         self.req_body_kind = h.body_kind
