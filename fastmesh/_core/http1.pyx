@@ -17,6 +17,9 @@ Documented choices (stricter than llhttp in places):
     (the body is still coded, the TE header must travel with it).
   * chunk extensions: no whitespace around ';' / '=' (RFC 9112 allows BWS; llhttp and we reject it).
   * Expect: 100-continue is ignored in HTTP/1.0 requests (RFC 9110 10.1.1).
+  * a request with a body is not an upgrade (upgrade=0; Upgrade/Connection are still dropped).
+  * a trailer field named Content-Length or Transfer-Encoding -> bad chunk (RFC 9110 6.5.1
+    forbids framing fields in trailers; llhttp rejects them too).
   * a Connection option naming "Host" does not mark Host hop-by-hop (the proxy decides).
 """
 from libc.stdint cimport int8_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
@@ -748,7 +751,11 @@ cdef Py_ssize_t parse_request_head(const char* buf, Py_ssize_t n, Head* h, const
         h.expect_continue = sem.expect
     else:
         h.keep_alive = sem.c_keepalive and not sem.c_close
-    h.upgrade = sem.c_upgrade and h.upgrade_index >= 0
+    # A request with a body is never an upgrade: RFC 9110 7.8 switches only after the whole
+    # request, but llhttp (and servers built on it) switch right after the head, so the body
+    # would be read as the new protocol by one side and as a body by the other. Upgrade and
+    # Connection stay hop-by-hop, so the request is forwarded as a plain one.
+    h.upgrade = sem.c_upgrade and h.upgrade_index >= 0 and h.body_kind == BODY_NONE
     if sem.c_custom:
         _mark_connection_options(b, h)
     return r
@@ -880,6 +887,27 @@ cdef enum:
     CS_DONE
     CS_ERROR
 
+
+
+cdef enum:
+    _CL_NAME_LEN = 14
+    _TE_NAME_LEN = 17
+    _NO_MATCH = 0xFF
+
+
+cdef inline int64_t _trailer_name_match(int64_t m, unsigned char ch) noexcept nogil:
+    """Incremental, case-insensitive match of a trailer name against Content-Length and
+    Transfer-Encoding (a name may arrive split across feeds). While the decoder is in the
+    trailer section Chunked.remaining is free: it holds the matched prefix lengths, the
+    Content-Length one in bits 0-7 and the Transfer-Encoding one in bits 8-15 (0xFF: no match)."""
+    cdef int64_t cl = m & 0xFF
+    cdef int64_t te = (m >> 8) & 0xFF
+    cdef unsigned char lc = LOWER[ch]
+    if cl != _NO_MATCH:
+        cl = cl + 1 if cl < _CL_NAME_LEN and lc == <unsigned char>(b"content-length"[cl]) else _NO_MATCH
+    if te != _NO_MATCH:
+        te = te + 1 if te < _TE_NAME_LEN and lc == <unsigned char>(b"transfer-encoding"[te]) else _NO_MATCH
+    return cl | (te << 8)
 
 
 cdef Py_ssize_t chunked_feed(Chunked* c, const char* buf, Py_ssize_t n,
@@ -1038,13 +1066,20 @@ cdef Py_ssize_t chunked_feed(Chunked* c, const char* buf, Py_ssize_t n,
                 st = CS_FINAL_LF
             elif f & C_TCHAR:
                 st = CS_TRAILER_NAME
+                c.remaining = _trailer_name_match(0, ch)
             else:
                 st = CS_ERROR
                 break
         elif st == CS_TRAILER_NAME:
             if ch == _COLON:
+                if (c.remaining & 0xFF) == _CL_NAME_LEN or ((c.remaining >> 8) & 0xFF) == _TE_NAME_LEN:
+                    st = CS_ERROR        # framing fields are never allowed in trailers
+                    break
+                c.remaining = 0
                 st = CS_TRAILER_VALUE
-            elif not (f & C_TCHAR):
+            elif f & C_TCHAR:
+                c.remaining = _trailer_name_match(c.remaining, ch)
+            else:
                 st = CS_ERROR
                 break
         elif st == CS_TRAILER_VALUE:

@@ -823,7 +823,9 @@ cdef class DownstreamProtocol:
             buf_add(w, "?", 1)
             add_span(w, b, h.query)
         buf_add(w, " HTTP/1.1\r\nHost: ", 17)
-        if rt.preserve_host and h.host_index >= 0:
+        if rt.preserve_host and h.absolute_form:
+            add_span(w, b, h.authority)      # RFC 9112 §3.2.2: Host comes from the target
+        elif rt.preserve_host and h.host_index >= 0:
             add_span(w, b, h.headers[h.host_index].value)
         else:
             add_lit(w, rt.host_header)
@@ -842,7 +844,11 @@ cdef class DownstreamProtocol:
         add_values_of(w, b, h, H_X_FORWARDED_FOR)
         add_lit(w, self.client_ip)
         buf_add(w, "\r\nX-Forwarded-Proto: http\r\n", 27)
-        if h.host_index >= 0:
+        if h.absolute_form:
+            buf_add(w, "X-Forwarded-Host: ", 18)
+            add_span(w, b, h.authority)
+            buf_add(w, "\r\n", 2)
+        elif h.host_index >= 0:
             buf_add(w, "X-Forwarded-Host: ", 18)
             add_span(w, b, h.headers[h.host_index].value)
             buf_add(w, "\r\n", 2)
@@ -885,6 +891,8 @@ cdef class DownstreamProtocol:
             hd = &h.headers[i]
             if hd.hop or hd.kind == H_VIA:
                 continue
+            if self.http10 and hd.kind == H_TRANSFER_ENCODING:
+                continue       # RFC 9112 §6.1: never a Transfer-Encoding to an HTTP/1.0 client
             add_header(w, b, hd)
         buf_add(w, "Via: ", 5)
         add_values_of(w, b, h, H_VIA)
