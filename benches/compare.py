@@ -23,13 +23,24 @@ What it measures (the methodology of DESIGN.md section 8):
 * ``--scenario routes``: fastmesh with the benchmarked route alone against
   fastmesh with it hidden among N (default 10,000) routes with distinct hosts
   and prefix paths -> the throughput cost of a big routing table.
+* ``--workers N`` (default 1): every proxy runs N workers: ``fastmesh run
+  --workers N`` (always passed explicitly: fastmesh's own default is one per
+  CPU), nginx ``worker_processes N``, HAProxy ``nbthread N``. The upstream
+  nginx gets N workers too and wrk N threads (``--upstream-workers``,
+  ``--wrk-threads``), so neither caps the proxies.
+* ``--scenario scaling``: the throughput run (-c50) for fastmesh and nginx
+  with 1 and 2 workers, and 4, 8, ... while that many CPUs are usable
+  (``--worker-counts 1,2,4`` picks them), all in one interleaved run against
+  one upstream with as many workers as the largest count; prints req/s per
+  worker count, fastmesh/nginx, and each one's gain over its own 1 worker.
 
 wrk, the upstream and the proxy share the machine, as they did when the bars
 in DESIGN.md were set; run on a quiet machine and compare ratios, not raw
 req/s, across machines.
 
-Usage:  python3 benches/compare.py [--rounds 3] [--duration 5] [--json out.json]
+Usage:  python3 benches/compare.py [--rounds 3] [--duration 5] [--workers 1] [--json out.json]
         python3 benches/compare.py --scenario routes [--routes 10000]
+        python3 benches/compare.py --scenario scaling [--worker-counts 1,2,4]
 """
 from __future__ import annotations
 
@@ -63,6 +74,8 @@ class Target:
     """One row of the table: a server (or the upstream itself) and its results."""
     name: str
     server: servers.Server | None = None
+    kind: str = ""                            # fastmesh / nginx / haproxy / direct
+    workers: int = 1
     failed: str | None = None                 # "failed to start: ..." etc.
     runs: dict[str, list[dict]] = field(default_factory=dict)
     mem_idle: dict = field(default_factory=dict)
@@ -74,8 +87,21 @@ class Target:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scenario", choices=("compare", "routes"), default="compare",
-                   help="compare: direct/fastmesh/nginx/haproxy; routes: fastmesh 1 vs N routes")
+    p.add_argument("--scenario", choices=("compare", "routes", "scaling"), default="compare",
+                   help="compare: direct/fastmesh/nginx/haproxy; routes: fastmesh 1 vs N routes; "
+                        "scaling: fastmesh and nginx throughput by worker count")
+    p.add_argument("--workers", type=int, default=1,
+                   help="workers of every proxy (fastmesh --workers, nginx worker_processes, "
+                        "HAProxy nbthread); compare and routes scenarios")
+    p.add_argument("--worker-counts", default=None,
+                   help="scaling: comma-separated worker counts (default: 1,2 and 4, 8, ... "
+                        "up to the usable CPUs)")
+    p.add_argument("--upstream-workers", type=int, default=None,
+                   help="worker_processes of the upstream nginx (default: --workers, or the "
+                        "largest worker count for scaling)")
+    p.add_argument("--wrk-threads", type=int, default=None,
+                   help="wrk -t for the throughput runs (default: like --upstream-workers, at "
+                        "most the usable CPUs); the -c1 latency runs always use one")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median reported)")
     p.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
     p.add_argument("--warmup", type=float, default=1.0,
@@ -99,7 +125,43 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = set(args.targets.split(",")) - set(ALL_TARGETS)
     if unknown:
         p.error(f"unknown targets {sorted(unknown)}; choose from {ALL_TARGETS}")
+    if args.workers < 1:
+        p.error("--workers must be >= 1")
+    if args.worker_counts:
+        try:
+            counts = sorted({int(x) for x in args.worker_counts.split(",") if x.strip()})
+        except ValueError:
+            p.error("--worker-counts: comma-separated integers, e.g. 1,2,4")
+        if not counts or counts[0] < 1:
+            p.error("--worker-counts: at least one count, each >= 1")
+    else:
+        counts = default_worker_counts()
+    args.worker_counts = counts
+    largest = max(counts) if args.scenario == "scaling" else args.workers
+    if args.upstream_workers is None:
+        args.upstream_workers = largest
+    if args.wrk_threads is None:
+        args.wrk_threads = max(1, min(largest, usable_cpus()))
+    if args.upstream_workers < 1 or args.wrk_threads < 1:
+        p.error("--upstream-workers and --wrk-threads must be >= 1")
+    args.wrk_threads = min(args.wrk_threads, args.connections)
     return args
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def default_worker_counts() -> list[int]:
+    """1 and 2, then 4, 8, ... while the machine has that many usable CPUs."""
+    counts, n = [1, 2], 4
+    while n <= usable_cpus():
+        counts.append(n)
+        n *= 2
+    return counts
 
 
 def which(tool: str) -> str | None:
@@ -220,11 +282,12 @@ def start(target: Target, server: servers.Server, timeout: float) -> None:
 def compare_targets(args, tools, tmp: Path, upstream: servers.Server) -> list[Target]:
     wanted = args.targets.split(",")
     up = upstream.port
+    n = args.workers
     rows = []
     for name in ALL_TARGETS:
         if name not in wanted:
             continue
-        t = Target(name)
+        t = Target(name, kind=name, workers=n if name != "direct" else args.upstream_workers)
         rows.append(t)
         if name == "direct":
             t.server = upstream
@@ -232,17 +295,37 @@ def compare_targets(args, tools, tmp: Path, upstream: servers.Server) -> list[Ta
         port = servers.free_port()
         if name == "fastmesh":
             srv = servers.fastmesh_server("fastmesh", servers.fastmesh_conf(up), port, tmp,
-                                          python=args.python)
+                                          python=args.python, workers=n)
         elif name == "nginx":
-            srv = servers.nginx_server("proxy", servers.nginx_proxy_conf(tmp, port, up),
+            srv = servers.nginx_server("proxy", servers.nginx_proxy_conf(tmp, port, up, n),
                                        port, tmp, tools["nginx"])
         else:
             if not tools.get("haproxy"):
                 t.failed = "not installed (apt-get install -y haproxy)"
                 continue
-            srv = servers.haproxy_server(servers.haproxy_conf(tmp, port, up), port, tmp,
+            srv = servers.haproxy_server(servers.haproxy_conf(tmp, port, up, n), port, tmp,
                                          tools["haproxy"])
         start(t, srv, args.ready_timeout)
+    return rows
+
+
+def scaling_targets(args, tools, tmp: Path, upstream: servers.Server) -> list[Target]:
+    """fastmesh and nginx, one row each per worker count (and direct: the ceiling)."""
+    rows = [Target("direct", server=upstream, kind="direct", workers=args.upstream_workers)]
+    for n in args.worker_counts:
+        for kind in ("fastmesh", "nginx"):
+            t = Target(f"{kind} ×{n}", kind=kind, workers=n)
+            rows.append(t)
+            port = servers.free_port()
+            if kind == "fastmesh":
+                srv = servers.fastmesh_server(f"fastmesh-w{n}", servers.fastmesh_conf(upstream.port),
+                                              port, tmp, python=args.python, workers=n)
+            else:
+                srv = servers.nginx_server(
+                    f"proxy-w{n}", servers.nginx_proxy_conf(tmp, port, upstream.port, n,
+                                                            name=f"proxy-w{n}"),
+                    port, tmp, tools["nginx"])
+            start(t, srv, args.ready_timeout)
     return rows
 
 
@@ -250,12 +333,12 @@ def routes_targets(args, tmp: Path, upstream: servers.Server) -> list[Target]:
     direct = Target("direct", server=upstream)
     rows = [direct]
     for label, n in (("fastmesh 1 route", 1), (f"fastmesh {args.routes:,} routes", args.routes)):
-        t = Target(label)
+        t = Target(label, kind="fastmesh", workers=args.workers)
         rows.append(t)
         conf = servers.fastmesh_conf(upstream.port, n_routes=n, position=args.route_position)
         srv = servers.fastmesh_server(f"fastmesh-{n}", conf, servers.free_port(), tmp,
                                       python=args.python, host_header=servers.BENCH_HOST,
-                                      path=servers.BENCH_PATH)
+                                      path=servers.BENCH_PATH, workers=args.workers)
         start(t, srv, max(args.ready_timeout, 60.0))
     return rows
 
@@ -263,7 +346,13 @@ def routes_targets(args, tmp: Path, upstream: servers.Server) -> list[Target]:
 # --- measuring -------------------------------------------------------------
 
 def scenarios(args) -> list[tuple[str, int]]:
+    if args.scenario == "scaling":
+        return [("throughput", args.connections)]
     return [("throughput", args.connections), ("latency", 1)]
+
+
+def wrk_threads(args, conns: int) -> int:
+    return max(1, min(args.wrk_threads, conns))
 
 
 def measure_once(t: Target, scenario: str, conns: int, args, tools) -> None:
@@ -275,12 +364,14 @@ def measure_once(t: Target, scenario: str, conns: int, args, tools) -> None:
         return
     if scenario == "throughput" and args.warmup > 0:
         warm = loadgen.wrk_argv(tools["wrk"], srv.url, args.connections, args.warmup,
+                                threads=wrk_threads(args, args.connections),
                                 host=srv.host_header)
         try:
             loadgen.run_wrk(warm, args.warmup)
         except (RuntimeError, ValueError):
             pass                                   # the measured run will show it
-    argv = loadgen.wrk_argv(tools["wrk"], srv.url, conns, args.duration, host=srv.host_header)
+    argv = loadgen.wrk_argv(tools["wrk"], srv.url, conns, args.duration,
+                            threads=wrk_threads(args, conns), host=srv.host_header)
     try:
         result = loadgen.run_wrk(argv, args.duration)
     except (RuntimeError, ValueError) as e:
@@ -340,7 +431,8 @@ def ratios(summary: dict, baseline: str, direct: str = "direct") -> None:
 
     for name, s in summary.items():
         mine = rps(name)
-        s["vs_baseline"] = mine / rps(baseline) if mine and rps(baseline) else None
+        s["vs_baseline"] = (mine / rps(baseline) if mine and baseline and rps(baseline)
+                            else None)
         s["vs_direct"] = mine / rps(direct) if mine and rps(direct) else None
         for q in ("p50", "p99"):
             a, d = lat(name, q), lat(direct, q)
@@ -365,8 +457,9 @@ def main(argv=None) -> int:
     upstream = None
     try:
         up_port = servers.free_port()
-        upstream = servers.nginx_server("upstream", servers.nginx_upstream_conf(tmp, up_port),
-                                        up_port, tmp, tools["nginx"])
+        upstream = servers.nginx_server(
+            "upstream", servers.nginx_upstream_conf(tmp, up_port, args.upstream_workers),
+            up_port, tmp, tools["nginx"])
         try:
             upstream.start(args.ready_timeout)
         except servers.StartError as e:
@@ -375,6 +468,9 @@ def main(argv=None) -> int:
         if args.scenario == "compare":
             rows = compare_targets(args, tools, tmp, upstream)
             baseline = "nginx"
+        elif args.scenario == "scaling":
+            rows = scaling_targets(args, tools, tmp, upstream)
+            baseline = None
         else:
             rows = routes_targets(args, tmp, upstream)
             baseline = rows[1].name

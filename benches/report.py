@@ -52,7 +52,8 @@ def results_table(rows, summary: dict, baseline_label: str) -> list[str]:
         if s["failed"]:
             out.append(f"| {t.name} | {_cell(s['failed'])} |" + " |" * (len(head) - 2))
             continue
-        tp, lat = s["throughput"], s["latency"]
+        empty = {"rps": None, "p50": None, "p99": None}
+        tp, lat = s.get("throughput", empty), s.get("latency", empty)
         if tp["rps"] is None and lat["p50"] is None:
             msg = (s.get("run_errors") or ["no successful run"])[-1]
             out.append(f"| {t.name} | error: {_cell(msg)} |" + " |" * (len(head) - 2))
@@ -110,9 +111,16 @@ def settings_block(args, info: dict, commands: dict, note, tmp) -> list[str]:
                f"shown; {args.duration:g} s per wrk run, {args.warmup:g} s unmeasured -c"
                f"{args.connections} warm-up before each throughput run; wrk, upstream and "
                "proxies share the machine")
-    out.append("- upstream: nginx, 1 worker, `return 200 \"ok\"`, access_log off; every proxy has "
-               "1 worker and keep-alive pooled upstream connections (nginx: keepalive 64, "
-               "HTTP/1.1, `Connection \"\"`; HAProxy: nbthread 1, http-reuse always)")
+    if args.scenario == "scaling":
+        workers = "the worker count of its row (fastmesh `--workers N`, nginx `worker_processes N`)"
+        threads = "HAProxy not run"
+    else:
+        workers = _workers(args.workers)
+        threads = f"HAProxy: nbthread {args.workers}, http-reuse always"
+    out.append(f"- upstream: nginx, {_workers(args.upstream_workers)}, `return 200 \"ok\"`, "
+               f"access_log off; every proxy has {workers} and keep-alive pooled upstream "
+               f"connections (nginx: keepalive 64 per worker, HTTP/1.1, `Connection \"\"`; "
+               f"{threads}); fastmesh's admin API is off")
     out.append("- memory: RSS summed over the server's processes (nginx master + worker, "
                "fastmesh supervisor + worker(s), HAProxy one process); peak = summed VmHWM")
     out.append("- errors: wrk socket errors (connect/read/write/timeout) and responses with "
@@ -124,20 +132,71 @@ def settings_block(args, info: dict, commands: dict, note, tmp) -> list[str]:
     for name, argv in commands.items():
         out.append(f"# {name}\n{shlex.join(argv)}")
     out.append("# load (per row; stats.lua prints exact percentiles from wrk's latency object)")
-    out.append(f"wrk -t1 -c{args.connections} -d{args.duration:g}s --timeout 2s "
+    threads = min(args.wrk_threads, args.connections)
+    out.append(f"wrk -t{threads} -c{args.connections} -d{args.duration:g}s --timeout 2s "
                f"-s benches/stats.lua URL    # throughput")
-    out.append(f"wrk -t1 -c1 -d{args.duration:g}s --timeout 2s -s benches/stats.lua URL"
-               "    # latency")
+    if args.scenario != "scaling":
+        out.append(f"wrk -t1 -c1 -d{args.duration:g}s --timeout 2s -s benches/stats.lua URL"
+                   "    # latency")
     out.append("```")
+    return out
+
+
+def _workers(n: int) -> str:
+    return f"{n} worker{'s' if n != 1 else ''}"
+
+
+def scaling_table(rows, summary: dict) -> list[str]:
+    """req/s by worker count: fastmesh and nginx side by side, their ratio, and each one's
+    gain over its own 1-worker row (when 1 was measured)."""
+    def rps(kind, n):
+        t = next((r for r in rows if r.kind == kind and r.workers == n), None)
+        if t is None or summary[t.name]["failed"]:
+            return None
+        return summary[t.name]["throughput"]["rps"]
+
+    def errors(kind, n):
+        t = next((r for r in rows if r.kind == kind and r.workers == n), None)
+        if t is None:
+            return DASH
+        s = summary[t.name]
+        return _cell(s["failed"], 80) if s["failed"] else _errors(s["errors"])
+
+    counts = sorted({r.workers for r in rows if r.kind in ("fastmesh", "nginx")})
+    head = ["workers", "fastmesh req/s", "nginx req/s", "fastmesh / nginx",
+            "fastmesh vs 1 worker", "nginx vs 1 worker", "errors (fastmesh; nginx)"]
+    out = ["| " + " | ".join(head) + " |", "|" + "|".join(["---:"] * (len(head) - 1) + ["---"]) + "|"]
+    for n in counts:
+        fm, ng = rps("fastmesh", n), rps("nginx", n)
+        fm1, ng1 = rps("fastmesh", 1), rps("nginx", 1)
+        out.append("| " + " | ".join([
+            str(n), _num(fm), _num(ng), _ratio(fm / ng if fm and ng else None),
+            _ratio(fm / fm1 if fm and fm1 else None), _ratio(ng / ng1 if ng and ng1 else None),
+            f"{errors('fastmesh', n)}; {errors('nginx', n)}"]) + " |")
+    direct = next((r for r in rows if r.kind == "direct"), None)
+    if direct is not None and not summary[direct.name]["failed"]:
+        d = summary[direct.name]["throughput"]["rps"]
+        out += ["", f"direct (wrk straight to the upstream, {_workers(direct.workers)}): "
+                    f"{_num(d)} req/s, the ceiling of this machine for any row."]
     return out
 
 
 def markdown(args, info, rows, summary, baseline, commands, note, tmp) -> str:
     lines = []
     if args.scenario == "compare":
-        lines += ["## fastmesh vs nginx vs HAProxy (one worker each)", ""]
+        each = "one worker each" if args.workers == 1 else f"{args.workers} workers each"
+        lines += [f"## fastmesh vs nginx vs HAProxy ({each})", ""]
         lines += results_table(rows, summary, "nginx")
         checks = bars(summary, "fastmesh", "nginx" if "nginx" in summary else None)
+    elif args.scenario == "scaling":
+        lines += ["## Throughput by worker count: fastmesh and nginx (wrk -c"
+                  f"{args.connections}, {args.wrk_threads} wrk thread(s))", ""]
+        lines += scaling_table(rows, summary)
+        lines += ["", f"Machine: {info['cpus_usable']} usable CPU(s) shared by wrk, the "
+                      "upstream and the proxy: beyond that many workers (all processes "
+                      "counted), rows compete for the same cores and cannot scale.", ""]
+        lines += results_table(rows, summary, "nginx")
+        checks = []
     else:
         lines += [f"## fastmesh: 1 route vs {args.routes:,} routes", ""]
         lines += results_table(rows, summary, "1 route")

@@ -36,10 +36,10 @@ def free_port() -> int:
 
 # --- config rendering ------------------------------------------------------
 
-def _nginx_common(tmp: Path, name: str) -> str:
-    """Top of an nginx.conf: one worker, foreground, everything inside tmp."""
+def _nginx_common(tmp: Path, name: str, workers: int = 1) -> str:
+    """Top of an nginx.conf: `workers` worker processes, foreground, everything inside tmp."""
     return f"""
-worker_processes 1;
+worker_processes {workers};
 daemon off;
 master_process on;
 pid {tmp}/{name}.pid;
@@ -61,9 +61,9 @@ def _nginx_http_common(tmp: Path, name: str) -> str:
 """
 
 
-def nginx_upstream_conf(tmp: Path, port: int) -> str:
+def nginx_upstream_conf(tmp: Path, port: int, workers: int = 1) -> str:
     """The benchmark upstream: `return 200 "ok"`, never the bottleneck."""
-    return _nginx_common(tmp, "upstream") + f"""
+    return _nginx_common(tmp, "upstream", workers) + f"""
 http {{{_nginx_http_common(tmp, "upstream")}
     server {{
         listen 127.0.0.1:{port} backlog=4096;
@@ -73,10 +73,14 @@ http {{{_nginx_http_common(tmp, "upstream")}
 """
 
 
-def nginx_proxy_conf(tmp: Path, port: int, upstream_port: int) -> str:
-    """nginx as a reverse proxy with pooled keep-alive upstream connections."""
-    return _nginx_common(tmp, "proxy") + f"""
-http {{{_nginx_http_common(tmp, "proxy")}
+def nginx_proxy_conf(tmp: Path, port: int, upstream_port: int, workers: int = 1,
+                     name: str = "proxy") -> str:
+    """nginx as a reverse proxy with pooled keep-alive upstream connections (per worker).
+
+    With several workers they share one listening socket (nginx's default: no `reuseport`,
+    accept_mutex off), as a stock nginx.conf does."""
+    return _nginx_common(tmp, name, workers) + f"""
+http {{{_nginx_http_common(tmp, name)}
     upstream backend {{
         server 127.0.0.1:{upstream_port};
         keepalive 64;
@@ -95,11 +99,12 @@ http {{{_nginx_http_common(tmp, "proxy")}
 """
 
 
-def haproxy_conf(tmp: Path, port: int, upstream_port: int) -> str:
-    """HAProxy, one thread, HTTP mode, always reusing idle server connections."""
+def haproxy_conf(tmp: Path, port: int, upstream_port: int, threads: int = 1) -> str:
+    """HAProxy, `threads` threads (one process), HTTP mode, always reusing idle server
+    connections."""
     return f"""
 global
-    nbthread 1
+    nbthread {threads}
     maxconn 8192
     pidfile {tmp}/haproxy.pid
 
@@ -345,11 +350,13 @@ def haproxy_server(conf: str, port: int, workdir: Path, haproxy: str) -> Server:
 
 
 def fastmesh_server(name: str, conf: str, port: int, workdir: Path, python: str = sys.executable,
-                    host_header: str | None = None, path: str = "/") -> Server:
+                    host_header: str | None = None, path: str = "/", workers: int = 1) -> Server:
+    """`fastmesh run --workers N` (always explicit: fastmesh's own default is one per CPU), with
+    the admin API off so that several instances can run side by side."""
     cfg = workdir / f"{name}.yaml"
     cfg.write_text(conf)
     argv = [python, "-m", "fastmesh", "run", "--config", str(cfg),
-            "--listen", f"127.0.0.1:{port}", "--workers", "1"]
+            "--listen", f"127.0.0.1:{port}", "--workers", str(workers), "--admin", "off"]
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return Server(name, argv, port, workdir, env=env, cwd=REPO,

@@ -12,6 +12,7 @@ Requests on one connection are answered in order (keep-alive and pipelining work
 | POST | /reload | re-read the config file (as SIGHUP and `fastmesh reload`) |
 | GET | /services, /routes, /upstreams | list |
 | GET, PUT, PATCH, DELETE | /services/{name}, /routes/{name}, /upstreams/{name} | one entity |
+| GET | /upstreams/{name}/health | targets' health and balancer state, merged over workers |
 | GET | /metrics | Prometheus text format |
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ from fastmesh.config import ConfigIssue
 from fastmesh.entities import (
     EntityError, delete_entity, get_entity, list_entities, patch_entity, put_entity,
 )
+from fastmesh.metrics import merge_upstream_health, upstream_summaries
 from fastmesh.server import parse_listen
 
 MAX_BODY = 16 * 1024 * 1024
@@ -36,6 +38,7 @@ REASONS = {200: "OK", 201: "Created", 204: "No Content", 400: "Bad Request",
            409: "Conflict", 413: "Payload Too Large", 415: "Unsupported Media Type",
            500: "Internal Server Error", 503: "Service Unavailable"}
 ENTITY_PATH = re.compile(r"^/(services|routes|upstreams)(?:/([^/]+))?/?$")
+HEALTH_PATH = re.compile(r"^/upstreams/([^/]+)/health/?$")
 JSON = "application/json"
 PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -120,6 +123,9 @@ class AdminAPI:
             if problems:
                 return issues_answer(problems, "reload refused")
             return Answer(200, self.applied())
+        match = HEALTH_PATH.match(path)
+        if match:
+            return self.only(method, "GET") or await self.upstream_health(unquote(match.group(1)))
         match = ENTITY_PATH.match(path)
         if match:
             return await self.entity(method, match.group(1),
@@ -154,11 +160,24 @@ class AdminAPI:
             answer["entity"] = entity
         return Answer(201 if created else 200, answer)
 
+    async def upstream_health(self, name: str) -> Answer:
+        """Health and balancer state of one upstream of the active config (see metrics.py)."""
+        upstream = next((u for u in self.sup.config.upstreams if u.name == name), None)
+        if upstream is None:
+            return error(404, f"no upstream named '{name}'")
+        return Answer(200, merge_upstream_health(await self.sup.snapshots(full=True), upstream))
+
     async def entity(self, method: str, kind: str, name: str | None, body: bytes) -> Answer:
         document = self.sup.current_document()
         if name is None:
             if method in ("GET", "HEAD"):
-                return Answer(200, {"data": list_entities(document, kind)})
+                answer = {"data": list_entities(document, kind)}
+                if kind == "upstreams":
+                    # `data` stays the declared entities (what PUT takes back); `health` is the
+                    # running view: effective algorithm and target counts per upstream.
+                    answer["health"] = upstream_summaries(await self.sup.snapshots(full=True),
+                                                          self.sup.config.upstreams)
+                return Answer(200, answer)
             return error(405, f"use /{kind}/{{name}} to change one entity", allow="GET")
         if method in ("GET", "HEAD"):
             return Answer(200, get_entity(document, kind, name))

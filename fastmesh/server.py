@@ -26,8 +26,9 @@ from time import monotonic
 from fastmesh._core.proxy import Gateway
 from fastmesh.accesslog import AccessLog
 from fastmesh.config import Config
+from fastmesh.discovery import Discovery
 from fastmesh.echo import start_echo
-from fastmesh.metrics import RouteStats
+from fastmesh.metrics import RouteStats, UpstreamStats
 from fastmesh.health import HealthChecker
 from fastmesh.plan import PoolRegistry, compile_plan
 
@@ -60,12 +61,14 @@ class Worker:
         self.loop = asyncio.get_running_loop()
         self.pools = PoolRegistry()
         self.route_stats = RouteStats()
+        self.upstream_stats = UpstreamStats()
         self.gateway: Gateway | None = None
         self.server = None
         self.address: tuple[str, int] | None = None
         self.sweeper = None
         self.access_log: AccessLog | None = None
         self.health = HealthChecker(self.loop)
+        self.discovery = Discovery(self.loop, self._rediscover)   # DNS / targets_file targets
         self.pending: dict[str, object] = {}      # version -> prepared Plan
         self.started = time.time()
         self.stopped = False
@@ -76,8 +79,9 @@ class Worker:
 
     async def start(self, config: Config, host: str, port: int) -> None:
         limits = config.gateway.limits
+        resolved = await self.discovery.start(config)     # bounded wait for the first answers
         self.gateway = Gateway(
-            self.loop, compile_plan(config, self.pools),
+            self.loop, compile_plan(resolved, self.pools),
             max_head_size=limits.max_head_size, max_line_size=limits.max_line_size,
             max_headers=limits.max_headers, header_timeout=limits.header_timeout,
             body_timeout=limits.body_timeout, keepalive_timeout=limits.keepalive_timeout,
@@ -90,6 +94,7 @@ class Worker:
                 self.gateway.protocol_factory, host, port, reuse_port=True, backlog=4096)
         except BaseException:
             self.gateway.stop()
+            await self.discovery.stop()
             raise
         bound = self.server.sockets[0].getsockname()
         self.address = (bound[0], bound[1])
@@ -109,7 +114,8 @@ class Worker:
     def prepare(self, config: Config) -> str | None:
         """Compile `config` beside the active Plan; the error text if it cannot be compiled."""
         try:
-            self.pending = {config.version: compile_plan(config, self.pools, self.gateway.plan)}
+            resolved = self.discovery.prepare(config)
+            self.pending = {config.version: compile_plan(resolved, self.pools, self.gateway.plan)}
         except Exception as exc:          # a validated config should always compile
             self.pending = {}
             return f"worker {self.index}: cannot compile config {config.version}: {exc}"
@@ -125,10 +131,29 @@ class Worker:
         self.gateway.set_plan(plan)
         self.health.replace(plan.health_entries())
         self.route_stats.retire(old)
+        self.upstream_stats.retire(old, plan)
+        self.discovery.commit(version)
         return True
 
     def abort(self, version: str) -> None:
         self.pending.pop(version, None)
+        self.discovery.abort(version)
+
+    def _rediscover(self) -> None:
+        """Discovery saw new addresses: swap in a Plan of the same config with the targets known
+        now, compiled against the active Plan so unchanged addresses keep their health state."""
+        if self.gateway is None or self.stopped:
+            return
+        old = self.gateway.plan
+        resolved = self.discovery.resolve()
+        if resolved == old.config:
+            return
+        plan = compile_plan(resolved, self.pools, old)
+        self.gateway.set_plan(plan)
+        self.health.replace(plan.health_entries())
+        self.route_stats.retire(old)
+        self.upstream_stats.retire(old, plan)
+        log.info("worker %d: upstream targets changed (discovery)", self.index)
 
     # -- stats -----------------------------------------------------------------------------------
     def snapshot(self, full: bool = True) -> dict:
@@ -143,6 +168,9 @@ class Worker:
         if full:
             snap["routes"] = self.route_stats.snapshot(gw.plan)
             snap["pools"] = self.pools.stats()
+            counters = self.upstream_stats.counters(gw.plan)
+            snap["upstream_counters"] = counters
+            snap["upstreams"] = self.upstream_stats.health(gw.plan, counters)
         return snap
 
     async def shutdown(self, drain_timeout: float = DRAIN_TIMEOUT) -> None:
@@ -161,6 +189,7 @@ class Worker:
             self.gateway.close_idle_connections()
         self.gateway.stop()
         await self.health.stop()
+        await self.discovery.stop()
         if self.access_log is not None:
             self.access_log.stop()
         if self.sweeper is not None:

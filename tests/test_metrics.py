@@ -72,6 +72,12 @@ def test_metrics_parse_and_per_route_counts_add_up_across_workers(echo, ops):
     upstream = samples(fam, "fastmesh_upstream_duration_seconds", "_sum", route="a")[0].value
     added = samples(fam, "fastmesh_added_latency_seconds", "_sum", route="a")[0].value
     assert abs(total - upstream - added) < 1e-6
+    head = len(b"GET /a HTTP/1.1\r\nHost: example.com\r\n\r\n")       # what `get` sends
+    assert samples(fam, "fastmesh_request_bytes", "_total", route="a")[0].value == 30 * head
+    assert samples(fam, "fastmesh_request_bytes", "_total", route="b")[0].value == 17 * head
+    assert samples(fam, "fastmesh_response_bytes", "_total", route="b")[0].value > 17 * 100
+    assert samples(fam, "fastmesh_retries", "_total", route="a")[0].value == 0
+    assert fam["fastmesh_upstream_target_healthy"].samples == []    # no upstreams declared
     pool = samples(fam, "fastmesh_upstream_pool_connections", target=echo.url[7:])
     assert {s.labels["state"] for s in pool} == {"active", "idle"}
     assert samples(fam, "fastmesh_upstream_connections_created")[0].value >= 1
@@ -92,6 +98,8 @@ def test_counters_survive_reloads_and_count_reloads(echo, ops):
     fam = scrape(gw)
     assert route_counts(fam)[("a", "echo", "2xx")] == 25
     assert samples(fam, "fastmesh_request_duration_seconds", "_count", route="a")[0].value == 25
+    head = len(b"GET /a HTTP/1.1\r\nHost: example.com\r\n\r\n")
+    assert samples(fam, "fastmesh_request_bytes", "_total", route="a")[0].value == 25 * head
     reloads = {s.labels["result"]: s.value for s in samples(fam, "fastmesh_config_reloads")}
     assert reloads == {"success": 3, "failure": 1}
     version = gw.status()["config"]["version"]

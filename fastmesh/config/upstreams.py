@@ -7,6 +7,9 @@ upstreams:
     hash_on: header               # consistent-hashing only: ip (default) | header | cookie | path | query_arg
     hash_on_header: x-user-id     # with hash_on: header (hash_on_cookie / hash_on_query_arg likewise)
     targets: [{target: "10.0.0.1:8080", weight: 100}]      # port defaults to 80, weight to 100
+    # a host name target is resolved by DNS (A/AAAA, TTL honoured); "_http._tcp.orders.internal"
+    # (no port) is an SRV name: hosts, ports and weights come from DNS (docs/discovery.md)
+    targets_file: targets.yaml    # optional: more targets, re-read on change (fastmesh.discovery)
     healthchecks:
       active:  {path: /healthz, interval: 2s, timeout: 1s,
                 healthy: {successes: 2, http_statuses: [200, 302]},
@@ -24,6 +27,9 @@ Semantics the rest of the code relies on:
   `healthchecks.passive` is present (like Kong, both are off by default);
 - active `healthy.http_statuses` empty means "any 2xx or 3xx"; any other status is an HTTP failure;
   an `unhealthy` threshold of 0 disables that kind of failure;
+- an upstream needs `targets` (or top-level targets naming it) or a `targets_file`;
+- an SRV target is stored with port 0 (its ports come from DNS); see fastmesh.discovery;
+- a relative `targets_file` is relative to the config file's directory (stored absolute);
 - a service whose `host` equals an upstream's name is balanced over it (`Service.upstream`);
 - targets keep their declaration order: nested ones first, then top-level ones in file order.
 """
@@ -32,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,7 +56,7 @@ ON_ALL_UNHEALTHY = ("fail", "open")
 
 UPSTREAM_FIELDS = ("name", "algorithm", "hash_on", "hash_on_header", "hash_on_cookie",
                    "hash_on_query_arg", "targets", "healthchecks", "on_all_unhealthy",
-                   "circuit_breaker")
+                   "circuit_breaker", "targets_file")
 TARGET_FIELDS = ("target", "weight")
 TOP_TARGET_FIELDS = ("upstream", "target", "weight")
 HEALTHCHECK_FIELDS = ("active", "passive")
@@ -121,6 +128,7 @@ class Upstream:
     healthchecks: HealthChecks = field(default_factory=HealthChecks)
     on_all_unhealthy: str = "fail"      # fail | open
     circuit_breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
+    targets_file: str | None = None     # YAML/JSON list of {target, weight}, watched at run time
 
 
 # --- entry point ------------------------------------------------------------------------------
@@ -149,7 +157,7 @@ def read_upstreams(top: Fields, services: list) -> tuple[list[Upstream], list]:
         target_paths.append(seen)
     read_top_targets(top, upstreams, where, target_paths)
     for index, upstream in enumerate(upstreams):
-        if upstream.name is not None and not upstream.targets:
+        if upstream.name is not None and not upstream.targets and not upstream.targets_file:
             top.issues.add(first_seen.get(upstream.name, f"upstreams[{index}]"),
                            f"upstream '{upstream.name}' has no targets: add 'targets' (or "
                            "top-level targets naming it)")
@@ -191,8 +199,20 @@ def read_upstream(fields: Fields) -> tuple[Upstream, dict[tuple[str, int], str]]
         on_all_unhealthy=fields.value("on_all_unhealthy", choice(ON_ALL_UNHEALTHY,
                                                                  "on_all_unhealthy"), "fail"),
         circuit_breaker=read_breaker(fields.section("circuit_breaker", BREAKER_FIELDS)),
+        targets_file=fields.value("targets_file", targets_file_path(fields.issues.source)),
     )
     return upstream, seen
+
+
+def targets_file_path(source: str):
+    """A targets_file path, made absolute against the config file's directory."""
+    def parse(value: object) -> str:
+        text = string(value)
+        if not text:
+            raise Invalid("targets_file must not be empty")
+        base = os.path.dirname(source) if source and not source.startswith("<") else ""
+        return os.path.abspath(os.path.join(base, text))
+    return parse
 
 
 def upstream_name(value: object) -> str:
@@ -253,8 +273,16 @@ def key_name(value: object) -> str:
 
 # --- targets ----------------------------------------------------------------------------------
 
+_SRV_NAME = re.compile(r"_[a-z0-9-]+\._[a-z0-9-]+\.[^.]")
+
+
+def is_srv_name(host: str) -> bool:
+    """'_service._proto.name': an SRV target (its ports and weights come from DNS)."""
+    return bool(_SRV_NAME.match(host))
+
+
 def target_address(value: object) -> tuple[str, int]:
-    """'host:port', '[v6]:port' or 'host' (port 80) -> (host, port)."""
+    """'host:port', '[v6]:port' or 'host' (port 80) -> (host, port); an SRV name -> (name, 0)."""
     text = string(value)
     if not text:
         raise Invalid("target must not be empty")
@@ -263,7 +291,12 @@ def target_address(value: object) -> tuple[str, int]:
     host_part, port_part = split_host_port(text)
     if not host_part:
         raise Invalid(f"missing host in target {text!r}")
-    return address_host(host_part), port_number(port_part) if port_part is not None else 80
+    host_name = address_host(host_part)
+    if is_srv_name(host_name):
+        if port_part is not None:
+            raise Invalid(f"SRV target {host_name!r} takes its ports from DNS: drop ':{port_part}'")
+        return host_name, 0
+    return host_name, port_number(port_part) if port_part is not None else 80
 
 
 def add_target(fields: Fields, targets: list[Target], seen: dict[tuple[str, int], str]) -> None:
@@ -376,5 +409,6 @@ def describe_upstream(upstream: Upstream) -> dict[str, Any]:
 
 __all__ = [
     "ActiveHealthCheck", "CircuitBreaker", "HealthChecks", "PassiveHealthCheck", "Target",
-    "Upstream", "describe_upstream", "link_services", "read_upstreams", "upstreams_version",
+    "Upstream", "describe_upstream", "is_srv_name", "link_services", "read_upstreams",
+    "upstreams_version",
 ]
