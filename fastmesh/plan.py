@@ -91,7 +91,7 @@ def compile_plan(config: Config, pools: PoolRegistry, previous: Plan | None = No
             service.host, service.port, service.path,
             route.strip_path, route.preserve_host, server_timing,
             service.connect_timeout, service.read_timeout, service.write_timeout,
-            gateway.limits.max_body_size,
+            gateway.limits.max_body_size if route.max_body_size is None else route.max_body_size,
             balancer=balancer,
             hash_on=upstream.hash_on if upstream is not None and upstream.algorithm == "consistent-hashing" else None,
             hash_name=upstream.hash_on_name if upstream is not None else None,

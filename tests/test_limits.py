@@ -82,3 +82,20 @@ def test_absolute_form_target_never_reaches_the_named_host(scripted, gateway):
         assert c.read_response().status == 200
     assert len(seen) == 1
     assert seen[0].startswith(b"GET /ok?q=1 HTTP/1.1\r\n")
+
+
+def test_body_size_limit_per_route_overrides_the_global_one(echo, gateway):
+    gw = gateway(config(service("s", echo.url, [
+        {"name": "small", "paths": ["/small"], "max_body_size": 10},
+        {"name": "big", "paths": ["/big"]},
+    ]), limits={"max_body_size": "1k"}))
+    for path, size, status in (("/small", 11, 413), ("/small", 10, 200), ("/big", 500, 200), ("/big", 2000, 413)):
+        with RawClient(gw.port) as c:
+            c.send(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (path.encode(), size)
+                   + b"a" * size)
+            assert c.read_response().status == status, (path, size)
+    # chunked bodies are counted as they stream
+    with RawClient(gw.port) as c:
+        c.send(b"POST /small HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n20\r\n" + b"b" * 32
+               + b"\r\n0\r\n\r\n")
+        assert c.read_response().status == 413

@@ -53,7 +53,7 @@ SERVICE_FIELDS = ("name", "url", "protocol", "host", "port", "path", "connect_ti
                   "server_timing", "routes")
 URL_PARTS = ("protocol", "host", "port", "path")
 ROUTE_FIELDS = ("name", "service", "hosts", "paths", "methods", "headers", "strip_path",
-                "preserve_host", "priority")
+                "preserve_host", "priority", "max_body_size")
 MATCH_CRITERIA = ("hosts", "paths", "methods", "headers")
 
 LIMIT_PARSERS = {
@@ -357,6 +357,7 @@ def read_route(fields: Fields, index: int, parent: str | None, known: list[str])
         strip_path=fields.value("strip_path", boolean, True),
         preserve_host=fields.value("preserve_host", boolean, False),
         priority=fields.value("priority", integer(-2**31, 2**31 - 1, "priority"), 0),
+        max_body_size=fields.value("max_body_size", size(0, "max_body_size")),
     )
 
 

@@ -81,6 +81,7 @@ class Route:
     strip_path: bool = True
     preserve_host: bool = False
     priority: int = 0                   # regex paths: higher is tried first
+    max_body_size: int | None = None    # overrides gateway.limits.max_body_size (0 = unlimited)
 
 
 @dataclass(frozen=True)
