@@ -80,6 +80,7 @@ def compile_plan(config: Config, pools: PoolRegistry, previous: Plan | None = No
     upstreams = {u.name: u for u in config.upstreams}
     targets: list[RouteTarget] = []
     specs: list[RouteSpec] = []
+    chains = plugin_chains(config)
     for route in config.routes:
         service = services[route.service]
         server_timing = gateway.server_timing if service.server_timing is None else service.server_timing
@@ -98,10 +99,49 @@ def compile_plan(config: Config, pools: PoolRegistry, previous: Plan | None = No
             retries=service.retries,
             retry_on=service.retry_on,
             per_try_timeout=service.per_try_timeout,
+            plugins=chains.get(route.name),
         )
         targets.append(target)
         specs.append(_spec(route, target))
     return Plan(config, Router(specs), targets, balancers)
+
+
+def plugin_chains(config: Config) -> dict[str, tuple]:
+    """Route name -> its plugin chain (only routes that have one).
+
+    Per plugin name the most specific entry wins (route, then service, then global: one instance
+    of a plugin per request); a disabled entry switches the plugin off for its scope. The chain is
+    sorted by priority, highest first. One instance per entry, shared by the routes it applies to.
+    """
+    entries = getattr(config, "plugins", ())
+    if not entries:
+        return {}
+    from fastmesh.plugins import find_plugin
+    instances = {}
+    for entry in entries:
+        cls = find_plugin(entry.name, entry.module)
+        plugin = cls(dict(entry.config))
+        setup = getattr(plugin, "setup", None)
+        if setup is not None:
+            setup(config)
+        instances[id(entry)] = plugin
+    chains: dict[str, tuple] = {}
+    for route in config.routes:
+        chosen: dict[str, tuple[int, object]] = {}
+        for entry in entries:
+            if entry.route is not None:
+                rank = 2 if entry.route == route.name else -1
+            elif entry.service is not None:
+                rank = 1 if entry.service == route.service else -1
+            else:
+                rank = 0
+            if rank >= 0 and (entry.name not in chosen or chosen[entry.name][0] < rank):
+                chosen[entry.name] = (rank, entry)
+        chain = [instances[id(e)] for _, e in chosen.values() if e.enabled]
+        if chain:
+            chain.sort(key=lambda p: (-getattr(p, "priority", 0), getattr(p, "name", "")))
+            chains[route.name] = tuple(chain)
+    return chains
 
 
 def _pool(pools: PoolRegistry, gateway, host: str, port: int) -> Pool:

@@ -395,8 +395,9 @@ def test_unknown_field_without_close_match_has_no_suggestion():
     assert data_issues({"gateway": {"zzz": 1}}) == {"gateway.zzz": ["unknown field 'zzz'"]}
 
 
-def test_not_yet_supported_entities_are_named():
-    assert data_issues({"plugins": []}) == {"plugins": ["'plugins' is not supported yet"]}
+def test_plugins_and_consumers_are_accepted_as_entities():
+    config = load_config_data({"plugins": [], "consumers": []})
+    assert config.plugins == () and config.consumers == ()
 
 
 def test_all_errors_reported_at_once(tmp_path):

@@ -38,6 +38,10 @@ cdef class RouteTarget:
     cdef int retry_mask                 # RETRY_* conditions beyond connect failures
     cdef double per_try_timeout         # read timeout of one attempt
     cdef double retry_tokens            # retry budget: +0.2 per request, -1 per retry (burst cap)
+    # plugins (fastmesh.plugins): the route's chain, or None, which costs one pointer test
+    cdef readonly object plugins        # tuple of plugin instances sorted by priority, or None
+    cdef bint plugins_log               # some plugin of the chain has a log phase
+    cdef bint plugins_response          # some plugin of the chain has a response phase
 
 
 cdef class Gateway:
@@ -113,6 +117,7 @@ cdef class DownstreamProtocol:
     cdef int64_t resp_bytes          # response bytes sent
     cdef object log_request          # (wall time, method, target, host, user agent) when logging
     cdef bytes request_id
+    cdef object preq                 # plugins: fastmesh.plugins.Request (routes with a chain only)
     cdef double deadline
     cdef int dkind
 
@@ -137,6 +142,7 @@ cdef class DownstreamProtocol:
     cdef bint _connect_failed_retry(self) except -1
     cdef Pool _pick_pool(self)
     cdef int _local_response(self, int status, str message, bint close) except -1
+    cdef int _send_local(self, bytes payload, bint close) except -1
     cdef void _pause(self, int reason)
     cdef void _resume(self, int reason)
     cdef void _finish_request_metrics(self)
@@ -144,6 +150,10 @@ cdef class DownstreamProtocol:
     cdef int _add_request_id(self, Buf* w) except -1
     cdef void _detach_upstream(self, bint reusable)
     cdef void _set_deadline(self, double seconds, int kind)
+    # plugins
+    cdef bint _plugin_access(self, const char* b, Head* h) except -1
+    cdef object _plugin_response(self, const char* b, Head* h)
+    cdef void _plugin_log(self)
 
 
 cdef class UpstreamProtocol(PooledConnection):

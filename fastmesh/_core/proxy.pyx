@@ -39,6 +39,10 @@ from fastmesh._core.balancer cimport (
 )
 from fastmesh._core.includes.clock cimport now_ns
 from fastmesh._core.balancer import request_hash_key
+from fastmesh.plugins import (
+    Request as PluginRequest, answer_payload as plugin_answer_payload,
+    run_access as plugin_run_access, run_response as plugin_run_response, run_log as plugin_run_log,
+)
 
 import os
 import random
@@ -193,8 +197,13 @@ cdef class RouteTarget:
                  double connect_timeout, double read_timeout, double write_timeout,
                  long long max_body_size, Balancer balancer=None, str hash_on=None,
                  str hash_name=None, int retries=0, retry_on=("connect-failure",),
-                 double per_try_timeout=0.0):
+                 double per_try_timeout=0.0, plugins=None):
         self.name = name
+        self.plugins = tuple(plugins) if plugins else None
+        self.plugins_log = self.plugins is not None and any(
+            getattr(p, "log", None) is not None for p in self.plugins)
+        self.plugins_response = self.plugins is not None and any(
+            getattr(p, "response", None) is not None for p in self.plugins)
         self.service = service
         self.pool = pool
         if ":" in upstream_host and not upstream_host.startswith("["):
@@ -512,6 +521,7 @@ cdef class DownstreamProtocol:
         self.req_bytes = consumed
         self.resp_bytes = 0
         self.request_id = None
+        self.preq = None
         if gw.log_enabled:
             self.log_request = (
                 time.time(),
@@ -553,6 +563,8 @@ cdef class DownstreamProtocol:
             self._local_response(413, "request body too large", True)
             return avail
         self.route = rt
+        if rt.plugins is not None and self._plugin_access(b, h):
+            return avail if h.body_kind != BODY_NONE else consumed
         self.target = None
         self.tries = 1
         self.hash_key = None
@@ -805,6 +817,7 @@ cdef class DownstreamProtocol:
         cdef const char* path = b + h.path.off
         cdef Py_ssize_t plen = h.path.len
         cdef Py_ssize_t base_len = PyBytes_GET_SIZE(rt.base_path)
+        cdef object drop = self.preq.drop if self.preq is not None else None
         w.len = 0
         add_span(w, b, h.method)
         buf_add(w, " ", 1)
@@ -839,7 +852,15 @@ cdef class DownstreamProtocol:
                 continue
             if self.request_id is not None and hd.name.len == 12 and span_ieq(b, hd.name, "x-request-id", 12):
                 continue
+            if drop is not None and PyBytes_FromStringAndSize(b + hd.name.off, hd.name.len).lower() in drop:
+                continue
             add_header(w, b, hd)
+        if self.preq is not None and self.preq.add:
+            for name, value in self.preq.add:
+                add_lit(w, name)
+                buf_add(w, ": ", 2)
+                add_lit(w, value)
+                buf_add(w, "\r\n", 2)
         buf_add(w, "X-Forwarded-For: ", 17)
         add_values_of(w, b, h, H_X_FORWARDED_FOR)
         add_lit(w, self.client_ip)
@@ -881,6 +902,10 @@ cdef class DownstreamProtocol:
         cdef int64_t now
         cdef int status = h.status
         cdef bint closing
+        cdef object rdrop = None
+        cdef object radd = None
+        if self.preq is not None and self.route.plugins_response:
+            rdrop, radd = self._plugin_response(b, h)
         w.len = 0
         buf_add(w, "HTTP/1.1 ", 9)
         buf_add_int(w, status)
@@ -893,7 +918,15 @@ cdef class DownstreamProtocol:
                 continue
             if self.http10 and hd.kind == H_TRANSFER_ENCODING:
                 continue       # RFC 9112 §6.1: never a Transfer-Encoding to an HTTP/1.0 client
+            if rdrop is not None and PyBytes_FromStringAndSize(b + hd.name.off, hd.name.len).lower() in rdrop:
+                continue
             add_header(w, b, hd)
+        if radd:
+            for name, value in radd:
+                add_lit(w, name)
+                buf_add(w, ": ", 2)
+                add_lit(w, value)
+                buf_add(w, "\r\n", 2)
         buf_add(w, "Via: ", 5)
         add_values_of(w, b, h, H_VIA)
         buf_add(w, "1.0 fastmesh\r\n" if h.version_minor == 0 else "1.1 fastmesh\r\n", 14)
@@ -990,6 +1023,8 @@ cdef class DownstreamProtocol:
             if self.gw.log_enabled:
                 self._log(self.resp_status)
             return
+        if self.preq is not None:
+            self._plugin_log()
         rt.status_counts[cls] += 1
         rt.bytes_in += self.req_bytes
         rt.bytes_out += self.resp_bytes
@@ -1075,6 +1110,63 @@ cdef class DownstreamProtocol:
             self.transport.close()
         return 0
 
+    # --- plugins (fastmesh.plugins): reached only when the route's chain is not None -------------
+
+    cdef bint _plugin_access(self, const char* b, Head* h) except -1:
+        """Build the request view, run the access phases; True when a plugin answered."""
+        cdef Gateway gw = self.gw
+        cdef RouteTarget rt = self.route
+        cdef int i
+        cdef Header* hd
+        cdef bint close
+        headers = [(PyBytes_FromStringAndSize(b + h.headers[i].name.off, h.headers[i].name.len),
+                    PyBytes_FromStringAndSize(b + h.headers[i].value.off, h.headers[i].value.len))
+                   for i in range(h.nheaders)]
+        req = PluginRequest(
+            PyBytes_FromStringAndSize(b + h.method.off, h.method.len),
+            PyBytes_FromStringAndSize(b + h.path.off, h.path.len),
+            PyBytes_FromStringAndSize(b + h.query.off, h.query.len) if h.has_query else b"",
+            headers, self.client_ip, rt.name, rt.service)
+        self.preq = req
+        answer = plugin_run_access(rt.plugins, req)
+        if answer is None:
+            return False
+        # The plugin answers: like a local response (the body, if any, is not read: close).
+        close = h.body_kind != BODY_NONE or not self.keep_alive or self.close_after
+        status, payload = plugin_answer_payload(answer, close, req)
+        gw.local_responses += 1
+        self.resp_status = status
+        self.resp_bytes = len(payload)
+        self.t_up_start = 0
+        self._finish_request_metrics()
+        self.route = None
+        if self.transport is not None:
+            self._send_local(payload, close)
+        return True
+
+    cdef object _plugin_response(self, const char* b, Head* h):
+        """Run the response phases on the upstream head; (drop set, add list), each maybe None."""
+        cdef int i
+        headers = [(PyBytes_FromStringAndSize(b + h.headers[i].name.off, h.headers[i].name.len),
+                    PyBytes_FromStringAndSize(b + h.headers[i].value.off, h.headers[i].value.len))
+                   for i in range(h.nheaders)]
+        return plugin_run_response(self.route.plugins, self.preq, h.status, headers)
+
+    cdef void _plugin_log(self):
+        """Schedule the log phases after this response (loop.call_soon: off the client's path)."""
+        cdef RouteTarget rt = self.route
+        cdef object req = self.preq
+        cdef int64_t end = now_ns()
+        self.preq = None
+        if not rt.plugins_log:
+            return
+        timings = {"total_ms": (end - self.t_start) / 1e6,
+                   "upstream_ms": (end - self.t_up_start) / 1e6 if self.t_up_start else None}
+        try:
+            self.gw.loop.call_soon(plugin_run_log, rt.plugins, req, self.resp_status, timings)
+        except Exception:
+            pass
+
     cdef int _local_response(self, int status, str message, bint close) except -1:
         """Answer from the gateway itself (routing and parse errors)."""
         cdef Gateway gw = self.gw
@@ -1087,6 +1179,10 @@ cdef class DownstreamProtocol:
         self.resp_bytes = len(payload)
         if gw.log_enabled:
             self._log(status)
+        return self._send_local(payload, close)
+
+    cdef int _send_local(self, bytes payload, bint close) except -1:
+        """Write an answer the gateway made itself, then close or wait for the next request."""
         self.write(payload)
         if close:
             self.state = D_CLOSED
@@ -1094,7 +1190,7 @@ cdef class DownstreamProtocol:
             self.transport.close()
         else:
             self.state = D_HEAD
-            self._set_deadline(gw.keepalive_timeout, K_IDLE)
+            self._set_deadline(self.gw.keepalive_timeout, K_IDLE)
         return 0
 
     def _on_timeout(self):

@@ -32,6 +32,7 @@ from fastmesh.config.model import (
 )
 from fastmesh.config.operations import access_log_target, read_admin
 from fastmesh.config.upstreams import read_upstreams, upstreams_version
+from fastmesh.config.plugins import plugins_version, read_consumers, read_plugins
 from fastmesh.config.schema import (
     Fields, Invalid, Issues, address_host, boolean, child, describe, duration, host, integer,
     ip_literal, hostname, listen_address, name, port_number, size, split_host_port, string, token,
@@ -45,15 +46,16 @@ except AttributeError:  # PyYAML built without libyaml
 HTTPS_NOT_YET = "protocol 'https' is not supported yet (TLS arrives with the TLS issue)"
 
 TOP_FIELDS = ("_format_version", "gateway", "services", "routes", "upstreams", "targets")
-NOT_YET_SUPPORTED = ("consumers", "plugins")
+NOT_YET_SUPPORTED: tuple[str, ...] = ()
+PLUGIN_ENTITIES = ("plugins", "consumers")   # read by fastmesh.config.plugins
 GATEWAY_FIELDS = ("listen", "server_timing", "limits", "upstream_keepalive", "admin",
                   "access_log", "request_id")
 SERVICE_FIELDS = ("name", "url", "protocol", "host", "port", "path", "connect_timeout",
                   "read_timeout", "write_timeout", "retries", "retry_on", "per_try_timeout",
-                  "server_timing", "routes")
+                  "server_timing", "routes", "plugins")
 URL_PARTS = ("protocol", "host", "port", "path")
 ROUTE_FIELDS = ("name", "service", "hosts", "paths", "methods", "headers", "strip_path",
-                "preserve_host", "priority", "max_body_size")
+                "preserve_host", "priority", "max_body_size", "plugins")
 MATCH_CRITERIA = ("hosts", "paths", "methods", "headers")
 
 LIMIT_PARSERS = {
@@ -100,11 +102,14 @@ def load_config_data(data: object, source: str = "<config>") -> Config:
     services, nested = read_services(top)
     upstreams, services = read_upstreams(top, services)
     routes = read_routes(top, nested, list(dict.fromkeys(s.name for s in services if s.name)))
+    plugins, consumers = read_plugins(top), read_consumers(top)
     if issues:
         raise ConfigError(issues.items)
     return Config(source=source, services=tuple(services), routes=tuple(routes), gateway=gateway,
-                  version=upstreams_version(config_version(gateway, services, routes), upstreams),
-                  upstreams=tuple(upstreams))
+                  version=plugins_version(
+                      upstreams_version(config_version(gateway, services, routes), upstreams),
+                      plugins, consumers),
+                  upstreams=tuple(upstreams), plugins=plugins, consumers=consumers)
 
 
 def read_document(path: str) -> object:
@@ -160,7 +165,7 @@ def read_top(issues: Issues, data: object) -> Fields | None:
         issues.add("", "expected a mapping at the top level (with services, routes, gateway), "
                        f"found {describe(data)}")
         return None
-    top = Fields(issues, "", data, TOP_FIELDS + NOT_YET_SUPPORTED)
+    top = Fields(issues, "", data, TOP_FIELDS + NOT_YET_SUPPORTED + PLUGIN_ENTITIES)
     for entity in NOT_YET_SUPPORTED:
         if entity in data:
             issues.add(entity, f"'{entity}' is not supported yet")

@@ -92,6 +92,8 @@ class Config:
     gateway: GatewaySettings
     version: str                        # short hash of the canonical config
     upstreams: tuple = ()               # fastmesh.config.upstreams.Upstream, declaration order
+    plugins: tuple = ()                 # fastmesh.config.plugins.PluginEntry, declaration order
+    consumers: tuple = ()               # fastmesh.config.plugins.Consumer
 
 
 @dataclass(frozen=True)

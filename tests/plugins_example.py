@@ -1,0 +1,35 @@
+"""Python plugins loaded by tests/test_plugins.py with `module: tests.plugins_example`."""
+import os
+
+from fastmesh.config.schema import string
+from fastmesh.plugins import Field, Plugin, Response
+
+
+class Stamp(Plugin):
+    """Adds a header upstream and one to the response; logs each request to a file."""
+    name = "stamp"
+    priority = 10
+    schema = {"value": Field(string, "stamped"), "log_file": Field(string, None)}
+
+    def access(self, request):
+        request.add_header("X-Stamp", self.config["value"])
+        if request.get_header("x-deny") is not None:
+            return Response(403, {"message": "denied by stamp"})
+
+    def response(self, request, response):
+        response.add_header("X-Stamped", self.config["value"])
+
+    def log(self, request, response, timings):
+        if self.config["log_file"]:
+            with open(self.config["log_file"], "a") as f:
+                f.write(f"{os.getpid()} {request.route} {response.status} {request.consumer}\n")
+
+
+class Boom(Plugin):
+    """Raises in access when the request asks for it."""
+    name = "boom"
+    priority = 5
+
+    def access(self, request):
+        if request.get_header("x-boom") is not None:
+            raise RuntimeError("boom as asked")
