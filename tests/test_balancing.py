@@ -104,3 +104,28 @@ def test_circuit_breaker_rejects_over_max_requests(scripted, gateway):
     resp = get(gw.port)
     assert resp.status == 503 and "circuit breaker" in resp.json()["message"]
     first.close()
+
+
+def test_circuit_breaker_caps_upstream_connections(scripted, gateway):
+    """max_connections: one upstream connection busy, a second request gets 503 at once."""
+    import socket
+
+    def slow(conn, index):
+        while read_request_head(conn):
+            time.sleep(1.0)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    up = scripted(slow)
+    gw = gateway(upstream_config([addr(up)], circuit_breaker={"max_connections": 1}))
+    first = socket.create_connection(("127.0.0.1", gw.port))
+    first.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    time.sleep(0.3)
+    start = time.monotonic()
+    resp = get(gw.port)
+    assert resp.status == 503 and "connection limit" in resp.json()["message"]
+    assert time.monotonic() - start < 0.5
+    first.settimeout(3)
+    assert first.recv(100).startswith(b"HTTP/1.1 200")
+    first.close()
+    # the busy connection went back to the pool: the next request reuses it
+    assert get(gw.port).status == 200
+    assert up.connections == 1

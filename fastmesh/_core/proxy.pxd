@@ -158,6 +158,9 @@ cdef class DownstreamProtocol:
 
 cdef class UpstreamProtocol(PooledConnection):
     cdef object write                # transport.write, looked up once per connection
+    cdef Balancer balancer           # circuit-breaker counters of a balanced target (or None)
+    cdef bint pending                # counted in balancer.pending (connecting)
+    cdef bint counted                # counted in balancer.connections (connected)
     cdef DownstreamProtocol down
     cdef int state
     cdef Buf rbuf
@@ -171,5 +174,6 @@ cdef class UpstreamProtocol(PooledConnection):
     cdef object connect_task
 
     cdef void attach(self, DownstreamProtocol down, bint reused)
+    cdef void _connecting_over(self, bint connected)
     cdef int _parse_head(self, object data, const char* p, Py_ssize_t n) except -1
     cdef int _body(self, object data, const char* p, Py_ssize_t off, Py_ssize_t n) except -1

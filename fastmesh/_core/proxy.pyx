@@ -771,8 +771,20 @@ cdef class DownstreamProtocol:
     def _connect(self):
         cdef RouteTarget rt = self.route
         cdef Pool pool = self._pick_pool()
-        cdef UpstreamProtocol up = UpstreamProtocol()
+        cdef UpstreamProtocol up
+        cdef Balancer bal = rt.balancer
+        if bal is not None and not bal.admit_connection():
+            # Circuit breaker: no new upstream connection past max_connections; answer at once.
+            self._end_target(OUTCOME_ABORTED, 0)
+            self.pending_out = None
+            self._fail(503, f"upstream '{rt.upstream_label}' is at its connection limit")
+            return
+        up = UpstreamProtocol()
         up.attach(self, False)
+        if bal is not None:
+            up.balancer = bal
+            up.pending = True
+            bal.pending_begin()
         pool.opened(up)
         self._pause(P_CONNECT)
         self._set_deadline(rt.connect_timeout, K_CONNECT)
@@ -1269,13 +1281,24 @@ cdef class UpstreamProtocol(PooledConnection):
         self.state = U_HEAD if reused else U_CONNECTING
         self.rbuf.len = 0
 
+    cdef void _connecting_over(self, bint connected):
+        """Move this connection out of the breaker's pending count (and into connections)."""
+        if self.pending:
+            self.pending = False
+            self.balancer.pending_end()
+            if connected:
+                self.counted = True
+                self.balancer.conn_opened()
+
     def _connect_done(self, task):
         cdef DownstreamProtocol down = self.down
         self.connect_task = None
         if task.cancelled():
+            self._connecting_over(False)
             return
         exc = task.exception()
         if exc is not None:
+            self._connecting_over(False)
             self.closed = True
             self.state = U_CLOSED
             if down is not None:
@@ -1285,6 +1308,7 @@ cdef class UpstreamProtocol(PooledConnection):
 
     def connection_made(self, transport):
         cdef DownstreamProtocol down = self.down
+        self._connecting_over(True)
         self.transport = transport
         self.write = transport.write
         if down is None:
@@ -1301,6 +1325,9 @@ cdef class UpstreamProtocol(PooledConnection):
         self.closed = True
         self.transport = None
         self.write = None
+        if self.counted:
+            self.counted = False
+            self.balancer.conn_closed()
         self.state = U_CLOSED
         if down is None:
             return
