@@ -5,73 +5,15 @@ httptools rejects, ours must reject too (ours is allowed to be stricter); the on
 exceptions are the documented places where ours is deliberately more permissive than
 llhttp, which are checked explicitly rather than skipped.
 """
-import httptools
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from llhttp_reference import LLHTTP_METHODS, OWS, run_llhttp
+
 from fastmesh._core.http1 import ChunkedDecoder, HTTPParseError, parse_request, parse_response
-
-# Methods llhttp knows (it rejects any other token; RFC 9110 allows any token, and so do we).
-LLHTTP_METHODS = {
-    "DELETE", "GET", "HEAD", "POST", "PUT", "CONNECT", "OPTIONS", "TRACE", "COPY", "LOCK",
-    "MKCOL", "MOVE", "PROPFIND", "PROPPATCH", "SEARCH", "UNLOCK", "BIND", "REBIND", "UNBIND",
-    "ACL", "REPORT", "MKACTIVITY", "CHECKOUT", "MERGE", "M-SEARCH", "NOTIFY", "SUBSCRIBE",
-    "UNSUBSCRIBE", "PATCH", "PURGE", "MKCALENDAR", "LINK", "UNLINK", "SOURCE", "QUERY",
-}
-OWS = b" \t"
-
 
 # ---------------------------------------------------------------------------
 # the two parsers, run to the end of the buffer
-
-
-class _Collector:
-    def __init__(self):
-        self.messages = []
-        self.cur = None
-
-    def on_message_begin(self):
-        self.cur = {"url": b"", "headers": [], "trailers": [], "body": b"", "complete": False}
-        self.messages.append(self.cur)
-
-    def on_url(self, url):
-        self.cur["url"] += url
-
-    def on_status(self, status):
-        self.cur["reason"] = self.cur.get("reason", b"") + status
-
-    def on_header(self, name, value):
-        # llhttp reports trailer fields through on_header too, after on_headers_complete
-        self.cur["trailers" if "version" in self.cur else "headers"].append((name, value))
-
-    def on_headers_complete(self):
-        m, p = self.cur, self.parser
-        m["version"] = p.get_http_version()
-        m["keep_alive"] = p.should_keep_alive()
-        if self.response:
-            m["status"] = p.get_status_code()
-        else:
-            m["method"] = p.get_method().decode()
-
-    def on_body(self, body):
-        self.cur["body"] += body
-
-    def on_message_complete(self):
-        self.cur["complete"] = True
-
-
-def run_httptools(data: bytes, response=False):
-    """('ok'|'error', [message dicts]). Upgrade/CONNECT stop the parser: counted as ok."""
-    cb = _Collector()
-    cb.response = response
-    p = cb.parser = (httptools.HttpResponseParser if response else httptools.HttpRequestParser)(cb)
-    try:
-        p.feed_data(data)
-    except httptools.HttpParserUpgrade:
-        return "ok", cb.messages
-    except httptools.HttpParserError:
-        return "error", cb.messages
-    return "ok", cb.messages
 
 
 def run_ours(data: bytes):
@@ -122,7 +64,7 @@ def assert_same_request(ours, theirs):
 
 
 def check_valid(data: bytes):
-    ot, tm = run_httptools(data)
+    ot, tm = run_llhttp(data)
     oo, om, exc = run_ours(data)
     assert ot == "ok", (data, tm)
     assert oo == "ok", (data, exc)
@@ -132,19 +74,8 @@ def check_valid(data: bytes):
         assert_same_request(ours, theirs)
 
 
-def _permitted_leniency(data: bytes, msgs) -> bool:
-    """Documented cases where we accept what llhttp rejects."""
-    for r, _ in msgs:
-        if r.method not in LLHTTP_METHODS:
-            return True     # any token is a method (RFC 9110 9.1)
-        for name, value in r.headers:
-            if name.lower() == b"content-length" and b"," in value:
-                return True  # "5, 5": identical CL list values are merged (RFC 9110 8.6)
-    return False
-
-
 def check_at_least_as_strict(data: bytes):
-    ot, tm = run_httptools(data)
+    ot, tm = run_llhttp(data)
     oo, om, extra = run_ours(data)
     if ot == "ok" and oo == "ok":
         # both accepted the whole buffer: they must agree on every complete message
@@ -230,7 +161,7 @@ def test_valid_corpus_agrees_with_httptools(data):
 
 @pytest.mark.parametrize("data", INVALID_CORPUS)
 def test_invalid_corpus_is_rejected_by_both(data):
-    assert run_httptools(data)[0] == "error"
+    assert run_llhttp(data)[0] == "error"
     assert run_ours(data)[0] == "error"
 
 
@@ -399,7 +330,7 @@ RESPONSES = [
 
 @pytest.mark.parametrize("data,body", RESPONSES)
 def test_responses_agree_with_httptools(data, body):
-    status, msgs = run_httptools(data, response=True)
+    status, msgs = run_llhttp(data, response=True)
     assert status == "ok" and msgs[0]["complete"]
     theirs = msgs[0]
     r = parse_response(data)
@@ -430,7 +361,7 @@ BAD_RESPONSES = [
 
 @pytest.mark.parametrize("data", BAD_RESPONSES)
 def test_bad_responses_are_rejected_by_both(data):
-    assert run_httptools(data, response=True)[0] == "error"
+    assert run_llhttp(data, response=True)[0] == "error"
     with pytest.raises(HTTPParseError) as ei:
         parse_response(data)
     assert ei.value.status == 502

@@ -28,26 +28,17 @@ import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import httptools
-import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import config, get, service
+from llhttp_reference import LLHTTP_METHODS, OWS, run_llhttp
+
 from fastmesh._core.http1 import ChunkedDecoder, HTTPParseError, parse_request, parse_response
 
 EXAMPLES = int(os.environ.get("FASTMESH_FUZZ_EXAMPLES", "300"))
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=False, database=None,
                     suppress_health_check=list(HealthCheck))
 CALL_BUDGET = 0.5      # seconds: one parse call over at most a few KB may never take this long
-
-LLHTTP_METHODS = {
-    "DELETE", "GET", "HEAD", "POST", "PUT", "CONNECT", "OPTIONS", "TRACE", "COPY", "LOCK",
-    "MKCOL", "MOVE", "PROPFIND", "PROPPATCH", "SEARCH", "UNLOCK", "BIND", "REBIND", "UNBIND",
-    "ACL", "REPORT", "MKACTIVITY", "CHECKOUT", "MERGE", "M-SEARCH", "NOTIFY", "SUBSCRIBE",
-    "UNSUBSCRIBE", "PATCH", "PURGE", "MKCALENDAR", "LINK", "UNLINK", "SOURCE", "QUERY",
-}
-OWS = b" \t"
-
 
 # ---------------------------------------------------------------------------------------
 # generators shared by hypothesis (shrinkable draws) and the end-to-end smoke (random.Random)
@@ -236,52 +227,6 @@ def run_ours(data: bytes):
         if not r.keep_alive and data:
             return "error", msgs
     return "ok", msgs
-
-
-class _Collector:
-    def __init__(self, response=False):
-        self.response = response
-        self.messages = []
-        self.cur = None
-        self.parser = None
-
-    def on_message_begin(self):
-        self.cur = {"url": b"", "headers": [], "body": b"", "complete": False, "hdone": False}
-        self.messages.append(self.cur)
-
-    def on_url(self, url):
-        self.cur["url"] += url
-
-    def on_header(self, name, value):
-        if not self.cur["hdone"]:
-            self.cur["headers"].append((name, value))
-
-    def on_headers_complete(self):
-        self.cur["hdone"] = True
-        if self.response:
-            self.cur["status"] = self.parser.get_status_code()
-        else:
-            self.cur["method"] = self.parser.get_method().decode("latin-1")
-        self.cur["version"] = self.parser.get_http_version()
-
-    def on_body(self, body):
-        self.cur["body"] += body
-
-    def on_message_complete(self):
-        self.cur["complete"] = True
-
-
-def run_llhttp(data: bytes, response: bool = False):
-    cb = _Collector(response)
-    cls = httptools.HttpResponseParser if response else httptools.HttpRequestParser
-    p = cb.parser = cls(cb)
-    try:
-        p.feed_data(data)
-    except httptools.HttpParserUpgrade:
-        return "ok", cb.messages
-    except httptools.HttpParserError:
-        return "error", cb.messages
-    return "ok", cb.messages
 
 
 def cl_leniency(headers) -> bool:
