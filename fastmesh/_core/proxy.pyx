@@ -824,8 +824,6 @@ cdef class DownstreamProtocol:
         cdef RouteTarget rt = self.route
         cdef Header* hd
         cdef int i
-        cdef bint first_xff = True
-        cdef bint first_via = True
         cdef const char* path = b + h.path.off
         cdef Py_ssize_t plen = h.path.len
         cdef Py_ssize_t base_len = PyBytes_GET_SIZE(rt.base_path)
@@ -995,11 +993,6 @@ cdef class DownstreamProtocol:
         else:
             self.write(PyBytes_FromStringAndSize(p + off, n))
         return 0
-
-    def _relay_decoded(self, list spans):
-        for chunk in spans:
-            if chunk:
-                self.write(chunk)
 
     # -- response lifecycle --------------------------------------------------------------
     cdef int _response_done(self, bint upstream_reusable) except -1:
@@ -1334,26 +1327,20 @@ cdef class UpstreamProtocol(PooledConnection):
         if state == U_BODY and self.body_kind == BODY_UNTIL_CLOSE:
             down._response_done(False)
         elif state == U_TUNNEL:
-            down.up = None
-            self.down = None
-            self.pool.discard(self)
+            down._detach_upstream(False)
             if down.transport is not None:
                 down.transport.close()
         elif state == U_HEAD and not self.got_bytes and self.was_reused \
                 and down.replay is not None and not down.replayed:
             # A pooled connection the upstream had already closed: resend on a fresh one.
-            down.up = None
-            self.down = None
-            self.pool.discard(self)
+            down._detach_upstream(False)
             down.replayed = True
             down.pending_out = down.replay
             down._connect()
         elif state == U_HEAD:
             failed = down.target
             down._end_target(OUTCOME_RESET, 0)
-            down.up = None
-            self.down = None
-            self.pool.discard(self)
+            down._detach_upstream(False)
             if not down._retry(failed, RETRY_RESET):
                 down._fail(502, "upstream closed the connection before responding")
         else:
@@ -1435,10 +1422,7 @@ cdef class UpstreamProtocol(PooledConnection):
             failed = down.target
             status = self.head.status
             down._end_target(OUTCOME_RESPONSE, status)
-            down.up = None
-            self.down = None
-            self.state = U_CLOSED
-            self.pool.discard(self)          # its body is not read: never reuse it
+            down._detach_upstream(False)     # its body is not read: never reuse it
             if not down._retry(failed, RETRY_5XX):
                 down._fail(status, f"upstream answered {status}")
             return 0
