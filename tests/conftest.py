@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from redis_server import redis_server  # noqa: F401  (fixture: a real redis-server)
+
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 15.0
 

@@ -1,0 +1,1 @@
+"""The mesh: `fastmesh sidecar`, the service registry, and transparent interception."""
