@@ -7,6 +7,7 @@ from fastmesh._core.router cimport Router
 from fastmesh._core.histogram cimport Histogram
 from fastmesh._core.pool cimport Pool, PooledConnection
 from fastmesh._core.balancer cimport Balancer, Target
+from fastmesh._core.plugin cimport Pending, Request, ResponseHead
 
 
 cdef class RouteTarget:
@@ -39,7 +40,7 @@ cdef class RouteTarget:
     cdef double per_try_timeout         # read timeout of one attempt
     cdef double retry_tokens            # retry budget: +0.2 per request, -1 per retry (burst cap)
     # plugins (fastmesh.plugins): the route's chain, or None, which costs one pointer test
-    cdef readonly object plugins        # tuple of plugin instances sorted by priority, or None
+    cdef readonly object plugins        # fastmesh._core.plugin.Chain, or None
     cdef bint plugins_log               # some plugin of the chain has a log phase
     cdef bint plugins_response          # some plugin of the chain has a response phase
 
@@ -117,7 +118,12 @@ cdef class DownstreamProtocol:
     cdef int64_t resp_bytes          # response bytes sent
     cdef object log_request          # (wall time, method, target, host, user agent) when logging
     cdef bytes request_id
-    cdef object preq                 # plugins: fastmesh.plugins.Request (routes with a chain only)
+    cdef Request preq                # plugins: the request view (routes with a chain only)
+    cdef bytes held                  # the request's bytes while an access phase waits
+    cdef Py_ssize_t held_consumed
+    cdef Py_ssize_t held_mlen
+    cdef Pending pending
+    cdef int64_t body_limit          # 413 past this many request body bytes; -1: no limit
     cdef double deadline
     cdef int dkind
 
@@ -151,8 +157,17 @@ cdef class DownstreamProtocol:
     cdef void _detach_upstream(self, bint reusable)
     cdef void _set_deadline(self, double seconds, int kind)
     # plugins
-    cdef bint _plugin_access(self, const char* b, Head* h) except -1
-    cdef object _plugin_response(self, const char* b, Head* h)
+    cdef Py_ssize_t _forward(self, const char* b, Py_ssize_t consumed, Py_ssize_t avail,
+                             Py_ssize_t mlen) except -1
+    cdef int _add_upstream_path(self, Buf* w, const char* b, Py_ssize_t mlen) except -1
+    cdef int _plugin_access(self, const char* b, Head* h, Py_ssize_t consumed, Py_ssize_t avail,
+                            Py_ssize_t mlen) except -1
+    cdef int _access_result(self, object answer, const char* b, Py_ssize_t consumed,
+                            Py_ssize_t avail, Py_ssize_t mlen) except -1
+    cdef int _plugin_answer(self, object answer) except -1
+    cdef int _hold(self, const char* b, Py_ssize_t consumed, Py_ssize_t avail, Py_ssize_t mlen) except -1
+    cdef void _wait_for_plugin(self, Pending pending)
+    cdef ResponseHead _plugin_response(self, const char* b, Head* h)
     cdef void _plugin_log(self)
 
 

@@ -39,10 +39,12 @@ from fastmesh._core.balancer cimport (
 )
 from fastmesh._core.includes.clock cimport now_ns
 from fastmesh._core.balancer import request_hash_key
-from fastmesh.plugins import (
-    Request as PluginRequest, answer_payload as plugin_answer_payload,
-    run_access as plugin_run_access, run_response as plugin_run_response, run_log as plugin_run_log,
+from fastmesh._core.plugin cimport Chain, Pending, Request, ResponseHead
+from fastmesh._core.plugin import (
+    Response, answer_payload as plugin_answer_payload, internal_error, plugin_failed,
 )
+
+import asyncio
 
 import os
 import random
@@ -58,12 +60,23 @@ cdef enum:
     D_WAIT = 2       # request complete, waiting for the response to end
     D_TUNNEL = 3     # after 101 Switching Protocols: raw bytes both ways
     D_CLOSED = 4
+    D_PLUGIN = 5     # an access phase is waiting (e.g. on Redis): the request is held
 
 # Reasons reading from the client is paused (bit set)
 cdef enum:
     P_PIPELINE = 1   # the next request is buffered until the current response ends
     P_UPSTREAM = 2   # the upstream's write buffer is full
     P_CONNECT = 4    # the upstream connection is not established yet
+    P_PLUGIN = 8     # an access phase is waiting; nothing more is read until it answers
+
+# Results of the access phases
+cdef enum:
+    ACCESS_GO_ON = 0
+    ACCESS_ANSWERED = 1
+    ACCESS_HELD = 2      # an awaitable: the request waits in D_PLUGIN
+
+# How long an access phase may wait (its awaitable) before the request gets a 504.
+cdef double PLUGIN_WAIT_MAX = 10.0
 
 # Deadline kinds
 cdef enum:
@@ -150,6 +163,25 @@ def error_response(int status, str message, bint close) -> bytes:
     return head + body
 
 
+cdef bint _named_in(const char* b, Span name, set names):
+    """Is the header name at b[name] (any case) one of `names` (lower-case bytes)?"""
+    cdef bytes low
+    for low in names:
+        if PyBytes_GET_SIZE(low) == name.len and span_ieq(b, name, PyBytes_AS_STRING(low), name.len):
+            return True
+    return False
+
+
+cdef int add_lines(Buf* w, list lines) except -1:
+    """Header lines (name, value) that plugins added."""
+    for name, value in lines:
+        add_lit(w, name)
+        buf_add(w, ": ", 2)
+        add_lit(w, value)
+        buf_add(w, "\r\n", 2)
+    return 0
+
+
 cdef inline int add_span(Buf* w, const char* b, Span s) except -1:
     return buf_add(w, b + s.off, s.len)
 
@@ -197,13 +229,11 @@ cdef class RouteTarget:
                  double connect_timeout, double read_timeout, double write_timeout,
                  long long max_body_size, Balancer balancer=None, str hash_on=None,
                  str hash_name=None, int retries=0, retry_on=("connect-failure",),
-                 double per_try_timeout=0.0, plugins=None):
+                 double per_try_timeout=0.0, plugins=None, consumer_plugins=None):
         self.name = name
-        self.plugins = tuple(plugins) if plugins else None
-        self.plugins_log = self.plugins is not None and any(
-            getattr(p, "log", None) is not None for p in self.plugins)
-        self.plugins_response = self.plugins is not None and any(
-            getattr(p, "response", None) is not None for p in self.plugins)
+        self.plugins = Chain(plugins, consumer_plugins) if plugins or consumer_plugins else None
+        self.plugins_log = self.plugins is not None and self.plugins.has_log
+        self.plugins_response = self.plugins is not None and self.plugins.has_response
         self.service = service
         self.pool = pool
         if ":" in upstream_host and not upstream_host.startswith("["):
@@ -433,7 +463,7 @@ cdef class DownstreamProtocol:
                     self._send_upstream(out)
                     off += taken
                 continue
-            if self.state == D_WAIT:
+            if self.state == D_WAIT or self.state == D_PLUGIN:
                 # The next pipelined request, before this response ended: hold it.
                 buf_add(&self.ibuf, p + off, n - off)
                 if self.ibuf.len > PIPELINE_MAX:
@@ -501,8 +531,7 @@ cdef class DownstreamProtocol:
         cdef const char* host
         cdef Py_ssize_t host_len
         cdef RouteTarget rt
-        cdef Py_ssize_t taken
-        cdef object out
+        cdef int r
         gw.requests += 1
         self.served += 1
         self.dkind = K_NONE
@@ -563,8 +592,34 @@ cdef class DownstreamProtocol:
             self._local_response(413, "request body too large", True)
             return avail
         self.route = rt
-        if rt.plugins is not None and self._plugin_access(b, h):
-            return avail if h.body_kind != BODY_NONE else consumed
+        self.body_limit = rt.max_body_size if rt.max_body_size else -1
+        if rt.plugins is not None:
+            r = self._plugin_access(b, h, consumed, avail, mlen)
+            if r == ACCESS_ANSWERED:
+                return avail if h.body_kind != BODY_NONE else consumed
+            if r == ACCESS_HELD:
+                return avail
+        return self._forward(b, consumed, avail, mlen)
+
+    cdef Py_ssize_t _forward(self, const char* b, Py_ssize_t consumed, Py_ssize_t avail,
+                             Py_ssize_t mlen) except -1:
+        """Routed and admitted by the access phases: send the head and the body bytes at hand.
+
+        b[0:consumed] is the head (parsed into self.head), avail bytes at b; returns how many
+        were used, like _on_head.
+        """
+        cdef Gateway gw = self.gw
+        cdef Head* h = &self.head
+        cdef RouteTarget rt = self.route
+        cdef Py_ssize_t taken
+        cdef object out
+        if self.preq is not None:
+            self.preq.detach(rt.plugins.keep_request)
+            if self.preq.body_limit >= 0 and (self.body_limit < 0 or self.preq.body_limit < self.body_limit):
+                self.body_limit = self.preq.body_limit
+            if self.body_limit >= 0 and h.content_length > self.body_limit:
+                self._local_response(413, "request body too large", True)
+                return avail
         self.target = None
         self.tries = 1
         self.hash_key = None
@@ -710,7 +765,7 @@ cdef class DownstreamProtocol:
         self.req_bytes += take
         if self.dkind == K_BODY:
             self.deadline = mono() + self.gw.body_timeout
-        if self.route is not None and self.route.max_body_size and self.req_body_seen > self.route.max_body_size:
+        if self.body_limit >= 0 and self.req_body_seen > self.body_limit:
             self._abort_request(413, "request body too large")
             return -1
         return take
@@ -824,25 +879,22 @@ cdef class DownstreamProtocol:
         cdef RouteTarget rt = self.route
         cdef Header* hd
         cdef int i
-        cdef const char* path = b + h.path.off
-        cdef Py_ssize_t plen = h.path.len
-        cdef Py_ssize_t base_len = PyBytes_GET_SIZE(rt.base_path)
         cdef object drop = self.preq.drop if self.preq is not None else None
+        cdef bytes new_path = self.preq.new_path if self.preq is not None else None
+        cdef bytes new_query = self.preq.new_query if self.preq is not None else None
         w.len = 0
         add_span(w, b, h.method)
         buf_add(w, " ", 1)
-        # path: service path + (route-stripped) request path, exactly one '/' between
-        if rt.strip_path and mlen > 0:
-            path += mlen
-            plen -= mlen
-        if base_len:
-            buf_add(w, PyBytes_AS_STRING(rt.base_path), base_len)
-            if plen and path[0] != 47:
-                buf_add(w, "/", 1)
-        elif plen == 0 or path[0] != 47:
-            buf_add(w, "/", 1)
-        buf_add(w, path, plen)
-        if h.has_query:
+        if new_path is not None:
+            # a plugin chose the upstream path (request-transformer replace.uri): verbatim
+            add_lit(w, new_path)
+        else:
+            self._add_upstream_path(w, b, mlen)
+        if new_query is not None:
+            if PyBytes_GET_SIZE(new_query):
+                buf_add(w, "?", 1)
+                add_lit(w, new_query)
+        elif h.has_query:
             buf_add(w, "?", 1)
             add_span(w, b, h.query)
         buf_add(w, " HTTP/1.1\r\nHost: ", 17)
@@ -862,15 +914,11 @@ cdef class DownstreamProtocol:
                 continue
             if self.request_id is not None and hd.name.len == 12 and span_ieq(b, hd.name, "x-request-id", 12):
                 continue
-            if drop is not None and PyBytes_FromStringAndSize(b + hd.name.off, hd.name.len).lower() in drop:
+            if drop is not None and _named_in(b, hd.name, drop):
                 continue
             add_header(w, b, hd)
         if self.preq is not None and self.preq.add:
-            for name, value in self.preq.add:
-                add_lit(w, name)
-                buf_add(w, ": ", 2)
-                add_lit(w, value)
-                buf_add(w, "\r\n", 2)
+            add_lines(w, self.preq.add)
         buf_add(w, "X-Forwarded-For: ", 17)
         add_values_of(w, b, h, H_X_FORWARDED_FOR)
         add_lit(w, self.client_ip)
@@ -904,6 +952,24 @@ cdef class DownstreamProtocol:
         buf_add(w, "\r\n", 2)
         return 0
 
+    cdef int _add_upstream_path(self, Buf* w, const char* b, Py_ssize_t mlen) except -1:
+        """Service path + (route-stripped) request path, exactly one '/' between."""
+        cdef Head* h = &self.head
+        cdef RouteTarget rt = self.route
+        cdef const char* path = b + h.path.off
+        cdef Py_ssize_t plen = h.path.len
+        cdef Py_ssize_t base_len = PyBytes_GET_SIZE(rt.base_path)
+        if rt.strip_path and mlen > 0:
+            path += mlen
+            plen -= mlen
+        if base_len:
+            buf_add(w, PyBytes_AS_STRING(rt.base_path), base_len)
+            if plen and path[0] != 47:
+                buf_add(w, "/", 1)
+        elif plen == 0 or path[0] != 47:
+            buf_add(w, "/", 1)
+        return buf_add(w, path, plen)
+
     cdef int _write_response_head(self, UpstreamProtocol up, const char* b) except -1:
         cdef Buf* w = &self.wbuf
         cdef Head* h = &up.head
@@ -912,10 +978,9 @@ cdef class DownstreamProtocol:
         cdef int64_t now
         cdef int status = h.status
         cdef bint closing
-        cdef object rdrop = None
-        cdef object radd = None
+        cdef ResponseHead resp = None
         if self.preq is not None and self.route.plugins_response:
-            rdrop, radd = self._plugin_response(b, h)
+            resp = self._plugin_response(b, h)
         w.len = 0
         buf_add(w, "HTTP/1.1 ", 9)
         buf_add_int(w, status)
@@ -928,15 +993,11 @@ cdef class DownstreamProtocol:
                 continue
             if self.http10 and hd.kind == H_TRANSFER_ENCODING:
                 continue       # RFC 9112 §6.1: never a Transfer-Encoding to an HTTP/1.0 client
-            if rdrop is not None and PyBytes_FromStringAndSize(b + hd.name.off, hd.name.len).lower() in rdrop:
+            if resp is not None and resp.drop is not None and _named_in(b, hd.name, resp.drop):
                 continue
             add_header(w, b, hd)
-        if radd:
-            for name, value in radd:
-                add_lit(w, name)
-                buf_add(w, ": ", 2)
-                add_lit(w, value)
-                buf_add(w, "\r\n", 2)
+        if resp is not None and resp.add:
+            add_lines(w, resp.add)
         buf_add(w, "Via: ", 5)
         add_values_of(w, b, h, H_VIA)
         buf_add(w, "1.0 fastmesh\r\n" if h.version_minor == 0 else "1.1 fastmesh\r\n", 14)
@@ -1117,28 +1178,33 @@ cdef class DownstreamProtocol:
 
     # --- plugins (fastmesh.plugins): reached only when the route's chain is not None -------------
 
-    cdef bint _plugin_access(self, const char* b, Head* h) except -1:
-        """Build the request view, run the access phases; True when a plugin answered."""
-        cdef Gateway gw = self.gw
+    cdef int _plugin_access(self, const char* b, Head* h, Py_ssize_t consumed, Py_ssize_t avail,
+                            Py_ssize_t mlen) except -1:
+        """Run the route's access phases: ACCESS_GO_ON, ACCESS_ANSWERED or ACCESS_HELD."""
         cdef RouteTarget rt = self.route
-        cdef int i
-        cdef Header* hd
-        cdef bint close
-        headers = [(PyBytes_FromStringAndSize(b + h.headers[i].name.off, h.headers[i].name.len),
-                    PyBytes_FromStringAndSize(b + h.headers[i].value.off, h.headers[i].value.len))
-                   for i in range(h.nheaders)]
-        req = PluginRequest(
-            PyBytes_FromStringAndSize(b + h.method.off, h.method.len),
-            PyBytes_FromStringAndSize(b + h.path.off, h.path.len),
-            PyBytes_FromStringAndSize(b + h.query.off, h.query.len) if h.has_query else b"",
-            headers, self.client_ip, rt.name, rt.service)
+        cdef Request req = Request.__new__(Request)
+        req.attach(b, h, self.client_ip, rt.name, rt.service)
         self.preq = req
-        answer = plugin_run_access(rt.plugins, req)
+        return self._access_result((<Chain>rt.plugins).run_access(req, 0), b, consumed, avail, mlen)
+
+    cdef int _access_result(self, object answer, const char* b, Py_ssize_t consumed,
+                            Py_ssize_t avail, Py_ssize_t mlen) except -1:
         if answer is None:
-            return False
-        # The plugin answers: like a local response (the body, if any, is not read: close).
-        close = h.body_kind != BODY_NONE or not self.keep_alive or self.close_after
-        status, payload = plugin_answer_payload(answer, close, req)
+            return ACCESS_GO_ON
+        if isinstance(answer, Pending):
+            if self.held is None:
+                self._hold(b, consumed, avail, mlen)
+            self._wait_for_plugin(<Pending>answer)
+            return ACCESS_HELD
+        self._plugin_answer(answer)
+        return ACCESS_ANSWERED
+
+    cdef int _plugin_answer(self, object answer) except -1:
+        """A plugin answers: like a local response (a request body is not read: close)."""
+        cdef Gateway gw = self.gw
+        cdef bint close = self.head.body_kind != BODY_NONE or not self.keep_alive or self.close_after
+        status, payload = plugin_answer_payload(answer, close, self.route.name)
+        self.preq.detach(self.route.plugins.keep_request)
         gw.local_responses += 1
         self.resp_status = status
         self.resp_bytes = len(payload)
@@ -1147,28 +1213,99 @@ cdef class DownstreamProtocol:
         self.route = None
         if self.transport is not None:
             self._send_local(payload, close)
-        return True
+        return 0
 
-    cdef object _plugin_response(self, const char* b, Head* h):
-        """Run the response phases on the upstream head; (drop set, add list), each maybe None."""
-        cdef int i
-        headers = [(PyBytes_FromStringAndSize(b + h.headers[i].name.off, h.headers[i].name.len),
-                    PyBytes_FromStringAndSize(b + h.headers[i].value.off, h.headers[i].value.len))
-                   for i in range(h.nheaders)]
-        return plugin_run_response(self.route.plugins, self.preq, h.status, headers)
+    cdef int _hold(self, const char* b, Py_ssize_t consumed, Py_ssize_t avail, Py_ssize_t mlen) except -1:
+        """Keep this request's bytes while an access phase waits; read nothing more meanwhile.
+
+        The head's spans are offsets, so they stay valid over the copy.
+        """
+        self.held = PyBytes_FromStringAndSize(b, avail)
+        self.held_consumed = consumed
+        self.held_mlen = mlen
+        self.cur = PyBytes_AS_STRING(self.held)
+        self.preq.attach(self.cur, &self.head, self.client_ip, self.route.name, self.route.service)
+        self.state = D_PLUGIN
+        self._pause(P_PLUGIN)
+        return 0
+
+    cdef void _wait_for_plugin(self, Pending pending):
+        self.pending = pending
+        try:
+            waiter = asyncio.ensure_future(asyncio.wait_for(pending.awaitable, PLUGIN_WAIT_MAX))
+        except Exception as err:
+            waiter = self.gw.loop.create_future()
+            waiter.set_exception(err)
+        waiter.add_done_callback(self._plugin_done)
+
+    def _plugin_done(self, waiter):
+        """An access phase's awaitable finished: answer, wait again, or forward the request."""
+        cdef Pending pending = self.pending
+        cdef Py_ssize_t n, r
+        cdef const char* b
+        self.pending = None
+        if self.transport is None or self.state != D_PLUGIN or pending is None:
+            if not waiter.cancelled():
+                waiter.exception()       # retrieved: no "exception never retrieved" noise
+            return
+        plugin = pending.chain.plugins[pending.index - 1]
+        try:
+            answer = waiter.result()
+        except asyncio.TimeoutError:
+            answer = Response(504, {"message": f"plugin '{pending.plugin_name}' did not answer in time"})
+        except Exception:
+            plugin_failed(plugin, "access", self.route.name)
+            answer = internal_error(plugin)
+        else:
+            if answer is None:
+                answer = pending.chain.run_access(self.preq, pending.index)
+            elif not isinstance(answer, Response):
+                answer = internal_error(plugin)
+        held = self.held
+        b = PyBytes_AS_STRING(held)
+        r = self._access_result(answer, b, self.held_consumed, PyBytes_GET_SIZE(held), self.held_mlen)
+        if r == ACCESS_HELD:
+            return
+        self.held = None
+        if r == ACCESS_ANSWERED:
+            n = PyBytes_GET_SIZE(held) if self.head.body_kind != BODY_NONE else self.held_consumed
+        else:
+            self.state = D_HEAD
+            n = self._forward(b, self.held_consumed, PyBytes_GET_SIZE(held), self.held_mlen)
+        # What followed this request (in the held read and what arrived while waiting) goes on.
+        rest = held[n:]
+        if self.ibuf.len:
+            rest += PyBytes_FromStringAndSize(self.ibuf.data, self.ibuf.len)
+            self.ibuf.len = 0
+        self._resume(P_PLUGIN)
+        if rest and self.transport is not None:
+            self._feed(rest, PyBytes_AS_STRING(rest), PyBytes_GET_SIZE(rest))
+
+    cdef ResponseHead _plugin_response(self, const char* b, Head* h):
+        """Run the response phases over the upstream head (read in place, no copies)."""
+        cdef ResponseHead resp = ResponseHead.__new__(ResponseHead)
+        resp.b = b
+        resp.h = h
+        resp.live = True
+        resp.status = h.status
+        self.preq.chain.run_response(self.preq, resp)
+        resp.live = False
+        resp.b = NULL
+        resp.h = NULL
+        return resp
 
     cdef void _plugin_log(self):
         """Schedule the log phases after this response (loop.call_soon: off the client's path)."""
         cdef RouteTarget rt = self.route
-        cdef object req = self.preq
+        cdef Request req = self.preq
         cdef int64_t end = now_ns()
         self.preq = None
-        if not rt.plugins_log:
+        if not rt.plugins_log or req.chain is None or not req.chain.has_log:
             return
         timings = {"total_ms": (end - self.t_start) / 1e6,
                    "upstream_ms": (end - self.t_up_start) / 1e6 if self.t_up_start else None}
         try:
-            self.gw.loop.call_soon(plugin_run_log, rt.plugins, req, self.resp_status, timings)
+            self.gw.loop.call_soon(req.chain.run_log, req, self.resp_status, timings)
         except Exception:
             pass
 

@@ -1,0 +1,77 @@
+# The plugin contract's data-path side: the request and response views every plugin sees,
+# the base class of native (Cython) plugins, and a route's compiled chain.
+#
+# One contract for both kinds: Python plugins call the views' Python methods; native plugins
+# are cdef classes deriving NativePlugin whose phases the chain calls through the C vtable,
+# reading headers straight from the parsed head (no per-header objects).
+from fastmesh._core.http1 cimport Head
+
+
+cdef class Request:
+    cdef const char* b               # the request head's buffer, valid while `live`
+    cdef Head* h
+    cdef bint live
+    cdef readonly bytes client_ip    # TCP peer address (text)
+    cdef public str route
+    cdef public str service
+    cdef public object consumer      # username of the authenticated consumer (auth plugins)
+    cdef public object credential    # identifier of the credential that authenticated it
+    cdef public object ctx           # free per-request slot for plugins (response/log phases)
+    cdef public list add             # [(name, value)] added to the upstream request
+    cdef public set drop             # lower-case names not forwarded upstream
+    cdef public bytes new_path       # set_path: the upstream path, verbatim
+    cdef public bytes new_query      # set_query: the upstream query (without '?')
+    cdef public long long body_limit # set_body_limit: 413 past this many body bytes (-1: none)
+    cdef public Chain chain          # the chain running for this request (a consumer's, maybe)
+    cdef object _method, _path, _query, _headers    # copies, made on first Python access
+
+    cdef void attach(self, const char* b, Head* h, bytes client_ip, str route, str service)
+    cdef int detach(self, bint keep) except -1
+    cdef object header_c(self, const char* lower, Py_ssize_t n)
+    cdef bint has_header_c(self, const char* lower, Py_ssize_t n)
+
+
+cdef class ResponseHead:
+    cdef const char* b               # the upstream response head's buffer, valid during the phase
+    cdef Head* h
+    cdef bint live
+    cdef public int status
+    cdef public list add
+    cdef public set drop
+    cdef object _headers
+
+    cdef object header_c(self, const char* lower, Py_ssize_t n)
+
+
+cdef class NativePlugin:
+    cdef public dict config
+    cdef bint native_access          # set by subclasses that implement access_c
+    cdef bint native_response        # ... response_c
+
+    # None to go on, or a Response that answers the request (only built on that path).
+    cdef object access_c(self, Request req)
+    cdef int response_c(self, Request req, ResponseHead resp) except -1
+
+
+cdef class Chain:
+    cdef readonly tuple plugins      # sorted: priority high to low, then name
+    cdef tuple access_fns            # per plugin: the NativePlugin, a Python callable, or None
+    cdef tuple response_fns
+    cdef tuple log_fns
+    cdef readonly bint has_rewrite
+    cdef readonly bint has_response
+    cdef readonly bint has_log
+    cdef readonly bint keep_request  # a Python phase runs after access: copy the request view
+    cdef readonly dict by_consumer   # username -> that consumer's Chain on this route, or None
+
+    cdef object run_access(self, Request req, Py_ssize_t start)
+    cdef Py_ssize_t after(self, object plugin)
+    cdef int run_response(self, Request req, ResponseHead resp) except -1
+
+
+# An access phase returned an awaitable: the chain goes on at `index` when it is done.
+cdef class Pending:
+    cdef readonly object awaitable
+    cdef readonly Chain chain
+    cdef readonly Py_ssize_t index
+    cdef readonly str plugin_name
