@@ -26,7 +26,7 @@ cdef class Request:
     cdef object _method, _path, _query, _headers    # copies, made on first Python access
 
     cdef void attach(self, const char* b, Head* h, bytes client_ip, str route, str service)
-    cdef int detach(self, bint keep) except -1
+    cdef int detach(self, bint keep, tuple names) except -1
     cdef object header_c(self, const char* lower, Py_ssize_t n)
     cdef bint has_header_c(self, const char* lower, Py_ssize_t n)
 
@@ -47,6 +47,7 @@ cdef class NativePlugin:
     cdef public dict config
     cdef bint native_access          # set by subclasses that implement access_c
     cdef bint native_response        # ... response_c
+    cdef tuple response_headers      # request headers (lower-case) its response phase reads
 
     # None to go on, or a Response that answers the request (only built on that path).
     cdef object access_c(self, Request req)
@@ -62,6 +63,7 @@ cdef class Chain:
     cdef readonly bint has_response
     cdef readonly bint has_log
     cdef readonly bint keep_request  # a Python phase runs after access: copy the request view
+    cdef readonly tuple keep_names   # else: the request headers native response phases read
     cdef readonly dict by_consumer   # username -> that consumer's Chain on this route, or None
 
     cdef object run_access(self, Request req, Py_ssize_t start)

@@ -94,12 +94,20 @@ cdef class Request:
         self.route = route
         self.service = service
 
-    cdef int detach(self, bint keep) except -1:
+    cdef int detach(self, bint keep, tuple names) except -1:
+        """The client's buffer is about to go: copy what later phases read (see Chain)."""
+        cdef bytes name
         if self.live and keep:
             self.method
             self.path
             self.query
             self.headers
+        elif self.live and names:
+            self._headers = []
+            for name in names:
+                value = _last_value(self.b, self.h, PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name))
+                if value is not None:
+                    self._headers.append((name, value))
         self.live = False
         self.b = NULL
         self.h = NULL
@@ -377,12 +385,15 @@ cdef class Chain:
         cdef list acc = [], resp = [], logs = []
         cdef bint keep = False
         cdef NativePlugin nat
+        cdef list names = []
         self.plugins = tuple(plugins)
         for p in self.plugins:
             if isinstance(p, NativePlugin):
                 nat = <NativePlugin>p
                 acc.append(p if nat.native_access else None)
                 resp.append(p if nat.native_response else None)
+                if nat.native_response and nat.response_headers:
+                    names.extend(n for n in nat.response_headers if n not in names)
                 fn = _phase(p, "log")
                 logs.append(fn)
                 keep = keep or fn is not None
@@ -407,6 +418,8 @@ cdef class Chain:
                 self.has_response = self.has_response or (<Chain>c).has_response
                 self.has_log = self.has_log or (<Chain>c).has_log
                 self.keep_request = self.keep_request or (<Chain>c).keep_request
+                names.extend(n for n in (<Chain>c).keep_names if n not in names)
+        self.keep_names = tuple(names)
 
     def __len__(self):
         return len(self.plugins)

@@ -231,7 +231,7 @@ cdef class RouteTarget:
                  str hash_name=None, int retries=0, retry_on=("connect-failure",),
                  double per_try_timeout=0.0, plugins=None, consumer_plugins=None):
         self.name = name
-        self.plugins = Chain(plugins, consumer_plugins) if plugins or consumer_plugins else None
+        self.plugins = Chain(plugins or (), consumer_plugins) if plugins or consumer_plugins else None
         self.plugins_log = self.plugins is not None and self.plugins.has_log
         self.plugins_response = self.plugins is not None and self.plugins.has_response
         self.service = service
@@ -614,7 +614,7 @@ cdef class DownstreamProtocol:
         cdef Py_ssize_t taken
         cdef object out
         if self.preq is not None:
-            self.preq.detach(rt.plugins.keep_request)
+            self.preq.detach(rt.plugins.keep_request, rt.plugins.keep_names)
             if self.preq.body_limit >= 0 and (self.body_limit < 0 or self.preq.body_limit < self.body_limit):
                 self.body_limit = self.preq.body_limit
             if self.body_limit >= 0 and h.content_length > self.body_limit:
@@ -1204,7 +1204,7 @@ cdef class DownstreamProtocol:
         cdef Gateway gw = self.gw
         cdef bint close = self.head.body_kind != BODY_NONE or not self.keep_alive or self.close_after
         status, payload = plugin_answer_payload(answer, close, self.route.name)
-        self.preq.detach(self.route.plugins.keep_request)
+        self.preq.detach(self.route.plugins.keep_request, self.route.plugins.keep_names)
         gw.local_responses += 1
         self.resp_status = status
         self.resp_bytes = len(payload)
