@@ -33,3 +33,28 @@ class Boom(Plugin):
     def access(self, request):
         if request.get_header("x-boom") is not None:
             raise RuntimeError("boom as asked")
+
+
+class Later(Plugin):
+    """An access phase that waits (as a Redis or auth-server round trip would) before deciding.
+
+    `X-Wait: seconds` sets the wait; `X-Deny` answers 403 after it; `X-Boom` raises after it.
+    """
+    name = "later"
+    priority = 20
+
+    async def _decide(self, request, delay):
+        import asyncio
+        await asyncio.sleep(delay)
+        if request.get_header("x-boom") is not None:
+            raise RuntimeError("boom after waiting")
+        if request.get_header("x-deny") is not None:
+            return Response(403, {"message": "denied later"})
+        request.add_header("X-Later", "waited")
+        return None
+
+    def access(self, request):
+        wait = request.get_header("x-wait")
+        if wait is None:
+            return None
+        return self._decide(request, float(wait))

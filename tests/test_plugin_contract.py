@@ -1,0 +1,87 @@
+"""The plugin contract on the data path: access phases that wait (awaitables), held requests."""
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+from conftest import RawClient, config, get, service
+
+
+def later_gateway(echo, gateway):
+    return gateway(config(service("s", echo.url, [
+        {"name": "slow", "paths": ["/slow"], "plugins": [{"name": "later", "module": "tests.plugins_example"}]},
+        {"name": "plain", "paths": ["/plain"]},
+    ])))
+
+
+def test_waiting_access_phase_admits_and_the_body_arrives_whole(echo, gateway):
+    gw = later_gateway(echo, gateway)
+    body = b"x" * 5000
+    with RawClient(gw.port) as c:
+        c.send(b"POST /slow HTTP/1.1\r\nHost: a\r\nX-Wait: 0.2\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        resp = c.read_response()
+        seen = resp.json()
+        assert resp.status == 200
+        assert ["X-Later", "waited"] in seen["headers"]
+        assert seen["body_size"] == len(body)
+        # the connection is still usable afterwards
+        c.send(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert c.read_response().status == 200
+
+
+def test_waiting_access_phase_can_deny_and_pipelined_requests_keep_their_order(echo, gateway):
+    gw = later_gateway(echo, gateway)
+    with RawClient(gw.port) as c:
+        c.send(b"GET /slow?n=1 HTTP/1.1\r\nHost: a\r\nX-Wait: 0.1\r\nX-Deny: 1\r\n\r\n"
+               b"GET /slow?n=2 HTTP/1.1\r\nHost: a\r\nX-Wait: 0.05\r\n\r\n"
+               b"GET /plain?n=3 HTTP/1.1\r\nHost: a\r\n\r\n")
+        first, second, third = c.read_response(), c.read_response(), c.read_response()
+    assert first.status == 403 and first.json() == {"message": "denied later"}
+    assert second.status == 200 and second.json()["query"] == "n=2"
+    assert third.status == 200 and third.json()["query"] == "n=3"
+
+
+def test_a_failing_awaitable_answers_500_and_names_the_plugin(echo, gateway):
+    gw = later_gateway(echo, gateway)
+    resp = get(gw.port, "/slow", headers={"X-Wait": "0.01", "X-Boom": "1"})
+    assert resp.status == 500 and resp.json()["plugin"] == "later"
+    assert get(gw.port, "/slow", headers={"X-Wait": "0.01"}).status == 200
+    assert "plugin 'later' failed in its access phase" in gw.stop()
+
+
+def test_a_waiting_request_does_not_hold_up_other_connections(echo, gateway):
+    gw = later_gateway(echo, gateway)
+    slow = socket.create_connection(("127.0.0.1", gw.port), timeout=5)
+    try:
+        slow.sendall(b"GET /slow HTTP/1.1\r\nHost: a\r\nX-Wait: 1.5\r\n\r\n")
+        time.sleep(0.05)
+        assert get(gw.port, "/plain").status == 200      # answered while the other one waits
+        slow.setblocking(False)
+        try:
+            early = slow.recv(100)
+        except BlockingIOError:
+            early = b""
+        assert early == b""                               # the slow one is still waiting
+        slow.settimeout(5)
+        slow.setblocking(True)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = slow.recv(65536)
+            assert chunk, "closed before answering"
+            data += chunk
+        assert data.startswith(b"HTTP/1.1 200")
+    finally:
+        slow.close()
+
+
+def test_client_gone_while_waiting_leaves_the_gateway_healthy(echo, gateway):
+    gw = later_gateway(echo, gateway)
+    for _ in range(5):
+        s = socket.create_connection(("127.0.0.1", gw.port), timeout=5)
+        s.sendall(b"GET /slow HTTP/1.1\r\nHost: a\r\nX-Wait: 0.2\r\n\r\n")
+        s.close()
+    time.sleep(0.4)
+    resp = get(gw.port, "/slow", headers={"X-Wait": "0"})
+    assert resp.status == 200 and ["X-Later", "waited"] in json.loads(resp.body)["headers"]
+    assert "Traceback" not in gw.stop()
