@@ -114,8 +114,7 @@ class Worker:
         settle_heap()
         self.sweeper = self.loop.call_later(POOL_SWEEP_INTERVAL, self._sweep_pools)
         self.health.start(self.gateway.plan.health_entries())
-        if config.gateway.request_id:
-            self.gateway.enable_request_id(True)
+        self._apply_headers_settings(config)
         if config.gateway.access_log != "off":
             self.access_log = AccessLog(self.gateway, self.loop, config.gateway.access_log)
             self.access_log.start()
@@ -143,12 +142,19 @@ class Worker:
             return self.version == version
         old = self.gateway.plan
         self.gateway.set_plan(plan)
+        self._apply_headers_settings(plan.config)
         self.health.replace(plan.health_entries())
         self.route_stats.retire(old)
         self.upstream_stats.retire(old, plan)
         self.discovery.commit(version)
         settle_heap()
         return True
+
+    def _apply_headers_settings(self, config: Config) -> None:
+        """Request-id and trace-context settings: applied at start and with every new config."""
+        gateway = config.gateway
+        self.gateway.enable_request_id(gateway.request_id)
+        self.gateway.set_tracing(gateway.tracing.enabled, gateway.tracing.sample_rate)
 
     def abort(self, version: str) -> None:
         self.pending.pop(version, None)

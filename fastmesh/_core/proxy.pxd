@@ -69,6 +69,10 @@ cdef class Gateway:
     cdef bint request_id_enabled     # X-Request-Id: reuse the client's or generate one
     cdef bytes request_id_prefix
     cdef uint64_t request_id_counter
+    # W3C trace context (fastmesh/_core/proxy.pyx: _trace_context)
+    cdef bint trace_enabled
+    cdef uint64_t trace_threshold    # start sampled when a random 64-bit draw is below this
+    cdef uint64_t rng[2]             # xorshift128+ state for trace and span ids
 
 
 cdef class DownstreamProtocol:
@@ -118,6 +122,9 @@ cdef class DownstreamProtocol:
     cdef int64_t resp_bytes          # response bytes sent
     cdef object log_request          # (wall time, method, target, host, user agent) when logging
     cdef bytes request_id
+    cdef char traceparent[56]        # the traceparent sent upstream (55 chars + NUL)
+    cdef bint traced                 # traceparent above is set for this request
+    cdef bint trace_drop_state       # the client's traceparent was invalid: drop its tracestate
     cdef Request preq                # plugins: the request view (routes with a chain only)
     cdef bytes held                  # the request's bytes while an access phase waits
     cdef Py_ssize_t held_consumed
@@ -154,6 +161,7 @@ cdef class DownstreamProtocol:
     cdef void _finish_request_metrics(self)
     cdef void _log(self, int status)
     cdef int _add_request_id(self, Buf* w) except -1
+    cdef void _trace_context(self, const char* b, Head* h)
     cdef void _detach_upstream(self, bint reusable)
     cdef void _set_deadline(self, double seconds, int kind)
     # plugins

@@ -163,6 +163,55 @@ def error_response(int status, str message, bint close) -> bytes:
     return head + body
 
 
+cdef inline uint64_t _next_random(uint64_t* s) noexcept nogil:
+    """xorshift128+: fast, good enough for ids that must be unique, not secret."""
+    cdef uint64_t x = s[0]
+    cdef uint64_t y = s[1]
+    s[0] = y
+    x ^= x << 23
+    s[1] = x ^ y ^ (x >> 17) ^ (y >> 26)
+    return s[1] + y
+
+
+cdef const char* HEX_DIGITS = "0123456789abcdef"
+
+
+cdef inline void _hex64(char* out, uint64_t v) noexcept nogil:
+    cdef int i
+    for i in range(15, -1, -1):
+        out[i] = HEX_DIGITS[v & 15]
+        v >>= 4
+
+
+cdef inline bint _lower_hex(const char* p, int n, bint* nonzero) noexcept nogil:
+    cdef int i
+    cdef char c
+    for i in range(n):
+        c = p[i]
+        if not ((c >= 48 and c <= 57) or (c >= 97 and c <= 102)):
+            return False
+        if c != 48:
+            nonzero[0] = True
+    return True
+
+
+cdef bint _valid_traceparent(const char* v, Py_ssize_t n) noexcept nogil:
+    """version-traceid-parentid-flags, lower-case hex, ids not all zero; versions other than
+    00 may append fields after a '-' (W3C Trace Context §3.2)."""
+    cdef bint nz_version = False, nz_trace = False, nz_parent = False, nz_flags = False
+    if n < 55 or v[2] != 45 or v[35] != 45 or v[52] != 45:
+        return False
+    if not _lower_hex(v, 2, &nz_version) or (v[0] == 102 and v[1] == 102):
+        return False                                   # version ff is invalid
+    if v[0] == 48 and v[1] == 48 and n != 55:
+        return False
+    if n > 55 and v[55] != 45:
+        return False
+    return _lower_hex(v + 3, 32, &nz_trace) and nz_trace \
+        and _lower_hex(v + 36, 16, &nz_parent) and nz_parent \
+        and _lower_hex(v + 53, 2, &nz_flags)
+
+
 cdef bint _named_in(const char* b, Span name, set names):
     """Is the header name at b[name] (any case) one of `names` (lower-case bytes)?"""
     cdef bytes low
@@ -287,6 +336,9 @@ cdef class Gateway:
         self.max_connections = max_connections
         self.log_records = []
         self.request_id_prefix = os.urandom(4).hex().encode()
+        seed = os.urandom(16)
+        self.rng[0] = int.from_bytes(seed[:8], "little") | 1
+        self.rng[1] = int.from_bytes(seed[8:], "little")
         self.set_plan(plan)
         self.sweeper = loop.call_later(SWEEP_INTERVAL, self._sweep)
 
@@ -302,6 +354,17 @@ cdef class Gateway:
     def enable_request_id(self, bint enabled=True):
         """X-Request-Id on every request: the client's if sent, else generated; returned too."""
         self.request_id_enabled = enabled
+
+    def set_tracing(self, bint enabled, double sample_rate=1.0):
+        """W3C trace context: continue a valid `traceparent` with our own span id, or start
+        a trace (sampled with probability `sample_rate`) when it is absent or invalid."""
+        self.trace_enabled = enabled
+        if sample_rate >= 1.0:
+            self.trace_threshold = 0xFFFFFFFFFFFFFFFF
+        elif sample_rate <= 0.0:
+            self.trace_threshold = 0
+        else:
+            self.trace_threshold = <uint64_t>(sample_rate * 18446744073709551615.0)
 
     def take_log_records(self):
         """Records since the last call (oldest first), as tuples:
@@ -567,6 +630,9 @@ cdef class DownstreamProtocol:
             else:
                 gw.request_id_counter += 1
                 self.request_id = gw.request_id_prefix + b"%016x" % gw.request_id_counter
+        self.traced = False
+        if gw.trace_enabled:
+            self._trace_context(b, h)
         if h.method_connect:
             self._local_response(405, "CONNECT is not supported", True)
             return avail
@@ -916,9 +982,17 @@ cdef class DownstreamProtocol:
                 continue
             if drop is not None and _named_in(b, hd.name, drop):
                 continue
+            if self.traced and (hd.name.len == 11 and span_ieq(b, hd.name, "traceparent", 11)
+                                or self.trace_drop_state and hd.name.len == 10
+                                and span_ieq(b, hd.name, "tracestate", 10)):
+                continue
             add_header(w, b, hd)
         if self.preq is not None and self.preq.add:
             add_lines(w, self.preq.add)
+        if self.traced:
+            buf_add(w, "traceparent: ", 13)
+            buf_add(w, self.traceparent, 55)
+            buf_add(w, "\r\n", 2)
         buf_add(w, "X-Forwarded-For: ", 17)
         add_values_of(w, b, h, H_X_FORWARDED_FOR)
         add_lit(w, self.client_ip)
@@ -1038,6 +1112,46 @@ cdef class DownstreamProtocol:
             buf_add(w, "Connection: keep-alive\r\n", 24)
         buf_add(w, "\r\n", 2)
         return 0
+
+    cdef void _trace_context(self, const char* b, Head* h):
+        """The traceparent to send upstream: the client's trace with our span, or a new trace.
+
+        W3C Trace Context: exactly one valid `traceparent` is continued (same trace id and
+        flags, the gateway's own span id as parent); an invalid or repeated one restarts the
+        trace and its `tracestate` is dropped; none starts a trace, sampled by sample_rate.
+        """
+        cdef Gateway gw = self.gw
+        cdef int i, found = -1, count = 0
+        cdef Header* hd
+        cdef const char* v
+        cdef char* out = self.traceparent
+        for i in range(h.nheaders):
+            hd = &h.headers[i]
+            if hd.name.len == 11 and span_ieq(b, hd.name, "traceparent", 11):
+                found = i
+                count += 1
+        self.trace_drop_state = False
+        if count == 1 and _valid_traceparent(b + h.headers[found].value.off, h.headers[found].value.len):
+            v = b + h.headers[found].value.off
+            memcpy(out, "00-", 3)
+            memcpy(out + 3, v + 3, 32)                  # trace id
+            out[35] = 45
+            _hex64(out + 36, _next_random(gw.rng))      # our span id
+            out[52] = 45
+            out[53] = v[53]                             # flags, as the caller decided
+            out[54] = v[54]
+        else:
+            self.trace_drop_state = count > 0
+            memcpy(out, "00-", 3)
+            _hex64(out + 3, _next_random(gw.rng))       # new trace id
+            _hex64(out + 19, _next_random(gw.rng))
+            out[35] = 45
+            _hex64(out + 36, _next_random(gw.rng))
+            out[52] = 45
+            out[53] = 48
+            out[54] = 49 if _next_random(gw.rng) < gw.trace_threshold or gw.trace_threshold == 0xFFFFFFFFFFFFFFFF else 48
+        out[55] = 0
+        self.traced = True
 
     cdef int _add_request_id(self, Buf* w) except -1:
         buf_add(w, "X-Request-Id: ", 14)

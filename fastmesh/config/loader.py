@@ -30,7 +30,7 @@ import yaml
 from fastmesh.config.model import (
     Config, ConfigError, ConfigIssue, GatewaySettings, Limits, Route, Service, UpstreamKeepalive,
 )
-from fastmesh.config.operations import access_log_target, read_admin
+from fastmesh.config.operations import access_log_target, read_admin, read_tracing
 from fastmesh.config.upstreams import read_upstreams, upstreams_version
 from fastmesh.config.plugins import plugins_version, read_consumers, read_plugins
 from fastmesh.config.schema import (
@@ -49,7 +49,7 @@ TOP_FIELDS = ("_format_version", "gateway", "services", "routes", "upstreams", "
 NOT_YET_SUPPORTED: tuple[str, ...] = ()
 PLUGIN_ENTITIES = ("plugins", "consumers")   # read by fastmesh.config.plugins
 GATEWAY_FIELDS = ("listen", "server_timing", "limits", "upstream_keepalive", "admin",
-                  "access_log", "request_id")
+                  "access_log", "request_id", "tracing")
 SERVICE_FIELDS = ("name", "url", "protocol", "host", "port", "path", "connect_timeout",
                   "read_timeout", "write_timeout", "retries", "retry_on", "per_try_timeout",
                   "server_timing", "routes", "plugins")
@@ -194,6 +194,7 @@ def read_gateway(fields: Fields) -> GatewaySettings:
         admin=read_admin(fields),
         access_log=fields.value("access_log", access_log_target, defaults.access_log),
         request_id=fields.value("request_id", boolean, defaults.request_id),
+        tracing=read_tracing(fields),
     )
 
 

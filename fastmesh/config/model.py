@@ -42,6 +42,12 @@ class AdminSettings:
 
 
 @dataclass(frozen=True)
+class TracingSettings:
+    enabled: bool = False               # take part in W3C trace context (traceparent)
+    sample_rate: float = 1.0            # share of traces started here that are marked sampled
+
+
+@dataclass(frozen=True)
 class GatewaySettings:
     listen: str = "127.0.0.1:8000"
     server_timing: bool = False         # add Server-Timing to responses (services may override)
@@ -50,6 +56,7 @@ class GatewaySettings:
     admin: AdminSettings = field(default_factory=AdminSettings)
     access_log: str = "off"            # "off", "-" (stdout) or a file path: JSON lines
     request_id: bool = False           # X-Request-Id: reuse the client's or generate; returned
+    tracing: TracingSettings = field(default_factory=TracingSettings)
 
 
 @dataclass(frozen=True)

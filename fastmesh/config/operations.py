@@ -1,5 +1,5 @@
-"""Operations settings of the `gateway` section: the admin listener (`gateway.admin`) and
-the access log (`gateway.access_log`).
+"""Operations settings of the `gateway` section: the admin listener (`gateway.admin`),
+the access log (`gateway.access_log`) and trace context (`gateway.tracing`).
 
     gateway:
       admin:
@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import ipaddress
 
-from fastmesh.config.model import AdminSettings
-from fastmesh.config.schema import Fields, Invalid, describe, listen_address, split_host_port, string
+from fastmesh.config.model import AdminSettings, TracingSettings
+from fastmesh.config.schema import (
+    Fields, Invalid, boolean, describe, listen_address, split_host_port, string,
+)
 
 ADMIN_FIELDS = ("listen", "token")
 DEFAULT_ADMIN_LISTEN = "127.0.0.1:8001"
@@ -75,6 +77,35 @@ def read_admin(gateway: Fields) -> AdminSettings:
     if problem:
         fields.issues.add(fields.at("listen"), problem)
     return settings
+
+
+TRACING_FIELDS = ("enabled", "sample_rate")
+
+
+def sample_rate(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise Invalid(f"sample_rate must be a number from 0 to 1, found {describe(value)}")
+    return float(value)
+
+
+def read_tracing(gateway: Fields) -> TracingSettings:
+    """`gateway.tracing`: true/false, or {enabled, sample_rate}.
+
+        gateway:
+          tracing: {enabled: true, sample_rate: 0.1}
+    """
+    raw = gateway.raw("tracing")
+    if raw is None:
+        return TracingSettings()
+    if isinstance(raw, bool):
+        return TracingSettings(enabled=raw)
+    if not isinstance(raw, dict):
+        gateway.issues.add(gateway.at("tracing"), "expected true/false or a mapping (enabled, "
+                                                  f"sample_rate), found {describe(raw)}")
+        return TracingSettings()
+    fields = gateway.section("tracing", TRACING_FIELDS)
+    return TracingSettings(enabled=fields.value("enabled", boolean, True),
+                           sample_rate=fields.value("sample_rate", sample_rate, 1.0))
 
 
 def access_log_target(value: object) -> str:
