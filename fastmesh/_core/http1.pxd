@@ -96,6 +96,7 @@ cdef struct Head:
 cdef struct Chunked:
     int state
     int64_t remaining      # data bytes left in the current chunk
+    int64_t data_total     # data bytes decoded so far (framing excluded): body size limits
     uint32_t line_len      # bytes seen in the current size/extension/trailer line
     uint32_t trailer_size  # total trailer bytes seen
     uint8_t done           # 1 once the last chunk, trailers and final CRLF were consumed

@@ -940,6 +940,7 @@ cdef Py_ssize_t chunked_feed(Chunked* c, const char* buf, Py_ssize_t n,
                 data_out[nd].len = <uint32_t>k
                 nd += 1
             c.remaining -= k
+            c.data_total += k
             p += k
             if c.remaining == 0:
                 st = CS_DATA_CR

@@ -35,13 +35,28 @@ cdef bytes _b(object value):
     return value if isinstance(value, bytes) else str(value).encode("latin-1")
 
 
-cdef bytes _name(object value):
+# Header names plugins have used, already checked: name -> (name bytes, lower-case bytes).
+# Plugins use a handful of fixed names, so this stays tiny; it is capped all the same.
+cdef dict _CHECKED_NAMES = {}
+
+
+cdef tuple _checked(object value):
+    cdef tuple known = _CHECKED_NAMES.get(value)
+    if known is not None:
+        return known
     cdef bytes name = _b(value)
     if not name or any(c not in _TOKEN_SET for c in name):
         raise ValueError(f"invalid header name {name!r}")
     if name.lower() in RESERVED:
         raise ValueError(f"header {name.decode()!r} is managed by the gateway; plugins cannot change it")
-    return name
+    known = (name, name.lower())
+    if len(_CHECKED_NAMES) < 4096:
+        _CHECKED_NAMES[value] = known
+    return known
+
+
+cdef bytes _name(object value):
+    return <bytes>_checked(value)[0]
 
 
 cdef bytes _clean(object value):
@@ -186,7 +201,7 @@ cdef class Request:
 
     def remove_header(self, name):
         """Do not forward header `name` upstream (also drops values added earlier)."""
-        cdef bytes low = _name(name).lower()
+        cdef bytes low = <bytes>_checked(name)[1]
         if self.drop is None:
             self.drop = set()
         self.drop.add(low)
@@ -254,7 +269,7 @@ cdef class ResponseHead:
         return self.header_c(PyBytes_AS_STRING(low), PyBytes_GET_SIZE(low))
 
     def remove_header(self, name):
-        cdef bytes low = _name(name).lower()
+        cdef bytes low = <bytes>_checked(name)[1]
         if self.drop is None:
             self.drop = set()
         self.drop.add(low)
@@ -386,7 +401,7 @@ cdef class Chain:
         cdef bint keep = False
         cdef NativePlugin nat
         cdef list names = []
-        self.plugins = tuple(plugins)
+        self.plugins = tuple(plugins or ())
         for p in self.plugins:
             if isinstance(p, NativePlugin):
                 nat = <NativePlugin>p
@@ -415,6 +430,8 @@ cdef class Chain:
             self.by_consumer = {name: (c if isinstance(c, Chain) else Chain(c))
                                 for name, c in by_consumer.items()}
             for c in self.by_consumer.values():
+                # a later plugin may identify another consumer (anonymous, then a real one)
+                (<Chain>c).by_consumer = self.by_consumer
                 self.has_response = self.has_response or (<Chain>c).has_response
                 self.has_log = self.has_log or (<Chain>c).has_log
                 self.keep_request = self.keep_request or (<Chain>c).keep_request

@@ -827,7 +827,9 @@ cdef class DownstreamProtocol:
                 self._request_complete()
         else:
             return 0
-        self.req_body_seen += take
+        # Limits count body bytes, not the chunked framing around them.
+        self.req_body_seen = self.req_chunked.data_total if self.req_body_kind == BODY_CHUNKED \
+            else self.req_body_seen + take
         self.req_bytes += take
         if self.dkind == K_BODY:
             self.deadline = mono() + self.gw.body_timeout

@@ -77,9 +77,15 @@ class Plugin:
 _BUILTIN_MODULES = {
     "request-termination": "fastmesh.plugins.request_termination",
     "key-auth": "fastmesh.plugins.key_auth",
+    "basic-auth": "fastmesh.plugins.basic_auth",
+    "jwt": "fastmesh.plugins.jwt_auth",
+    "acl": "fastmesh.plugins.acl",
     "cors": "fastmesh.plugins.cors",
     "request-transformer": "fastmesh.plugins.transformers",
     "response-transformer": "fastmesh.plugins.transformers",
+    "ip-restriction": "fastmesh.plugins.ip_restriction",
+    "request-size-limiting": "fastmesh.plugins.request_size_limiting",
+    "correlation-id": "fastmesh.plugins.correlation_id",
 }
 BUILTINS = tuple(_BUILTIN_MODULES)
 
