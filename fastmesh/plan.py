@@ -80,7 +80,9 @@ def compile_plan(config: Config, pools: PoolRegistry, previous: Plan | None = No
     upstreams = {u.name: u for u in config.upstreams}
     targets: list[RouteTarget] = []
     specs: list[RouteSpec] = []
-    chains = plugin_chains(config)
+    instances = plugin_instances(config)
+    chains = plugin_chains(config, instances)
+    by_consumer = consumer_chains(config, instances)
     for route in config.routes:
         service = services[route.service]
         server_timing = gateway.server_timing if service.server_timing is None else service.server_timing
@@ -100,48 +102,106 @@ def compile_plan(config: Config, pools: PoolRegistry, previous: Plan | None = No
             retry_on=service.retry_on,
             per_try_timeout=service.per_try_timeout,
             plugins=chains.get(route.name),
+            consumer_plugins=by_consumer.get(route.name),
         )
         targets.append(target)
         specs.append(_spec(route, target))
     return Plan(config, Router(specs), targets, balancers)
 
 
-def plugin_chains(config: Config) -> dict[str, tuple]:
-    """Route name -> its plugin chain (only routes that have one).
+# Kong's precedence of scopes, most specific first (its documented order without consumer groups):
+# consumer+route+service, consumer+route, consumer+service, route+service, consumer, route,
+# service, global. Keys: (has consumer, has route, has service).
+_SCOPE_RANK = {(True, True, True): 7, (True, True, False): 6, (True, False, True): 5,
+               (False, True, True): 4, (True, False, False): 3, (False, True, False): 2,
+               (False, False, True): 1, (False, False, False): 0}
 
-    Per plugin name the most specific entry wins (route, then service, then global: one instance
-    of a plugin per request); a disabled entry switches the plugin off for its scope. The chain is
-    sorted by priority, highest first. One instance per entry, shared by the routes it applies to.
+
+def plugin_instances(config: Config) -> dict:
+    """One plugin instance per entry (id(entry) -> instance), set up with the whole Config.
+
+    Shared by every chain the entry appears in (route chains and consumer chains alike), so a
+    plugin with state (counters, caches) has one copy per configured entry.
     """
-    entries = getattr(config, "plugins", ())
-    if not entries:
-        return {}
     from fastmesh.plugins import find_plugin
     instances = {}
-    for entry in entries:
+    for entry in getattr(config, "plugins", ()):
         cls = find_plugin(entry.name, entry.module)
         plugin = cls(dict(entry.config))
         setup = getattr(plugin, "setup", None)
         if setup is not None:
             setup(config)
         instances[id(entry)] = plugin
+    return instances
+
+
+def _rank(entry, route: Route, consumer: str | None) -> int:
+    """How specific `entry` is for (route, consumer); -1 when it does not apply."""
+    if entry.consumer is not None and entry.consumer != consumer:
+        return -1
+    if entry.route is not None and entry.route != route.name:
+        return -1
+    if entry.service is not None and entry.service != route.service:
+        return -1
+    return _SCOPE_RANK[(entry.consumer is not None, entry.route is not None,
+                        entry.service is not None)]
+
+
+def _chain(entries, instances: dict, route: Route, consumer: str | None) -> tuple:
+    chosen: dict[str, tuple[int, object]] = {}
+    for entry in entries:
+        rank = _rank(entry, route, consumer)
+        if rank >= 0 and (entry.name not in chosen or chosen[entry.name][0] < rank):
+            chosen[entry.name] = (rank, entry)
+    chain = [instances[id(e)] for _, e in chosen.values() if e.enabled]
+    chain.sort(key=lambda p: (-getattr(p, "priority", 0), getattr(p, "name", "")))
+    return tuple(chain)
+
+
+def plugin_chains(config: Config, instances: dict | None = None) -> dict[str, tuple]:
+    """Route name -> its plugin chain (only routes that have one), before any consumer is known.
+
+    Per plugin name the most specific entry wins (route+service, route, service, global: one
+    instance of a plugin per request); a disabled entry switches the plugin off for its scope.
+    The chain is sorted by priority, highest first. Consumer-scoped entries are left out here:
+    see consumer_chains.
+    """
+    entries = getattr(config, "plugins", ())
+    if not entries:
+        return {}
+    if instances is None:
+        instances = plugin_instances(config)
     chains: dict[str, tuple] = {}
     for route in config.routes:
-        chosen: dict[str, tuple[int, object]] = {}
-        for entry in entries:
-            if entry.route is not None:
-                rank = 2 if entry.route == route.name else -1
-            elif entry.service is not None:
-                rank = 1 if entry.service == route.service else -1
-            else:
-                rank = 0
-            if rank >= 0 and (entry.name not in chosen or chosen[entry.name][0] < rank):
-                chosen[entry.name] = (rank, entry)
-        chain = [instances[id(e)] for _, e in chosen.values() if e.enabled]
+        chain = _chain(entries, instances, route, None)
         if chain:
-            chain.sort(key=lambda p: (-getattr(p, "priority", 0), getattr(p, "name", "")))
-            chains[route.name] = tuple(chain)
+            chains[route.name] = chain
     return chains
+
+
+def consumer_chains(config: Config, instances: dict | None = None) -> dict[str, dict[str, tuple]]:
+    """{route name: {username: the FULL chain for that consumer on that route}}.
+
+    Only routes that have a chain of their own and where some consumer-scoped entry applies, and
+    only the consumers such entries name. The data path starts a request with the route's chain; once an access phase sets
+    `request.consumer` to one of these usernames, the rest of the request (the remaining access
+    phases, then response and log) runs this chain instead. An empty tuple means the consumer's
+    entries switch every plugin off.
+    """
+    entries = getattr(config, "plugins", ())
+    scoped = [e for e in entries if e.consumer is not None]
+    if not scoped:
+        return {}
+    if instances is None:
+        instances = plugin_instances(config)
+    result: dict[str, dict[str, tuple]] = {}
+    for route in config.routes:
+        users = {e.consumer for e in scoped if _rank(e, route, e.consumer) >= 0}
+        # a route without a chain of its own has nothing that could identify a consumer: it stays
+        # plugin-free (chain None) rather than paying for a consumer chain that never runs
+        if users and _chain(entries, instances, route, None):
+            result[route.name] = {u: _chain(entries, instances, route, u) for u in sorted(users)}
+    return result
 
 
 def _pool(pools: PoolRegistry, gateway, host: str, port: int) -> Pool:

@@ -1,10 +1,10 @@
 """key-auth: an API key in a header (or query arg) maps to a consumer; keys are kept hashed."""
 from __future__ import annotations
 
-import hashlib
-
+from fastmesh.config.consumers import key_digest
 from fastmesh.config.schema import Invalid, boolean, string, token
 from fastmesh.plugins import Field, Plugin, Response
+from fastmesh.plugins import identity
 
 
 def key_names(value) -> tuple:
@@ -15,13 +15,11 @@ def key_names(value) -> tuple:
     return tuple(token(v, "key name") for v in value)
 
 
-def _digest(key: bytes) -> bytes:
-    return hashlib.sha256(key).digest()
-
-
 class KeyAuth(Plugin):
     name = "key-auth"
     priority = 1250
+    no_consumer = True                  # finds the consumer: cannot be scoped to one
+    consumer_fields = ("anonymous",)    # checked against `consumers` at load
     schema = {
         "key_names": Field(key_names, ("apikey",)),
         "key_in_header": Field(boolean, True),
@@ -31,14 +29,18 @@ class KeyAuth(Plugin):
     }
 
     def setup(self, gateway_config) -> None:
-        self.keys = {}
-        for consumer in getattr(gateway_config, "consumers", ()):
-            for key in consumer.keyauth_keys:
-                self.keys[_digest(key.encode())] = consumer.username.encode()
+        consumers = identity.directory(gateway_config)
+        self.keys = {}                  # SHA-256(key) -> (Consumer, credential id)
+        for consumer in consumers.values():
+            for cred in consumer.keyauth:
+                self.keys[cred.digest] = (consumer, cred.id)
+        self.anonymous = consumers.get(self.config["anonymous"]) if self.config["anonymous"] else None
         self.header_names = [n.lower().encode() for n in self.config["key_names"]]
 
     def access(self, request):
         conf = self.config
+        if identity.already_done(request, conf["anonymous"]):
+            return None
         key = None
         if conf["key_in_header"]:
             for name in self.header_names:
@@ -54,18 +56,13 @@ class KeyAuth(Plugin):
                     key = found.encode()
                     break
         if key is None:
-            if conf["anonymous"]:
-                request.consumer = conf["anonymous"]
-                request.set_header("X-Anonymous-Consumer", "true")
-                request.set_header("X-Consumer-Username", conf["anonymous"])
-                return None
-            return Response(401, {"message": "No API key found in request"},
-                            [(b"WWW-Authenticate", b'Key realm="fastmesh"')])
-        username = self.keys.get(_digest(key.strip()))
-        if username is None:
-            return Response(401, {"message": "Invalid authentication credentials"},
-                            [(b"WWW-Authenticate", b'Key realm="fastmesh"')])
-        request.consumer = username.decode()
-        request.set_header(b"X-Consumer-Username", username)
-        request.remove_header(b"X-Anonymous-Consumer")
+            return identity.fail_or_anonymous(request, self.anonymous, Response(
+                401, {"message": "No API key found in request"},
+                [(b"WWW-Authenticate", b'Key realm="fastmesh"')]))
+        found = self.keys.get(key_digest(key.strip()))
+        if found is None:
+            return identity.fail_or_anonymous(request, self.anonymous, Response(
+                401, {"message": "Invalid authentication credentials"},
+                [(b"WWW-Authenticate", b'Key realm="fastmesh"')]))
+        identity.authenticate(request, found[0], found[1])
         return None
