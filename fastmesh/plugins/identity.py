@@ -19,6 +19,8 @@ USERNAME = b"X-Consumer-Username"
 CUSTOM_ID = b"X-Consumer-Custom-ID"
 CREDENTIAL = b"X-Credential-Identifier"
 ANONYMOUS = b"X-Anonymous-Consumer"
+# Lower-case names of every identity header: native plugins drop client copies of all of them.
+NAMES = frozenset(n.lower() for n in (USERNAME, CUSTOM_ID, CREDENTIAL, ANONYMOUS))
 ANONYMOUS_KEY = "fastmesh.anonymous"
 CREDENTIAL_KEY = "fastmesh.credential"
 
@@ -54,12 +56,7 @@ def authenticate(request, consumer, credential: str | None) -> None:
     ctx[ANONYMOUS_KEY] = False
     ctx[CREDENTIAL_KEY] = credential
     request.consumer = consumer.username
-    _forward(request, consumer)
-    if credential is not None:
-        request.set_header(CREDENTIAL, credential)
-    else:
-        request.remove_header(CREDENTIAL)
-    request.remove_header(ANONYMOUS)
+    _replace_identity(request, headers_for(consumer, credential))
 
 
 def anonymous(request, consumer) -> None:
@@ -68,17 +65,26 @@ def anonymous(request, consumer) -> None:
     ctx[ANONYMOUS_KEY] = True
     ctx[CREDENTIAL_KEY] = None
     request.consumer = consumer.username
-    _forward(request, consumer)
-    request.remove_header(CREDENTIAL)
-    request.set_header(ANONYMOUS, b"true")
+    _replace_identity(request, headers_for(consumer, None) + [(ANONYMOUS, b"true")])
 
 
-def _forward(request, consumer) -> None:
-    request.set_header(USERNAME, consumer.username)
+def headers_for(consumer, credential: str | None) -> list[tuple[bytes, bytes]]:
+    """The identity headers an authenticated `consumer` gets upstream (native plugins
+    precompute them per credential at setup)."""
+    out = [(USERNAME, consumer.username.encode())]
     if consumer.custom_id is not None:
-        request.set_header(CUSTOM_ID, consumer.custom_id)
-    else:
-        request.remove_header(CUSTOM_ID)
+        out.append((CUSTOM_ID, consumer.custom_id.encode()))
+    if credential is not None:
+        out.append((CREDENTIAL, credential.encode()))
+    return out
+
+
+def _replace_identity(request, lines) -> None:
+    """Every identity header is set or removed, never appended: client copies never pass."""
+    for name in NAMES:
+        request.remove_header(name)
+    for name, value in lines:
+        request.add_header(name, value)
 
 
 def fail_or_anonymous(request, anonymous_consumer, answer):

@@ -1,9 +1,13 @@
-"""key-auth: an API key in a header (or query arg) maps to a consumer; keys are kept hashed."""
+"""key-auth: an API key in a header (or query arg) maps to a consumer; keys are kept hashed.
+
+The config and the tables are built here; the per-request lookup is native
+(fastmesh/_core/key_auth.pyx) and forwards the same identity headers as fastmesh.plugins.identity.
+"""
 from __future__ import annotations
 
-from fastmesh.config.consumers import key_digest
+from fastmesh._core.key_auth import KeyAuthFilter
 from fastmesh.config.schema import Invalid, boolean, string, token
-from fastmesh.plugins import Field, Plugin, Response
+from fastmesh.plugins import Field, Response
 from fastmesh.plugins import identity
 
 
@@ -15,7 +19,7 @@ def key_names(value) -> tuple:
     return tuple(token(v, "key name") for v in value)
 
 
-class KeyAuth(Plugin):
+class KeyAuth(KeyAuthFilter):
     name = "key-auth"
     priority = 1250
     no_consumer = True                  # finds the consumer: cannot be scoped to one
@@ -30,39 +34,16 @@ class KeyAuth(Plugin):
 
     def setup(self, gateway_config) -> None:
         consumers = identity.directory(gateway_config)
-        self.keys = {}                  # SHA-256(key) -> (Consumer, credential id)
+        keys = {}                       # SHA-256(key) -> (username, credential id, header lines)
         for consumer in consumers.values():
             for cred in consumer.keyauth:
-                self.keys[cred.digest] = (consumer, cred.id)
-        self.anonymous = consumers.get(self.config["anonymous"]) if self.config["anonymous"] else None
-        self.header_names = [n.lower().encode() for n in self.config["key_names"]]
-
-    def access(self, request):
+                keys[cred.digest] = (consumer.username, cred.id,
+                                     tuple(identity.headers_for(consumer, cred.id)))
         conf = self.config
-        if identity.already_done(request, conf["anonymous"]):
-            return None
-        key = None
-        if conf["key_in_header"]:
-            for name in self.header_names:
-                key = request.get_header(name)
-                if key is not None:
-                    if conf["hide_credentials"]:
-                        request.remove_header(name)
-                    break
-        if key is None and conf["key_in_query"] and request.query:
-            for name in conf["key_names"]:
-                found = request.query_arg(name)
-                if found is not None:
-                    key = found.encode()
-                    break
-        if key is None:
-            return identity.fail_or_anonymous(request, self.anonymous, Response(
-                401, {"message": "No API key found in request"},
-                [(b"WWW-Authenticate", b'Key realm="fastmesh"')]))
-        found = self.keys.get(key_digest(key.strip()))
-        if found is None:
-            return identity.fail_or_anonymous(request, self.anonymous, Response(
-                401, {"message": "Invalid authentication credentials"},
-                [(b"WWW-Authenticate", b'Key realm="fastmesh"')]))
-        identity.authenticate(request, found[0], found[1])
-        return None
+        anonymous = consumers.get(conf["anonymous"]) if conf["anonymous"] else None
+        challenge = [(b"WWW-Authenticate", b'Key realm="fastmesh"')]
+        self.compile(keys, tuple(n.lower().encode() for n in conf["key_names"]),
+                     tuple(conf["key_names"]), conf["key_in_header"], conf["key_in_query"],
+                     conf["hide_credentials"], anonymous, identity.anonymous, identity.NAMES,
+                     Response(401, {"message": "No API key found in request"}, challenge),
+                     Response(401, {"message": "Invalid authentication credentials"}, challenge))
