@@ -85,3 +85,22 @@ def test_client_gone_while_waiting_leaves_the_gateway_healthy(echo, gateway):
     resp = get(gw.port, "/slow", headers={"X-Wait": "0"})
     assert resp.status == 200 and ["X-Later", "waited"] in json.loads(resp.body)["headers"]
     assert "Traceback" not in gw.stop()
+
+
+def test_a_plugin_registered_by_an_entry_point_is_found_by_name(echo, gateway, tmp_path, monkeypatch):
+    """An installed distribution's `fastmesh.plugins` entry point: no `module:` in the config."""
+    (tmp_path / "shout_plugin.py").write_text(
+        "from fastmesh.plugins import Plugin\n\n"
+        "class Shout(Plugin):\n"
+        "    name = 'shout'\n"
+        "    priority = 7\n\n"
+        "    def access(self, request):\n"
+        "        request.set_header('X-Shout', 'HEY')\n")
+    dist = tmp_path / "fastmesh_shout-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: fastmesh-shout\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[fastmesh.plugins]\nshout = shout_plugin:Shout\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    gw = gateway(config(service("s", echo.url, [{"name": "r", "paths": ["/"], "plugins": [{"name": "shout"}]}])))
+    resp = get(gw.port, "/")
+    assert resp.status == 200 and ["X-Shout", "HEY"] in resp.json()["headers"]
