@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fastmesh._core.balancer import Balancer
+from fastmesh._core.plugin import Chain
 from fastmesh._core.pool import Pool
 from fastmesh._core.proxy import RouteTarget
 from fastmesh._core.router import Router
@@ -60,8 +61,9 @@ class Plan:
     """The compiled, immutable form of a Config."""
 
     def __init__(self, config: Config, router: Router, targets: list[RouteTarget],
-                 balancers: dict[str, Balancer] | None = None):
+                 balancers: dict[str, Balancer] | None = None, rewrite: Chain | None = None):
         self.config = config
+        self.rewrite = rewrite                    # global plugins' rewrite phases, or None
         self.router = router
         self.targets = targets
         self.balancers = balancers or {}          # upstream name -> Balancer (this Plan's)
@@ -106,7 +108,7 @@ def compile_plan(config: Config, pools: PoolRegistry, previous: Plan | None = No
         )
         targets.append(target)
         specs.append(_spec(route, target))
-    return Plan(config, Router(specs), targets, balancers)
+    return Plan(config, Router(specs), targets, balancers, rewrite_chain(config, instances))
 
 
 # Kong's precedence of scopes, most specific first (its documented order without consumer groups):
@@ -156,6 +158,18 @@ def _chain(entries, instances: dict, route: Route, consumer: str | None) -> tupl
     chain = [instances[id(e)] for _, e in chosen.values() if e.enabled]
     chain.sort(key=lambda p: (-getattr(p, "priority", 0), getattr(p, "name", "")))
     return tuple(chain)
+
+
+def rewrite_chain(config: Config, instances: dict) -> Chain | None:
+    """Global plugins with a `rewrite` phase, which runs before routing (as in Kong, only
+    global plugins can rewrite: a route's plugins are known only once it is chosen)."""
+    chosen = [instances[id(e)] for e in getattr(config, "plugins", ())
+              if e.enabled and e.service is None and e.route is None and e.consumer is None
+              and callable(getattr(instances[id(e)], "rewrite", None))]
+    if not chosen:
+        return None
+    chosen.sort(key=lambda p: (-getattr(p, "priority", 0), getattr(p, "name", "")))
+    return Chain(chosen)
 
 
 def plugin_chains(config: Config, instances: dict | None = None) -> dict[str, tuple]:

@@ -58,3 +58,19 @@ class Later(Plugin):
         if wait is None:
             return None
         return self._decide(request, float(wait))
+
+
+class Rewriter(Plugin):
+    """A rewrite phase: /old/... is routed as /new/...; `X-Teapot` is answered before routing."""
+    name = "rewriter"
+    priority = 3000
+
+    def rewrite(self, request):
+        if request.get_header("x-teapot") is not None:
+            return Response(418, {"message": "short and stout"})
+        if request.path.startswith(b"/old/"):
+            request.set_path(b"/new/" + request.path[5:])
+            request.set_header("X-Rewritten", "1")
+
+    def access(self, request):
+        request.set_header("X-Seen-Path", request.path)

@@ -104,3 +104,33 @@ def test_a_plugin_registered_by_an_entry_point_is_found_by_name(echo, gateway, t
     gw = gateway(config(service("s", echo.url, [{"name": "r", "paths": ["/"], "plugins": [{"name": "shout"}]}])))
     resp = get(gw.port, "/")
     assert resp.status == 200 and ["X-Shout", "HEY"] in resp.json()["headers"]
+
+
+def test_a_global_rewrite_phase_runs_before_routing(echo, gateway):
+    gw = gateway(config(service("s", echo.url, [
+        {"name": "new", "paths": ["/new"], "strip_path": False},
+        {"name": "scoped", "paths": ["/scoped"], "strip_path": False,
+         "plugins": [{"name": "rewriter", "module": "tests.plugins_example", "enabled": False}]},
+    ])) | {"plugins": [{"name": "rewriter", "module": "tests.plugins_example"}]})
+    resp = get(gw.port, "/old/thing?x=1")
+    assert resp.status == 200
+    seen = resp.json()
+    assert seen["path"] == "/new/thing" and seen["query"] == "x=1"
+    assert ["X-Rewritten", "1"] in seen["headers"] and ["X-Seen-Path", "/new/thing"] in seen["headers"]
+    assert get(gw.port, "/old/x", headers={"X-Teapot": "1"}).status == 418
+    assert get(gw.port, "/nowhere").status == 404
+    # rewrite is global-only; a route that disables the plugin still had its path rewritten
+    # before routing, but its own access phase does not run there
+    scoped = get(gw.port, "/scoped/a").json()
+    assert not any(k == "X-Seen-Path" for k, _ in scoped["headers"])
+
+
+def test_a_route_scoped_plugin_has_no_rewrite_phase(echo, gateway):
+    gw = gateway(config(service("s", echo.url, [
+        {"name": "new", "paths": ["/new"], "strip_path": False},
+        {"name": "old", "paths": ["/old"], "strip_path": False,
+         "plugins": [{"name": "rewriter", "module": "tests.plugins_example"}]},
+    ])))
+    seen = get(gw.port, "/old/thing").json()
+    assert seen["path"] == "/old/thing"
+    assert ["X-Seen-Path", "/old/thing"] in seen["headers"]

@@ -21,6 +21,8 @@ cdef class Request:
     cdef public set drop             # lower-case names not forwarded upstream
     cdef public bytes new_path       # set_path: the upstream path, verbatim
     cdef public bytes new_query      # set_query: the upstream query (without '?')
+    cdef public bytes routed_path    # set_path in the rewrite phase: routing and upstream use it
+    cdef public bint rewriting       # the rewrite phase is running (set_path means routed_path)
     cdef public long long body_limit # set_body_limit: 413 past this many body bytes (-1: none)
     cdef public Chain chain          # the chain running for this request (a consumer's, maybe)
     cdef object _method, _path, _query, _headers    # copies, made on first Python access
@@ -59,6 +61,7 @@ cdef class Chain:
     cdef tuple access_fns            # per plugin: the NativePlugin, a Python callable, or None
     cdef tuple response_fns
     cdef tuple log_fns
+    cdef tuple rewrite_fns           # Python `rewrite` phases (global plugins, before routing)
     cdef readonly bint has_rewrite
     cdef readonly bint has_response
     cdef readonly bint has_log
@@ -67,6 +70,7 @@ cdef class Chain:
     cdef readonly dict by_consumer   # username -> that consumer's Chain on this route, or None
 
     cdef object run_access(self, Request req, Py_ssize_t start)
+    cdef object run_rewrite(self, Request req)
     cdef Py_ssize_t after(self, object plugin)
     cdef int run_response(self, Request req, ResponseHead resp) except -1
 

@@ -220,11 +220,16 @@ cdef class Request:
         self.add_header(name, value)
 
     def set_path(self, path):
-        """Send this path upstream verbatim (no strip_path, no service path joined)."""
+        """In the rewrite phase: the path routing sees (and strip_path etc. then apply to it).
+        Later: send this path upstream verbatim (no strip_path, no service path joined)."""
         cdef bytes p = _clean(path)
         if not p.startswith(b"/") or b" " in p or b"?" in p or b"#" in p:
             raise ValueError(f"upstream path must start with '/' and contain no space, '?' or '#': {p!r}")
-        self.new_path = p
+        if self.rewriting:
+            self.routed_path = p
+            self._path = p
+        else:
+            self.new_path = p
 
     def set_query(self, query):
         """Send this query upstream instead of the client's (b"" or None: no query)."""
@@ -397,12 +402,13 @@ cdef class Chain:
     """A route's plugins, ordered and with their phases looked up once (Plan compile time)."""
 
     def __init__(self, plugins, dict by_consumer=None):
-        cdef list acc = [], resp = [], logs = []
+        cdef list acc = [], resp = [], logs = [], rewrites = []
         cdef bint keep = False
         cdef NativePlugin nat
         cdef list names = []
         self.plugins = tuple(plugins or ())
         for p in self.plugins:
+            rewrites.append(_phase(p, "rewrite"))
             if isinstance(p, NativePlugin):
                 nat = <NativePlugin>p
                 acc.append(p if nat.native_access else None)
@@ -420,6 +426,8 @@ cdef class Chain:
                 logs.append(fn2)
                 keep = keep or fn is not None or fn2 is not None
         self.access_fns = tuple(acc)
+        self.rewrite_fns = tuple(rewrites)
+        self.has_rewrite = any(f is not None for f in rewrites)
         self.response_fns = tuple(resp)
         self.log_fns = tuple(logs)
         self.has_response = any(f is not None for f in resp)
@@ -476,6 +484,33 @@ cdef class Chain:
                 switched = <Chain>self.by_consumer[req.consumer]
                 return switched.run_access(req, switched.after(self.plugins[i]))
         return None
+
+    cdef object run_rewrite(self, Request req):
+        """Rewrite phases (before routing): None to go on, or a Response that answers."""
+        cdef Py_ssize_t i
+        cdef object fn, answer
+        req.rewriting = True
+        try:
+            for i in range(len(self.plugins)):
+                fn = self.rewrite_fns[i]
+                if fn is None:
+                    continue
+                try:
+                    answer = fn(req)
+                except Exception:
+                    _report(self.plugins[i], "rewrite", None)
+                    return internal_error(self.plugins[i])
+                if answer is not None:
+                    if isinstance(answer, Response):
+                        return answer
+                    return _invalid_answer(self.plugins[i], answer, req)
+        finally:
+            req.rewriting = False
+        return None
+
+    def rewrite(self, Request req):
+        """Python entry to run_rewrite (tests)."""
+        return self.run_rewrite(req)
 
     cdef Py_ssize_t after(self, object plugin):
         """Index of the first plugin that sorts after `plugin` (by priority, then name)."""

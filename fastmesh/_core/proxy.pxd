@@ -7,7 +7,7 @@ from fastmesh._core.router cimport Router
 from fastmesh._core.histogram cimport Histogram
 from fastmesh._core.pool cimport Pool, PooledConnection
 from fastmesh._core.balancer cimport Balancer, Target
-from fastmesh._core.plugin cimport Pending, Request, ResponseHead
+from fastmesh._core.plugin cimport Chain, Pending, Request, ResponseHead
 
 
 cdef class RouteTarget:
@@ -49,6 +49,7 @@ cdef class Gateway:
     """Everything one worker's connections share: the active Plan, limits, clocks."""
     cdef readonly object loop
     cdef public object plan          # the Python Plan object (kept alive while active)
+    cdef Chain rewrite               # global plugins' rewrite phases (before routing), or None
     cdef Router router
     cdef Limits limits
     cdef Limits resp_limits          # for upstream response heads (502 past them)
@@ -126,6 +127,7 @@ cdef class DownstreamProtocol:
     cdef bint traced                 # traceparent above is set for this request
     cdef bint trace_drop_state       # the client's traceparent was invalid: drop its tracestate
     cdef Request preq                # plugins: the request view (routes with a chain only)
+    cdef bytes routed_path           # the path a rewrite phase set: routed and sent upstream
     cdef bytes held                  # the request's bytes while an access phase waits
     cdef Py_ssize_t held_consumed
     cdef Py_ssize_t held_mlen

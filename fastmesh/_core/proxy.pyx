@@ -345,6 +345,7 @@ cdef class Gateway:
     def set_plan(self, plan):
         """Swap the active Plan. Requests already routed finish on the Plan they started with."""
         self.router = <Router?>plan.router
+        self.rewrite = getattr(plan, "rewrite", None)
         self.plan = plan
 
     def enable_access_log(self, bint enabled=True):
@@ -595,6 +596,9 @@ cdef class DownstreamProtocol:
         cdef Py_ssize_t host_len
         cdef RouteTarget rt
         cdef int r
+        cdef const char* path = b + h.path.off
+        cdef Py_ssize_t path_len = h.path.len
+        cdef Request rw
         gw.requests += 1
         self.served += 1
         self.dkind = K_NONE
@@ -614,6 +618,7 @@ cdef class DownstreamProtocol:
         self.resp_bytes = 0
         self.request_id = None
         self.preq = None
+        self.routed_path = None
         if gw.log_enabled:
             self.log_request = (
                 time.time(),
@@ -636,6 +641,19 @@ cdef class DownstreamProtocol:
         if h.method_connect:
             self._local_response(405, "CONNECT is not supported", True)
             return avail
+        if gw.rewrite is not None:
+            # Global plugins' rewrite phases: before routing, so a new path is routed.
+            rw = Request.__new__(Request)
+            rw.attach(b, h, self.client_ip, None, None)
+            self.preq = rw
+            answer = gw.rewrite.run_rewrite(rw)
+            if answer is not None:
+                self._plugin_answer(answer)
+                return avail if h.body_kind != BODY_NONE else consumed
+            if rw.routed_path is not None:
+                self.routed_path = rw.routed_path
+                path = PyBytes_AS_STRING(self.routed_path)
+                path_len = PyBytes_GET_SIZE(self.routed_path)
         if h.absolute_form:
             host = b + h.authority.off
             host_len = h.authority.len
@@ -646,8 +664,9 @@ cdef class DownstreamProtocol:
             host = b""
             host_len = 0
         rt = <RouteTarget>gw.router.match_c(
-            host, host_len, b + h.path.off, h.path.len, b + h.method.off, h.method.len, self, &mlen)
+            host, host_len, path, path_len, b + h.method.off, h.method.len, self, &mlen)
         if rt is None:
+            self.preq = None
             # Without a route the body is not read: close when one was announced.
             if h.body_kind != BODY_NONE:
                 self._local_response(404, "no route matched the request", True)
@@ -680,7 +699,10 @@ cdef class DownstreamProtocol:
         cdef Py_ssize_t taken
         cdef object out
         if self.preq is not None:
-            self.preq.detach(rt.plugins.keep_request, rt.plugins.keep_names)
+            if rt.plugins is not None:
+                self.preq.detach(rt.plugins.keep_request, rt.plugins.keep_names)
+            else:
+                self.preq.detach(False, None)
             if self.preq.body_limit >= 0 and (self.body_limit < 0 or self.preq.body_limit < self.body_limit):
                 self.body_limit = self.preq.body_limit
             if self.body_limit >= 0 and h.content_length > self.body_limit:
@@ -1035,6 +1057,9 @@ cdef class DownstreamProtocol:
         cdef const char* path = b + h.path.off
         cdef Py_ssize_t plen = h.path.len
         cdef Py_ssize_t base_len = PyBytes_GET_SIZE(rt.base_path)
+        if self.routed_path is not None:
+            path = PyBytes_AS_STRING(self.routed_path)
+            plen = PyBytes_GET_SIZE(self.routed_path)
         if rt.strip_path and mlen > 0:
             path += mlen
             plen -= mlen
@@ -1298,7 +1323,7 @@ cdef class DownstreamProtocol:
                             Py_ssize_t mlen) except -1:
         """Run the route's access phases: ACCESS_GO_ON, ACCESS_ANSWERED or ACCESS_HELD."""
         cdef RouteTarget rt = self.route
-        cdef Request req = Request.__new__(Request)
+        cdef Request req = self.preq if self.preq is not None else Request.__new__(Request)
         req.attach(b, h, self.client_ip, rt.name, rt.service)
         self.preq = req
         return self._access_result((<Chain>rt.plugins).run_access(req, 0), b, consumed, avail, mlen)
@@ -1319,8 +1344,13 @@ cdef class DownstreamProtocol:
         """A plugin answers: like a local response (a request body is not read: close)."""
         cdef Gateway gw = self.gw
         cdef bint close = self.head.body_kind != BODY_NONE or not self.keep_alive or self.close_after
-        status, payload = plugin_answer_payload(answer, close, self.route.name)
-        self.preq.detach(self.route.plugins.keep_request, self.route.plugins.keep_names)
+        cdef RouteTarget rt = self.route          # None: a rewrite phase answered before routing
+        status, payload = plugin_answer_payload(answer, close, rt.name if rt is not None else None)
+        if rt is not None:
+            self.preq.detach(rt.plugins.keep_request, rt.plugins.keep_names)
+        else:
+            self.preq.detach(False, None)
+            self.preq = None
         gw.local_responses += 1
         self.resp_status = status
         self.resp_bytes = len(payload)
