@@ -74,3 +74,18 @@ class Rewriter(Plugin):
 
     def access(self, request):
         request.set_header("X-Seen-Path", request.path)
+
+
+class BodyCheck(Plugin):
+    """Reads request bodies (opt-in): refuses ones that contain b"forbidden"."""
+    name = "body-check"
+    priority = 30
+    read_body = True
+    max_body_bytes = 1000
+
+    def access(self, request):
+        if request.body is None:
+            return None
+        if b"forbidden" in request.body:
+            return Response(403, {"message": "forbidden body"})
+        request.set_header("X-Body-Len", str(len(request.body)))

@@ -134,3 +134,59 @@ def test_a_route_scoped_plugin_has_no_rewrite_phase(echo, gateway):
     seen = get(gw.port, "/old/thing").json()
     assert seen["path"] == "/old/thing"
     assert ["X-Seen-Path", "/old/thing"] in seen["headers"]
+
+
+def body_gateway(echo, gateway):
+    return gateway(config(service("s", echo.url, [
+        {"name": "b", "paths": ["/b"], "plugins": [{"name": "body-check", "module": "tests.plugins_example"}]},
+    ])))
+
+
+def test_a_plugin_that_reads_bodies_sees_the_whole_body_and_upstream_gets_it_too(echo, gateway):
+    gw = body_gateway(echo, gateway)
+    with RawClient(gw.port) as c:
+        # the body in three pieces after the head
+        c.send(b"POST /b HTTP/1.1\r\nHost: a\r\nContent-Length: 300\r\n\r\n" + b"a" * 100)
+        time.sleep(0.05)
+        c.send(b"b" * 100)
+        time.sleep(0.05)
+        c.send(b"c" * 100)
+        resp = c.read_response()
+        assert resp.status == 200
+        seen = resp.json()
+        assert ["X-Body-Len", "300"] in seen["headers"] and seen["body_size"] == 300
+        assert seen["body"] == "a" * 100 + "b" * 100 + "c" * 100
+        # chunked, then a pipelined GET behind it
+        c.send(b"POST /b HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+               b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\nGET /b HTTP/1.1\r\nHost: a\r\n\r\n")
+        chunked, plain = c.read_response(), c.read_response()
+        assert ["X-Body-Len", "11"] in chunked.json()["headers"] and chunked.json()["body"] == "hello world"
+        assert plain.status == 200 and not any(k == "X-Body-Len" for k, _ in plain.json()["headers"])
+
+
+def test_a_body_reading_plugin_can_refuse_and_the_limit_holds(echo, gateway):
+    gw = body_gateway(echo, gateway)
+    with RawClient(gw.port) as c:
+        c.send(b"POST /b HTTP/1.1\r\nHost: a\r\nContent-Length: 15\r\n\r\nthis forbidden!")
+        resp = c.read_response()
+    assert resp.status == 403 and resp.json() == {"message": "forbidden body"}
+    with RawClient(gw.port) as c:
+        c.send(b"POST /b HTTP/1.1\r\nHost: a\r\nContent-Length: 5000\r\n\r\n")
+        assert c.read_response().status == 413
+    with RawClient(gw.port) as c:
+        c.send(b"POST /b HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+               + b"400\r\n" + b"x" * 1024 + b"\r\n0\r\n\r\n")
+        assert c.read_response().status == 413
+
+
+def test_a_body_reading_plugin_answers_expect_100_continue(echo, gateway):
+    gw = body_gateway(echo, gateway)
+    with RawClient(gw.port) as c:
+        c.send(b"POST /b HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n")
+        interim = c.read_response()
+        assert interim.status == 100
+        c.send(b"data")
+        final = c.read_response()
+        while final.status == 100:           # the upstream may send its own 100 too
+            final = c.read_response()
+        assert final.status == 200 and final.json()["body"] == "data"

@@ -24,6 +24,7 @@ cdef class Request:
     cdef public bytes routed_path    # set_path in the rewrite phase: routing and upstream use it
     cdef public bint rewriting       # the rewrite phase is running (set_path means routed_path)
     cdef public long long body_limit # set_body_limit: 413 past this many body bytes (-1: none)
+    cdef public object body          # the whole request body (bytes) when a plugin reads bodies
     cdef public Chain chain          # the chain running for this request (a consumer's, maybe)
     cdef object _method, _path, _query, _headers    # copies, made on first Python access
 
@@ -68,6 +69,7 @@ cdef class Chain:
     cdef readonly bint keep_request  # a Python phase runs after access: copy the request view
     cdef readonly tuple keep_names   # else: the request headers native response phases read
     cdef readonly dict by_consumer   # username -> that consumer's Chain on this route, or None
+    cdef readonly long long body_max # a plugin reads request bodies: buffer up to this; -1: none
 
     cdef object run_access(self, Request req, Py_ssize_t start)
     cdef object run_rewrite(self, Request req)

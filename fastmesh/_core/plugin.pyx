@@ -23,6 +23,9 @@ from fastmesh._core.http1 cimport Head, Header, Span, span_ieq
 
 log = logging.getLogger("fastmesh.plugins")
 
+# A plugin with `read_body = True` sees request bodies up to this size unless it says otherwise.
+DEFAULT_BODY_MAX = 1 << 20
+
 # Framing and hop-by-hop headers stay the gateway's business: a plugin cannot add or remove them.
 RESERVED = frozenset({b"host", b"content-length", b"transfer-encoding", b"connection", b"upgrade",
                       b"te", b"trailer", b"keep-alive", b"proxy-connection"})
@@ -425,6 +428,12 @@ cdef class Chain:
                 fn2 = _phase(p, "log")
                 logs.append(fn2)
                 keep = keep or fn is not None or fn2 is not None
+        # Body access is opt-in (`read_body = True`): only then is a body buffered before the
+        # access phases, up to the largest `max_body_bytes` of those plugins (default 1 MiB).
+        self.body_max = -1
+        for p in self.plugins:
+            if getattr(p, "read_body", False):
+                self.body_max = max(self.body_max, int(getattr(p, "max_body_bytes", DEFAULT_BODY_MAX)))
         self.access_fns = tuple(acc)
         self.rewrite_fns = tuple(rewrites)
         self.has_rewrite = any(f is not None for f in rewrites)
@@ -444,6 +453,7 @@ cdef class Chain:
                 self.has_log = self.has_log or (<Chain>c).has_log
                 self.keep_request = self.keep_request or (<Chain>c).keep_request
                 names.extend(n for n in (<Chain>c).keep_names if n not in names)
+                self.body_max = max(self.body_max, (<Chain>c).body_max)
         self.keep_names = tuple(names)
 
     def __len__(self):

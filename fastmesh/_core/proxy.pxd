@@ -177,6 +177,10 @@ cdef class DownstreamProtocol:
     cdef int _plugin_answer(self, object answer) except -1
     cdef int _hold(self, const char* b, Py_ssize_t consumed, Py_ssize_t avail, Py_ssize_t mlen) except -1
     cdef void _wait_for_plugin(self, Pending pending)
+    cdef int _release(self, object answer) except -1
+    cdef Py_ssize_t _buffer_body(self, const char* b, Py_ssize_t consumed, Py_ssize_t avail,
+                                 Py_ssize_t mlen) except -1
+    cdef int _body_progress(self) except -1
     cdef ResponseHead _plugin_response(self, const char* b, Head* h)
     cdef void _plugin_log(self)
 

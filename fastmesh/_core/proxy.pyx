@@ -61,6 +61,7 @@ cdef enum:
     D_TUNNEL = 3     # after 101 Switching Protocols: raw bytes both ways
     D_CLOSED = 4
     D_PLUGIN = 5     # an access phase is waiting (e.g. on Redis): the request is held
+    D_BUFFER = 6     # a plugin reads bodies: the request body is collected before access
 
 # Reasons reading from the client is paused (bit set)
 cdef enum:
@@ -527,6 +528,9 @@ cdef class DownstreamProtocol:
                     self._send_upstream(out)
                     off += taken
                 continue
+            if self.state == D_BUFFER:
+                buf_add(&self.ibuf, p + off, n - off)
+                return self._body_progress()
             if self.state == D_WAIT or self.state == D_PLUGIN:
                 # The next pipelined request, before this response ended: hold it.
                 buf_add(&self.ibuf, p + off, n - off)
@@ -679,6 +683,8 @@ cdef class DownstreamProtocol:
         self.route = rt
         self.body_limit = rt.max_body_size if rt.max_body_size else -1
         if rt.plugins is not None:
+            if (<Chain>rt.plugins).body_max >= 0 and h.body_kind != BODY_NONE:
+                return self._buffer_body(b, consumed, avail, mlen)
             r = self._plugin_access(b, h, consumed, avail, mlen)
             if r == ACCESS_ANSWERED:
                 return avail if h.body_kind != BODY_NONE else consumed
@@ -1407,11 +1413,17 @@ cdef class DownstreamProtocol:
                 answer = pending.chain.run_access(self.preq, pending.index)
             elif not isinstance(answer, Response):
                 answer = internal_error(plugin)
-        held = self.held
-        b = PyBytes_AS_STRING(held)
+        self._release(answer)
+
+    cdef int _release(self, object answer) except -1:
+        """The access phases of a held request ended with `answer`: answer, wait, or forward;
+        then go on with what followed it (in the held bytes and what arrived meanwhile)."""
+        cdef bytes held = self.held
+        cdef const char* b = PyBytes_AS_STRING(held)
+        cdef Py_ssize_t n, r
         r = self._access_result(answer, b, self.held_consumed, PyBytes_GET_SIZE(held), self.held_mlen)
         if r == ACCESS_HELD:
-            return
+            return 0
         self.held = None
         if r == ACCESS_ANSWERED:
             n = PyBytes_GET_SIZE(held) if self.head.body_kind != BODY_NONE else self.held_consumed
@@ -1426,6 +1438,76 @@ cdef class DownstreamProtocol:
         self._resume(P_PLUGIN)
         if rest and self.transport is not None:
             self._feed(rest, PyBytes_AS_STRING(rest), PyBytes_GET_SIZE(rest))
+        return 0
+
+    cdef Py_ssize_t _buffer_body(self, const char* b, Py_ssize_t consumed, Py_ssize_t avail,
+                                 Py_ssize_t mlen) except -1:
+        """A plugin of this route reads request bodies: collect the body, then run access.
+
+        The bytes are held as they came (head and body, chunked or not), so once admitted the
+        request is forwarded exactly as if it had arrived in one read.
+        """
+        cdef RouteTarget rt = self.route
+        cdef Request req = self.preq if self.preq is not None else Request.__new__(Request)
+        self.preq = req
+        self.held = PyBytes_FromStringAndSize(b, avail)
+        self.held_consumed = consumed
+        self.held_mlen = mlen
+        self.cur = PyBytes_AS_STRING(self.held)
+        req.attach(self.cur, &self.head, self.client_ip, rt.name, rt.service)
+        self.state = D_BUFFER
+        if self.head.expect_continue:
+            self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self._set_deadline(self.gw.body_timeout, K_BODY)
+        self._body_progress()
+        return avail
+
+    cdef int _body_progress(self) except -1:
+        """More of a buffered body arrived: when it is complete, run the access phases."""
+        cdef Head* h = &self.head
+        cdef Chain chain = <Chain>self.route.plugins
+        cdef Py_ssize_t have, r
+        cdef Chunked dec
+        cdef Span spans[64]
+        cdef int nspans, i
+        cdef const char* p
+        cdef list parts
+        if self.ibuf.len:
+            self.held += PyBytes_FromStringAndSize(self.ibuf.data, self.ibuf.len)
+            self.ibuf.len = 0
+        p = PyBytes_AS_STRING(self.held) + self.held_consumed
+        have = PyBytes_GET_SIZE(self.held) - self.held_consumed
+        if h.body_kind == BODY_LENGTH:
+            if h.content_length > chain.body_max:
+                return self._local_response(413, "request body too large for the route's plugins", True)
+            if have < h.content_length:
+                return 0
+            body = PyBytes_FromStringAndSize(p, h.content_length)
+        else:
+            memset(&dec, 0, sizeof(Chunked))
+            parts = []
+            while have > 0 and not dec.done:
+                r = chunked_feed(&dec, p, have, spans, 64, &nspans)
+                if r < 0:
+                    return self._local_response(400, "malformed chunked request body", True)
+                for i in range(nspans):
+                    parts.append(PyBytes_FromStringAndSize(p + spans[i].off, spans[i].len))
+                if dec.data_total > chain.body_max:
+                    return self._local_response(413, "request body too large for the route's plugins", True)
+                if r == 0:
+                    break
+                p += r
+                have -= r
+            if not dec.done:
+                return 0
+            body = b"".join(parts)
+        self.dkind = K_NONE
+        self.preq.body = body
+        self.cur = PyBytes_AS_STRING(self.held)
+        self.preq.attach(self.cur, h, self.client_ip, self.route.name, self.route.service)
+        self.state = D_PLUGIN
+        self._pause(P_PLUGIN)
+        return self._release(chain.run_access(self.preq, 0))
 
     cdef ResponseHead _plugin_response(self, const char* b, Head* h):
         """Run the response phases over the upstream head (read in place, no copies)."""
