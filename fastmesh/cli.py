@@ -1,4 +1,4 @@
-"""The `fastmesh` command: run, reload, echo, check."""
+"""The `fastmesh` command: run, reload, echo, check, sidecar."""
 from __future__ import annotations
 
 import argparse
@@ -69,6 +69,9 @@ def _build_parser() -> argparse.ArgumentParser:
     echo = sub.add_parser("echo", help="run the echo upstream (answers with a JSON description of each request)")
     echo.add_argument("--listen", "-l", metavar="HOST:PORT", default="127.0.0.1:9000")
 
+    from fastmesh.mesh.cli import add_parser as add_sidecar_parser
+    add_sidecar_parser(sub)
+
     check = sub.add_parser("check", help="validate a config file without serving it")
     check.add_argument("--config", "-c", metavar="FILE", required=True)
     return parser
@@ -91,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "echo":
         from fastmesh.server import run_echo
         return run_echo(args.listen)
+    if args.command == "sidecar":
+        from fastmesh.mesh.cli import main as sidecar_main
+        return sidecar_main(args)
     if args.command == "check":
         return _check(args.config)
     _build_parser().print_help()

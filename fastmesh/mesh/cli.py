@@ -1,0 +1,142 @@
+"""The `fastmesh sidecar` subcommand: its flags, checked up front, and its entry point."""
+from __future__ import annotations
+
+import argparse
+import os
+
+from fastmesh.config.schema import Invalid, integer, listen_address
+
+ENV_REGISTRY = "FASTMESH_REGISTRY"
+
+
+def _checked(parse, what: str):
+    def check(value: str):
+        try:
+            return parse(value)
+        except Invalid as exc:
+            raise argparse.ArgumentTypeError(exc.message) from None
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"invalid {what}: {exc}") from None
+    return check
+
+
+def _service(value: str) -> str:
+    from fastmesh.mesh.registry import service_name
+    return service_name(value)
+
+
+def _address(value: str) -> tuple[str, int]:
+    from fastmesh.mesh.registry import instance_address
+    return instance_address(value)
+
+
+def _listen(value: str) -> str:
+    return listen_address(value)
+
+
+def _port(value: str) -> int:
+    if not value.isdigit():
+        raise Invalid(f"expected a port number, found {value!r}")
+    return integer(1, 65535, "port")(int(value))
+
+
+def _weight(value: str) -> int:
+    if not value.isdigit():
+        raise Invalid(f"expected a weight 0..65535, found {value!r}")
+    return integer(0, 65535, "weight")(int(value))
+
+
+def _positive_seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise Invalid(f"expected seconds, found {value!r}") from None
+    if not 0.3 <= seconds <= 3600:
+        raise Invalid(f"must be 0.3..3600 seconds, found {value}")
+    return seconds
+
+
+def _drain(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise Invalid(f"expected seconds, found {value!r}") from None
+    if not 0 <= seconds <= 3600:
+        raise Invalid(f"must be 0..3600 seconds, found {value}")
+    return seconds
+
+
+def _meta(value: str) -> tuple[str, str]:
+    key, sep, text = value.partition("=")
+    if not sep or not key:
+        raise Invalid(f"expected KEY=VALUE, found {value!r}")
+    return key, text
+
+
+def _admin(value: str) -> str:
+    return "off" if value.lower() == "off" else listen_address(value)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "sidecar", help="run a service-mesh sidecar beside one service instance",
+        description="Run a sidecar: an inbound listener in front of the local app, and an "
+                    "outbound listener that routes the app's calls to other services by name "
+                    "(Host: NAME, or absolute-form requests when used as an HTTP proxy) over "
+                    "the instances in the registry. Registers this instance with a TTL "
+                    "heartbeat; SIGTERM deregisters, drains and exits 0. One process, one "
+                    "worker. See docs/mesh.md.")
+    p.add_argument("--service", required=True, type=_checked(_service, "service name"),
+                   metavar="NAME", help="this instance's service (a host name: callers send "
+                                        "'Host: NAME')")
+    p.add_argument("--app-port", required=True, type=_checked(_port, "port"), metavar="PORT",
+                   help="the local app's port (on 127.0.0.1)")
+    p.add_argument("--registry", default=os.environ.get(ENV_REGISTRY, "redis://127.0.0.1:6379/0"),
+                   metavar="URL", help="redis://HOST:PORT/DB[?prefix=NAME] or file:PATH "
+                                       f"(default: ${ENV_REGISTRY}, else redis://127.0.0.1:6379/0)")
+    p.add_argument("--inbound", default="0.0.0.0:15006", type=_checked(_listen, "address"),
+                   metavar="HOST:PORT", help="inbound listener (default: 0.0.0.0:15006)")
+    p.add_argument("--outbound", default="127.0.0.1:15001", type=_checked(_listen, "address"),
+                   metavar="HOST:PORT", help="outbound listener (default: 127.0.0.1:15001)")
+    p.add_argument("--advertise", type=_checked(_address, "address"), metavar="HOST:PORT",
+                   help="address registered for this instance (default: the inbound listener's; "
+                        "when it listens on all interfaces, this host's primary address)")
+    p.add_argument("--zone", default="", metavar="ZONE", help="registered with the instance")
+    p.add_argument("--version", dest="instance_version", default="", metavar="VERSION",
+                   help="the app's version, registered with the instance")
+    p.add_argument("--weight", type=_checked(_weight, "weight"), default=100, metavar="N",
+                   help="balancing weight 0..65535 (default: 100; 0: registered, never picked)")
+    p.add_argument("--meta", action="append", default=[], type=_checked(_meta, "metadata"),
+                   metavar="KEY=VALUE", help="instance metadata (repeatable)")
+    p.add_argument("--instance-id", metavar="ID",
+                   help="instance id (default: HOSTNAME-PID-RANDOM)")
+    p.add_argument("--ttl", type=_checked(_positive_seconds, "ttl"), default=10.0,
+                   metavar="SECONDS", help="registration TTL; the heartbeat runs every TTL/3 "
+                                           "(default: 10)")
+    p.add_argument("--admin", type=_checked(_admin, "address"), metavar="HOST:PORT|off",
+                   help="read-only admin API: /ready, /status, /registry (default: "
+                        "127.0.0.1:15000, skipped with a warning when busy)")
+    p.add_argument("--drain-timeout", type=_checked(_drain, "drain timeout"), default=10.0,
+                   metavar="SECONDS", help="on SIGTERM, how long in-flight requests may take "
+                                           "(default: 10)")
+
+
+def main(args) -> int:
+    import sys
+    from fastmesh.mesh.registry import instance_id
+    from fastmesh.mesh.sidecar import SidecarOptions, run_sidecar
+    if args.instance_id is not None:
+        try:
+            instance_id(args.instance_id)
+        except Invalid as exc:
+            print(f"fastmesh sidecar: --instance-id: {exc.message}", file=sys.stderr)
+            return 2
+    admin = "127.0.0.1:15000" if args.admin is None else args.admin
+    options = SidecarOptions(
+        service=args.service, app_port=args.app_port, registry=args.registry,
+        inbound=args.inbound, outbound=args.outbound, advertise=args.advertise,
+        zone=args.zone, version=args.instance_version, weight=args.weight,
+        metadata=tuple(sorted(dict(args.meta).items())), instance_id=args.instance_id,
+        admin=None if admin == "off" else admin, admin_explicit=args.admin is not None,
+        ttl=args.ttl, drain_timeout=args.drain_timeout)
+    return run_sidecar(options)

@@ -1,0 +1,202 @@
+"""The service registry: which instances each service has, as the sidecars see it.
+
+A registry keeps a local *view* (service name -> instances) that the sidecar compiles into its
+outbound routes; a request never waits on the registry. Two implementations:
+
+- `redis://host:port/db` (fastmesh.mesh.redis_registry): sidecars register themselves with a TTL
+  heartbeat and watch for changes (pub/sub, keyspace notifications, periodic full resync);
+- `file:mesh.yaml` (fastmesh.mesh.file_registry): a static file, re-read when it changes.
+
+Whatever goes wrong on the registry's side (Redis unreachable, a bad file), the last good view
+stays: routing goes on with what was known.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from fastmesh.config.schema import (
+    Fields, Invalid, Issues, address_host, hostname, integer, port_number, split_host_port, string,
+)
+
+INSTANCE_FIELDS = ("service", "id", "address", "zone", "version", "weight", "metadata")
+DEFAULT_WEIGHT = 100
+
+View = dict  # service name -> tuple[Instance, ...] (sorted by id)
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One running copy of a service: where its sidecar's inbound listener is, and what it is."""
+
+    service: str                        # a host name: callers address it as `Host: <service>`
+    id: str                             # unique within the service
+    host: str                           # IPv4, IPv6 (no brackets) or host name
+    port: int
+    zone: str = ""
+    version: str = ""
+    weight: int = DEFAULT_WEIGHT        # 0..65535, as upstream targets (0: never picked)
+    metadata: tuple[tuple[str, str], ...] = ()   # sorted (key, value) pairs
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    def to_dict(self) -> dict:
+        return {"service": self.service, "id": self.id, "address": self.address,
+                "zone": self.zone, "version": self.version, "weight": self.weight,
+                "metadata": dict(self.metadata)}
+
+
+# --- parsing (the Redis values and the registry file share it) ---------------------------------
+
+def service_name(value: object) -> str:
+    """A service name is a host name (lower-cased): it is matched against Host headers."""
+    text = string(value)
+    if not text:
+        raise Invalid("service name must not be empty")
+    return hostname(text)
+
+
+def instance_id(value: object) -> str:
+    text = string(value)
+    if not text or len(text) > 200 or any(c in text for c in ": \t\r\n\x00"):
+        raise Invalid(f"instance id must be 1-200 characters without ':', blanks or control "
+                      f"characters, found {text!r}")
+    return text
+
+
+def instance_address(value: object) -> tuple[str, int]:
+    """'10.0.0.5:15006', '[fd00::5]:15006' or 'pod-b.local:15006' -> (host, port)."""
+    text = string(value)
+    host_part, port_part = split_host_port(text)
+    if not host_part or port_part is None:
+        raise Invalid(f"expected 'host:port' or '[ipv6]:port', found {text!r}")
+    return address_host(host_part), port_number(port_part)
+
+
+def _label(value: object) -> str:
+    text = string(value)
+    if len(text) > 200 or any(c in text for c in "\r\n\x00"):
+        raise Invalid(f"expected at most 200 characters without CR, LF or NUL, found {text!r}")
+    return text
+
+
+def _metadata(value: object) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, dict):
+        raise Invalid(f"expected a mapping of strings, found {type(value).__name__}")
+    pairs = []
+    for key, item_value in value.items():
+        if not isinstance(key, str) or not isinstance(item_value, (str, int, float, bool)):
+            raise Invalid(f"expected string keys and scalar values, found {key!r}: {item_value!r}")
+        pairs.append((_label(key), _label(str(item_value))))
+    return tuple(sorted(pairs))
+
+
+def read_instance(fields: Fields, service: str | None = None) -> Instance | None:
+    """An Instance from a mapping; problems go to fields.issues with their paths. With `service`
+    (the file registry nests instances under their service), the field may be left out."""
+    before = len(fields.issues.items)
+    name = fields.value("service", service_name, required=service is None)
+    if name is not None and service is not None and name != service:
+        fields.issues.add(fields.at("service"), f"instance listed under '{service}' says "
+                                                f"service '{name}'")
+    name = service if service is not None else name
+    ident = fields.value("id", instance_id)
+    address = fields.value("address", instance_address, required=True)
+    zone = fields.value("zone", _label, "")
+    version = fields.value("version", _label, "")
+    weight = fields.value("weight", integer(0, 65535, "weight"), DEFAULT_WEIGHT)
+    metadata = fields.value("metadata", _metadata, ())
+    if len(fields.issues.items) != before or name is None or address is None:
+        return None
+    host, port = address
+    return Instance(name, ident if ident is not None else f"{host}:{port}", host, port,
+                    zone, version, weight, metadata)
+
+
+def parse_instance(data: object, source: str = "<registry>") -> Instance:
+    """An Instance from its JSON/YAML form; ValueError with every problem."""
+    issues = Issues(source)
+    fields = Fields.of(issues, "", data, INSTANCE_FIELDS)
+    found = read_instance(fields) if fields is not None else None
+    if issues or found is None:
+        raise ValueError("; ".join(str(i) for i in issues.items) or f"{source}: invalid instance")
+    return found
+
+
+def make_view(instances) -> View:
+    """service -> instances sorted by id; for a repeated (service, id) the last one wins."""
+    by_key = {(i.service, i.id): i for i in instances}
+    view: dict[str, list[Instance]] = {}
+    for inst in by_key.values():
+        view.setdefault(inst.service, []).append(inst)
+    return {svc: tuple(sorted(found, key=lambda i: i.id)) for svc, found in sorted(view.items())}
+
+
+# --- the interface -----------------------------------------------------------------------------
+
+class Registry:
+    """Base class: the local view, change notification, and the registration calls.
+
+    `on_change()` is called on the sidecar's loop whenever the view changed; the sidecar then
+    reads `view()`. `ready` is true once a view was loaded (or the source answered) at least once.
+    """
+
+    kind = "?"
+    writable = True             # register/deregister change the registry (not so for a file)
+
+    def __init__(self, on_change: Callable[[], None]):
+        self.on_change = on_change
+        self._view: View = {}
+        self.ready = False
+        self.error: str | None = None           # the last problem with the source, if any
+
+    def view(self) -> View:
+        return self._view
+
+    def _set_view(self, view: View) -> None:
+        self.ready = True
+        if view != self._view:
+            self._view = view
+            self.on_change()
+
+    async def start(self, wait: float) -> None:
+        """Begin watching; wait (at most `wait` seconds) for the first view."""
+        raise NotImplementedError
+
+    async def register(self, instance: Instance) -> None:
+        """Announce `instance` and keep it announced (heartbeat) until deregistered."""
+        raise NotImplementedError
+
+    async def deregister(self, instance: Instance) -> None:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        raise NotImplementedError
+
+    def state(self) -> dict:
+        """What the registry knows now (admin /status and /registry)."""
+        return {"kind": self.kind, "ready": self.ready, "error": self.error,
+                "services": {svc: [i.to_dict() for i in found]
+                             for svc, found in self._view.items()}}
+
+
+def open_registry(url: str, on_change: Callable[[], None], ttl: float) -> Registry:
+    """A Registry for `redis://...`/`rediss://...` or `file:PATH`; ValueError when unsupported."""
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        from fastmesh.mesh.redis_registry import RedisRegistry
+        return RedisRegistry(url, on_change, ttl)
+    if url.startswith("file:"):
+        from fastmesh.mesh.file_registry import FileRegistry
+        path = url[len("file:"):]
+        if path.startswith("//"):
+            path = path[2:]
+        if not path:
+            raise ValueError("file registry: expected file:PATH, e.g. file:mesh.yaml")
+        return FileRegistry(path, on_change)
+    raise ValueError(f"unsupported registry {url!r}: expected redis://HOST:PORT/DB or file:PATH")
+
+
+__all__ = ["Instance", "Registry", "View", "make_view", "open_registry", "parse_instance",
+           "read_instance", "service_name"]

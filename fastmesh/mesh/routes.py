@@ -1,0 +1,104 @@
+"""The sidecar's two configs, as ordinary fastmesh configs (validated by the same loader).
+
+- inbound: one route, every request to the local app (`127.0.0.1:<app-port>`), Host kept;
+- outbound: per service known to the registry, an upstream over its instances (p2c-ewma,
+  passive health: 5xx, failures and timeouts eject an instance for a while) and a route by host
+  name; plus a catch-all route whose plugin answers 503 naming the unknown service.
+
+Generating configs, rather than a separate data path, means the mesh gets the gateway's router,
+balancers, retries, pools and outlier ejection unchanged; a registry change is applied like a
+reload, compiled against the active Plan so unchanged instances keep their health and EWMA state
+and their pooled connections.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastmesh.config import Config, load_config_data
+from fastmesh.mesh.registry import View
+
+UNKNOWN = "~unknown-service"        # '~' cannot be in a service name: no clash with the registry
+
+
+@dataclass(frozen=True)
+class MeshPolicy:
+    """What every outbound destination gets (one policy for all, for now)."""
+
+    algorithm: str = "p2c-ewma"
+    connect_timeout: float = 2.0
+    read_timeout: float = 60.0
+    retries: int = 3
+    retry_on: tuple[str, ...] = ("connect-failure", "timeout", "reset", "5xx")
+    eject_failures: int = 3             # passive: consecutive failures to eject an instance
+    eject_timeouts: int = 3
+    ejection_time: float = 10.0
+    eject_statuses: tuple[int, ...] = (502, 503, 504)
+
+
+def _gateway(limits: dict | None = None) -> dict:
+    return {"admin": {"listen": "off"}, **({"limits": limits} if limits else {})}
+
+
+def inbound_config(service: str, app_host: str, app_port: int,
+                   connect_timeout: float = 2.0, read_timeout: float = 60.0) -> Config:
+    """Everything arriving at the inbound listener goes to the local app, Host unchanged."""
+    app = f"[{app_host}]" if ":" in app_host else app_host
+    return load_config_data({
+        "_format_version": "1",
+        "gateway": _gateway(),
+        "services": [{
+            "name": service, "url": f"http://{app}:{app_port}",
+            "connect_timeout": f"{int(connect_timeout * 1000)}ms",
+            "read_timeout": f"{int(read_timeout * 1000)}ms",
+            # The app is one process behind one address: a retry would hit it again.
+            "retries": 0,
+            "routes": [{"name": f"{service}-inbound", "paths": ["/"],
+                        "strip_path": False, "preserve_host": True}],
+        }],
+    }, source="<sidecar inbound>")
+
+
+def outbound_document(view: View, policy: MeshPolicy = MeshPolicy()) -> dict:
+    services = []
+    upstreams = []
+    for name, instances in view.items():
+        # Two registrations of one address (a restarted instance under a new id, before the
+        # old key expires) are one target: the first by id keeps it.
+        targets = {}
+        for instance in instances:
+            targets.setdefault(instance.address, instance.weight)
+        if not targets:
+            continue
+        upstreams.append({
+            "name": name, "algorithm": policy.algorithm,
+            "targets": [{"target": address, "weight": weight}
+                        for address, weight in targets.items()],
+            "healthchecks": {"passive": {
+                "unhealthy": {"http_statuses": list(policy.eject_statuses),
+                              "failures": policy.eject_failures,
+                              "timeouts": policy.eject_timeouts},
+                "ejection_time": f"{int(policy.ejection_time * 1000)}ms"}},
+        })
+        services.append({
+            "name": name, "host": name, "protocol": "http",
+            "connect_timeout": f"{int(policy.connect_timeout * 1000)}ms",
+            "read_timeout": f"{int(policy.read_timeout * 1000)}ms",
+            "retries": policy.retries, "retry_on": list(policy.retry_on),
+            "routes": [{"name": name, "hosts": [name], "strip_path": False,
+                        "preserve_host": False}],
+        })
+    services.append({
+        "name": UNKNOWN, "url": "http://127.0.0.1:9",     # never contacted: the plugin answers
+        # "/" for ordinary requests; the regex (it matches at the start of any path) also
+        # catches the empty path of `GET http://name HTTP/1.1` and `OPTIONS *`.
+        "routes": [{"name": UNKNOWN, "paths": ["/", "~/?"], "strip_path": False,
+                    "plugins": [{"name": "mesh-unknown-service",
+                                 "module": "fastmesh.mesh.unknown_service"}]}],
+    })
+    return {"_format_version": "1", "gateway": _gateway(), "upstreams": upstreams,
+            "services": services}
+
+
+def outbound_config(view: View, policy: MeshPolicy = MeshPolicy()) -> Config:
+    """The outbound listener's config for the registry view `view`."""
+    return load_config_data(outbound_document(view, policy), source="<sidecar outbound>")
