@@ -7,7 +7,12 @@
 from fastmesh._core.http1 cimport Head
 
 
-cdef class Request:
+cdef class HeaderEdits:
+    cdef public list add             # [(name, value)] added (to the upstream request / response)
+    cdef public set drop             # lower-case names not forwarded
+
+
+cdef class Request(HeaderEdits):
     cdef const char* b               # the request head's buffer, valid while `live`
     cdef Head* h
     cdef bint live
@@ -17,8 +22,6 @@ cdef class Request:
     cdef public object consumer      # username of the authenticated consumer (auth plugins)
     cdef public object credential    # identifier of the credential that authenticated it
     cdef public object ctx           # free per-request slot for plugins (response/log phases)
-    cdef public list add             # [(name, value)] added to the upstream request
-    cdef public set drop             # lower-case names not forwarded upstream
     cdef public bytes new_path       # set_path: the upstream path, verbatim
     cdef public bytes new_query      # set_query: the upstream query (without '?')
     cdef public bytes routed_path    # set_path in the rewrite phase: routing and upstream use it
@@ -34,13 +37,11 @@ cdef class Request:
     cdef bint has_header_c(self, const char* lower, Py_ssize_t n)
 
 
-cdef class ResponseHead:
+cdef class ResponseHead(HeaderEdits):
     cdef const char* b               # the upstream response head's buffer, valid during the phase
     cdef Head* h
     cdef bint live
     cdef public int status
-    cdef public list add
-    cdef public set drop
     cdef object _headers
 
     cdef object header_c(self, const char* lower, Py_ssize_t n)

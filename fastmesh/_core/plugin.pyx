@@ -98,7 +98,31 @@ cdef object _find_in(list headers, bytes lower):
     return found
 
 
-cdef class Request:
+cdef class HeaderEdits:
+    """Header changes a phase asks for; the data path applies them while writing the head."""
+
+    def remove_header(self, name):
+        """Do not forward header `name` (also drops values added earlier)."""
+        cdef bytes low = <bytes>_checked(name)[1]
+        if self.drop is None:
+            self.drop = set()
+        self.drop.add(low)
+        if self.add:
+            self.add = [(k, v) for k, v in self.add if k.lower() != low]
+
+    def add_header(self, name, value):
+        """Add a header line."""
+        if self.add is None:
+            self.add = []
+        self.add.append((_name(name), _clean(value)))
+
+    def set_header(self, name, value):
+        """Replace every value of header `name` with `value`."""
+        self.remove_header(name)
+        self.add_header(name, value)
+
+
+cdef class Request(HeaderEdits):
     """The request as plugins see it (built only for routes that have a chain)."""
 
     def __cinit__(self):
@@ -202,26 +226,6 @@ cdef class Request:
                 return value
         return None
 
-    def remove_header(self, name):
-        """Do not forward header `name` upstream (also drops values added earlier)."""
-        cdef bytes low = <bytes>_checked(name)[1]
-        if self.drop is None:
-            self.drop = set()
-        self.drop.add(low)
-        if self.add:
-            self.add = [(k, v) for k, v in self.add if k.lower() != low]
-
-    def add_header(self, name, value):
-        """Add a header line to the upstream request."""
-        if self.add is None:
-            self.add = []
-        self.add.append((_name(name), _clean(value)))
-
-    def set_header(self, name, value):
-        """Replace every value of header `name` upstream with `value`."""
-        self.remove_header(name)
-        self.add_header(name, value)
-
     def set_path(self, path):
         """In the rewrite phase: the path routing sees (and strip_path etc. then apply to it).
         Later: send this path upstream verbatim (no strip_path, no service path joined)."""
@@ -249,7 +253,7 @@ cdef class Request:
             self.body_limit = limit
 
 
-cdef class ResponseHead:
+cdef class ResponseHead(HeaderEdits):
     """The upstream response's status and headers, as the response phase sees them."""
 
     @staticmethod
@@ -276,22 +280,6 @@ cdef class ResponseHead:
         cdef bytes low = _b(name).lower()
         return self.header_c(PyBytes_AS_STRING(low), PyBytes_GET_SIZE(low))
 
-    def remove_header(self, name):
-        cdef bytes low = <bytes>_checked(name)[1]
-        if self.drop is None:
-            self.drop = set()
-        self.drop.add(low)
-        if self.add:
-            self.add = [(k, v) for k, v in self.add if k.lower() != low]
-
-    def add_header(self, name, value):
-        if self.add is None:
-            self.add = []
-        self.add.append((_name(name), _clean(value)))
-
-    def set_header(self, name, value):
-        self.remove_header(name)
-        self.add_header(name, value)
 
 
 class Response:
