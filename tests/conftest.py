@@ -128,6 +128,33 @@ def config(*services: dict, **gateway) -> dict:
     return cfg
 
 
+# -- what the echo upstream saw, what a config refuses ---------------------------------------
+
+def echoed(resp):
+    """The echo upstream's JSON description of the request it got (asserting a 200)."""
+    assert resp.status == 200, (resp.status, resp.body)
+    return resp.json()
+
+
+def upstream_headers(resp) -> dict[str, list[str]]:
+    """Headers the echo upstream received: lower-case name -> values."""
+    out: dict[str, list[str]] = {}
+    for name, value in echoed(resp)["headers"]:
+        out.setdefault(name.lower(), []).append(value)
+    return out
+
+
+def config_issues(data: dict) -> dict[str, list[str]]:
+    """The problems load_config_data reports for `data`: path -> messages."""
+    from fastmesh.config import ConfigError, load_config_data
+    with pytest.raises(ConfigError) as info:
+        load_config_data(data)
+    out: dict[str, list[str]] = {}
+    for issue in info.value.issues:
+        out.setdefault(issue.path, []).append(issue.message)
+    return out
+
+
 # -- raw sockets ------------------------------------------------------------------------
 
 def recv_until_close(sock: socket.socket, timeout: float = 5.0) -> bytes:

@@ -8,28 +8,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, RawClient, config, get, service
+from conftest import config_issues as issues_of, echoed, upstream_headers as up_headers
 from fastmesh.config import ConfigError, load_config_data
-
-
-def echoed(resp):
-    assert resp.status == 200, (resp.status, resp.body)
-    return resp.json()
-
-
-def up_headers(resp) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for name, value in echoed(resp)["headers"]:
-        out.setdefault(name.lower(), []).append(value)
-    return out
-
-
-def issues_of(data: dict) -> dict[str, list[str]]:
-    with pytest.raises(ConfigError) as info:
-        load_config_data(data)
-    out: dict[str, list[str]] = {}
-    for issue in info.value.issues:
-        out.setdefault(issue.path, []).append(issue.message)
-    return out
 
 
 def svc(url, routes, **extra):

@@ -17,7 +17,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from conftest import RawClient, config, get, service
-from fastmesh.config import ConfigError, load_config_data
+from conftest import config_issues as issues_of, upstream_headers as up_headers
+from fastmesh.config import load_config_data
 
 HS_SECRET = "alice-hmac-secret-that-is-long-enough-0123456789"
 BOB_SECRET = "bob-hmac-secret-that-is-also-long-enough-98765"
@@ -27,27 +28,11 @@ ALICE_PASSWORD = "wonder land: 7 rabbits"
 
 # --- helpers ----------------------------------------------------------------------------------
 
-def up_headers(resp) -> dict[str, list[str]]:
-    assert resp.status == 200, (resp.status, resp.body)
-    out: dict[str, list[str]] = {}
-    for name, value in resp.json()["headers"]:
-        out.setdefault(name.lower(), []).append(value)
-    return out
-
 
 def refused(resp, status: int = 401) -> str:
     assert resp.status == status, (resp.status, resp.body)
     assert resp.header("Content-Type") == "application/json"
     return resp.json()["message"]
-
-
-def issues_of(data: dict) -> dict[str, list[str]]:
-    with pytest.raises(ConfigError) as info:
-        load_config_data(data)
-    out: dict[str, list[str]] = {}
-    for issue in info.value.issues:
-        out.setdefault(issue.path, []).append(issue.message)
-    return out
 
 
 def basic(user: str, password: str) -> str:

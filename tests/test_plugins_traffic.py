@@ -17,7 +17,7 @@ from hypothesis import given, settings, strategies as st
 
 from conftest import (ROOT, START_TIMEOUT, RawClient, config, fastmesh_cmd, free_port, get,
                       read_request_head, service, stop_process)
-from fastmesh.config import ConfigError, load_config_data
+from conftest import config_issues as issues_of, echoed, upstream_headers as up_headers
 from fastmesh.plugins.ip_restriction import PrefixSet, address, network
 from fastmesh.plugins.transformers import transform_query
 
@@ -28,27 +28,6 @@ def svc(url, routes, **extra):
 
 def route(name, path, *plugins, **extra):
     return {"name": name, "paths": [path], "plugins": list(plugins), **extra}
-
-
-def echoed(resp):
-    assert resp.status == 200, (resp.status, resp.body)
-    return resp.json()
-
-
-def up_headers(resp) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for name, value in echoed(resp)["headers"]:
-        out.setdefault(name.lower(), []).append(value)
-    return out
-
-
-def issues_of(data: dict) -> dict[str, list[str]]:
-    with pytest.raises(ConfigError) as info:
-        load_config_data(data)
-    out: dict[str, list[str]] = {}
-    for issue in info.value.issues:
-        out.setdefault(issue.path, []).append(issue.message)
-    return out
 
 
 class Client(RawClient):
