@@ -130,6 +130,10 @@ def plugin_instances(config: Config) -> dict:
     for entry in getattr(config, "plugins", ()):
         cls = find_plugin(entry.name, entry.module)
         plugin = cls(dict(entry.config))
+        try:
+            plugin.scope = entry.scope      # where it is configured (e.g. keys of its counters)
+        except AttributeError:              # a class with __slots__ does not take it: fine
+            pass
         setup = getattr(plugin, "setup", None)
         if setup is not None:
             setup(config)

@@ -29,6 +29,14 @@ class PluginEntry:
     path: str = ""                      # where it was declared, for messages
     consumer: str | None = None         # consumer scope (username)
 
+    @property
+    def scope(self) -> str:
+        """'global', or e.g. 'service:orders', 'route:checkout,consumer:alice'."""
+        parts = [f"{kind}:{value}" for kind, value in
+                 (("service", self.service), ("route", self.route), ("consumer", self.consumer))
+                 if value is not None]
+        return ",".join(parts) or "global"
+
 
 def read_plugins(top: Fields) -> tuple[PluginEntry, ...]:
     """Every plugin entry of the file with its scope; problems go to top.issues."""

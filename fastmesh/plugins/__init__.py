@@ -86,6 +86,7 @@ _BUILTIN_MODULES = {
     "ip-restriction": "fastmesh.plugins.ip_restriction",
     "request-size-limiting": "fastmesh.plugins.request_size_limiting",
     "correlation-id": "fastmesh.plugins.correlation_id",
+    "rate-limiting": "fastmesh.plugins.rate_limiting",
 }
 BUILTINS = tuple(_BUILTIN_MODULES)
 
