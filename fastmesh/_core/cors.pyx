@@ -21,6 +21,8 @@ cdef class CorsFilter(NativePlugin):
     cdef bytes allow_headers
     cdef bytes expose
     cdef bytes max_age
+    cdef frozenset names            # lower-case names of the response headers cors sets
+    cdef dict lines_for             # allowed origin -> the response header lines (bounded)
 
     def __init__(self, dict config):
         NativePlugin.__init__(self, config)
@@ -35,6 +37,9 @@ cdef class CorsFilter(NativePlugin):
         self.allow_headers = ", ".join(config["headers"]).encode() if config["headers"] else None
         self.expose = ", ".join(config["exposed_headers"]).encode() if config["exposed_headers"] else None
         self.max_age = b"%d" % config["max_age"] if config["max_age"] is not None else None
+        self.names = frozenset({b"access-control-allow-origin", b"vary",
+                                b"access-control-allow-credentials", b"access-control-expose-headers"})
+        self.lines_for = {}
 
     cdef object _allowed(self, object origin):
         if origin is None:
@@ -72,10 +77,15 @@ cdef class CorsFilter(NativePlugin):
         origin = self._allowed(req.header_c("origin", 6))
         if origin is None:
             return 0
-        for name, value in self._common(origin):
-            resp.set_header(name, value)
-        if self.expose is not None:
-            resp.set_header(b"Access-Control-Expose-Headers", self.expose)
+        lines = self.lines_for.get(origin)
+        if lines is None:
+            lines = self._common(origin)
+            if self.expose is not None:
+                lines.append((b"Access-Control-Expose-Headers", self.expose))
+            lines = tuple(lines)
+            if len(self.lines_for) < 1024:       # configured origins, or '*' echoed: bounded
+                self.lines_for[origin] = lines
+        resp.replace_c(self.names, lines)
         return 0
 
     def access(self, Request request):

@@ -84,15 +84,7 @@ cdef class KeyAuthFilter(NativePlugin):
         else:
             req.ctx[ANONYMOUS_KEY] = False
             req.ctx[CREDENTIAL_KEY] = credential
-        if req.drop is None:
-            req.drop = set(self.identity_names)
-        else:
-            req.drop.update(self.identity_names)
-        if req.add:
-            req.add = [(k, v) for k, v in req.add if k.lower() not in self.identity_names]
-            req.add.extend(lines)
-        else:
-            req.add = list(lines)
+        req.replace_c(self.identity_names, lines)
         return None
 
     cdef object _fail(self, Request req, object answer):

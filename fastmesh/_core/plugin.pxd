@@ -11,6 +11,9 @@ cdef class HeaderEdits:
     cdef public list add             # [(name, value)] added (to the upstream request / response)
     cdef public set drop             # lower-case names not forwarded
 
+    # For native plugins: set these headers (names lower-case in `lower`, already validated).
+    cdef int replace_c(self, frozenset lower, object lines) except -1
+
 
 cdef class Request(HeaderEdits):
     cdef const char* b               # the request head's buffer, valid while `live`

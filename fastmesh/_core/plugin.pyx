@@ -101,6 +101,19 @@ cdef object _find_in(list headers, bytes lower):
 cdef class HeaderEdits:
     """Header changes a phase asks for; the data path applies them while writing the head."""
 
+    cdef int replace_c(self, frozenset lower, object lines) except -1:
+        """set_header for several trusted lines at once (no per-call validation)."""
+        if self.drop is None:
+            self.drop = set(lower)
+        else:
+            self.drop.update(lower)
+        if self.add:
+            self.add = [(k, v) for k, v in self.add if k.lower() not in lower]
+            self.add.extend(lines)
+        else:
+            self.add = list(lines)
+        return 0
+
     def remove_header(self, name):
         """Do not forward header `name` (also drops values added earlier)."""
         cdef bytes low = <bytes>_checked(name)[1]

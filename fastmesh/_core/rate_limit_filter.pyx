@@ -9,7 +9,7 @@ waits on Redis; both record the same tuple, which response_c turns into headers.
 """
 from libc.stdint cimport int64_t
 from libc.string cimport memcpy
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromFormat
 
 from fastmesh._core.plugin cimport NativePlugin, Request, ResponseHead
 from fastmesh._core.ratelimit cimport Limiter, wall_ms
@@ -34,6 +34,10 @@ cdef inline int64_t _seconds(int64_t ms) noexcept nogil:
     """Whole seconds, rounded up, at least 1 (a client must not retry at once)."""
     cdef int64_t s = (ms + 999) // 1000
     return s if s > 1 else 1
+
+
+cdef inline bytes _num(long v):
+    return PyBytes_FromFormat("%ld", v)
 
 
 cdef class RateLimitFilter(NativePlugin):
@@ -148,12 +152,12 @@ cdef class RateLimitFilter(NativePlugin):
         if seen is None:
             return 0
         limit, remaining, reset_ms, per_period = seen
-        cdef list lines = [(b"RateLimit-Limit", b"%d" % limit),
-                           (b"RateLimit-Remaining", b"%d" % remaining),
-                           (b"RateLimit-Reset", b"%d" % _seconds(reset_ms))]
+        cdef list lines = [(b"RateLimit-Limit", _num(limit)),
+                           (b"RateLimit-Remaining", _num(remaining)),
+                           (b"RateLimit-Reset", _num(_seconds(reset_ms)))]
         for (limit_name, limit_value, remaining_name), left in zip(self.period_headers, per_period):
             lines.append((limit_name, limit_value))
-            lines.append((remaining_name, b"%d" % left))
+            lines.append((remaining_name, _num(left)))
         if resp.add is None:
             resp.add = lines
         else:
