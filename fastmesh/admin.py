@@ -30,7 +30,7 @@ from fastmesh.entities import (
     EntityError, delete_entity, get_entity, list_entities, patch_entity, put_entity,
 )
 from fastmesh.metrics import merge_upstream_health, upstream_summaries
-from fastmesh.server import parse_listen
+from fastmesh.server import parse_listen, start_server
 
 MAX_BODY = 16 * 1024 * 1024
 REASONS = {200: "OK", 201: "Created", 204: "No Content", 400: "Bad Request",
@@ -296,5 +296,4 @@ class AdminProtocol(asyncio.Protocol):
 async def start_admin(supervisor, listen: str) -> asyncio.AbstractServer:
     host, port = parse_listen(listen)
     api = AdminAPI(supervisor)
-    loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: AdminProtocol(api), host, port, reuse_address=True)
+    return await start_server(asyncio.get_running_loop(), lambda: AdminProtocol(api), host, port)

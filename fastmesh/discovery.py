@@ -36,8 +36,6 @@ import os
 import socket
 from typing import Callable
 
-import yaml
-
 from fastmesh.config import Config
 from fastmesh.config.schema import Fields, Issues, item
 from fastmesh.config.upstreams import TARGET_FIELDS, Target, Upstream, add_target, is_srv_name
@@ -209,6 +207,7 @@ async def lookup_srv(resolver, name: str) -> tuple[list[tuple[str, int, int]], f
 def read_targets_file(path: str) -> tuple[Target, ...]:
     """The targets in `path` (a YAML/JSON list of {target, weight}); ValueError naming the file,
     the path inside it and what is wrong."""
+    import yaml                      # only for upstreams with a targets_file
     try:
         with open(path, "rb") as f:
             data = yaml.safe_load(f)

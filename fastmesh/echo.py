@@ -12,6 +12,7 @@ import hashlib
 import orjson
 
 from fastmesh._core.http1 import ChunkedDecoder, HTTPParseError, error_status, parse_request
+from fastmesh.server import start_server
 
 BODY_KEEP = 65536
 
@@ -129,5 +130,4 @@ class EchoProtocol(asyncio.Protocol):
 
 
 async def start_echo(host: str, port: int) -> asyncio.AbstractServer:
-    loop = asyncio.get_running_loop()
-    return await loop.create_server(EchoProtocol, host, port, reuse_address=True)
+    return await start_server(asyncio.get_running_loop(), EchoProtocol, host, port)

@@ -19,8 +19,6 @@ from __future__ import annotations
 import bisect
 import sys
 
-import msgpack
-
 from fastmesh._core.histogram import BUCKETS, Histogram, bucket_value
 
 HISTOGRAMS = ("total", "upstream", "added")
@@ -404,6 +402,7 @@ def _tables() -> tuple[list[int], list[int]]:
 def prometheus_buckets(hist: Histogram) -> tuple[list[int], int, float]:
     """(cumulative counts for each of BUCKETS_SECONDS then +Inf, count, sum in seconds)."""
     _, bucket_of = _tables()
+    import msgpack                   # here: only a /metrics scrape needs it
     per = [0] * (len(BUCKETS_SECONDS) + 1)
     data = msgpack.unpackb(hist.dumps(), raw=False)
     pairs = data["b"]

@@ -25,10 +25,8 @@ import uvloop
 
 from time import monotonic
 from fastmesh._core.proxy import Gateway
-from fastmesh.accesslog import AccessLog
 from fastmesh.config import Config
 from fastmesh.discovery import Discovery
-from fastmesh.echo import start_echo
 from fastmesh.metrics import RouteStats, UpstreamStats
 from fastmesh.health import HealthChecker
 from fastmesh.plan import PoolRegistry, compile_plan
@@ -54,16 +52,92 @@ def format_url(host: str, port: int) -> str:
     return f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else shown}:{port}"
 
 
-def settle_heap() -> None:
+def bound_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket | None:
+    """A TCP socket bound to an IP literal (not listening yet); None when `host` is a name.
+
+    Given a host, loop.create_server resolves it with getaddrinfo on libuv's thread pool, even
+    for an IP literal: four threads (and their malloc arenas) an idle process keeps for good.
+    Binding here skips that; the options and the bind error are those create_server uses.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        socket.inet_pton(family, host)
+    except OSError:
+        return None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            reason = (exc.strerror or str(exc)).lower()
+            raise OSError(exc.errno, f"error while attempting to bind on address "
+                                     f"{(host, port)!r}: {reason}") from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def start_server(loop, factory, host: str, port: int, *, reuse_port: bool = False,
+                       backlog: int = 100):
+    """loop.create_server on HOST:PORT (SO_REUSEADDR), bound by `bound_socket` when it can."""
+    sock = bound_socket(host, port, reuse_port)
+    if sock is None:                                   # a host name: the loop resolves it
+        return await loop.create_server(factory, host, port, reuse_address=True,
+                                        reuse_port=reuse_port or None, backlog=backlog)
+    try:
+        return await loop.create_server(factory, sock=sock, backlog=backlog)
+    except BaseException:
+        sock.close()
+        raise
+
+
+TRIM_MIN_ROUTES = 1000
+# Compiled from source at this start (no bytecode cache to read: PYTHONDONTWRITEBYTECODE in a
+# source tree): the compiler's freed memory, ~1 MB, is then worth trimming whatever the config.
+COMPILED_FROM_SOURCE = __cached__ is not None and not os.path.exists(__cached__)
+_malloc_trim = None
+
+
+def trim_heap(routes: int) -> None:
+    """Give the C heap's free pages back to the system (glibc malloc_trim) when worth it.
+
+    Reading and compiling a config frees far more than it keeps; glibc keeps the freed pages
+    mapped unless asked, and they count in the RSS for the process's life. What that frees grows
+    with the config: 1.5 MB at 3,000 routes, but less than ctypes (needed to call it) costs,
+    ~0.3 MB, at a few hundred. So: from TRIM_MIN_ROUTES routes on, or after compiling sources.
+    A no-op where there is no malloc_trim.
+    """
+    global _malloc_trim
+    if routes < TRIM_MIN_ROUTES and not COMPILED_FROM_SOURCE:
+        return
+    if _malloc_trim is None:
+        try:
+            import ctypes
+            _malloc_trim = ctypes.CDLL(None).malloc_trim
+        except (ImportError, OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+def settle_heap(routes: int = 0) -> None:
     """Move the long-lived heap (config, Plan, routes) out of the garbage collector's sight.
 
     A Plan with 10,000 routes is hundreds of thousands of objects; without this, every full
-    collection triggered by request-time allocations walks them all. Called when a Plan goes
-    live: unfreeze, collect (so a replaced Plan's cycles are freed), freeze again.
+    collection triggered by request-time allocations walks them all. Called when a Plan of
+    `routes` routes goes live: unfreeze, collect (so a replaced Plan's cycles are freed), freeze
+    again, then hand the freed C heap back (trim_heap).
     """
     gc.unfreeze()
     gc.collect()
     gc.freeze()
+    trim_heap(routes)
 
 
 class Worker:
@@ -79,7 +153,7 @@ class Worker:
         self.server = None
         self.address: tuple[str, int] | None = None
         self.sweeper = None
-        self.access_log: AccessLog | None = None
+        self.access_log = None                    # a fastmesh.accesslog.AccessLog when on
         self.health = HealthChecker(self.loop)
         self.discovery = Discovery(self.loop, self._rediscover)   # DNS / targets_file targets
         self.pending: dict[str, object] = {}      # version -> prepared Plan
@@ -103,19 +177,20 @@ class Worker:
             max_response_head_size=limits.max_response_head_size,
         )
         try:
-            self.server = await self.loop.create_server(
-                self.gateway.protocol_factory, host, port, reuse_port=True, backlog=4096)
+            self.server = await start_server(self.loop, self.gateway.protocol_factory, host, port,
+                                             reuse_port=True, backlog=4096)
         except BaseException:
             self.gateway.stop()
             await self.discovery.stop()
             raise
         bound = self.server.sockets[0].getsockname()
         self.address = (bound[0], bound[1])
-        settle_heap()
+        settle_heap(len(config.routes))
         self.sweeper = self.loop.call_later(POOL_SWEEP_INTERVAL, self._sweep_pools)
         self.health.start(self.gateway.plan.health_entries())
         self._apply_headers_settings(config)
         if config.gateway.access_log != "off":
+            from fastmesh.accesslog import AccessLog
             self.access_log = AccessLog(self.gateway, self.loop, config.gateway.access_log)
             self.access_log.start()
 
@@ -147,7 +222,7 @@ class Worker:
         self.route_stats.retire(old)
         self.upstream_stats.retire(old, plan)
         self.discovery.commit(version)
-        settle_heap()
+        settle_heap(len(plan.config.routes))
         return True
 
     def _apply_headers_settings(self, config: Config) -> None:
@@ -174,7 +249,7 @@ class Worker:
         self.health.replace(plan.health_entries())
         self.route_stats.retire(old)
         self.upstream_stats.retire(old, plan)
-        settle_heap()
+        settle_heap(len(plan.config.routes))
         log.info("worker %d: upstream targets changed (discovery)", self.index)
 
     # -- stats -----------------------------------------------------------------------------------
@@ -310,6 +385,7 @@ async def _worker_process(sock: socket.socket) -> int:
 # --- the echo upstream ------------------------------------------------------------------------------
 
 async def _serve_echo(listen: str) -> int:
+    from fastmesh.echo import start_echo
     host, port = parse_listen(listen)
     server = await start_echo(host, port)
     bound = server.sockets[0].getsockname()

@@ -31,10 +31,9 @@ from fastmesh.config.loader import read_document
 from fastmesh.config.operations import DEFAULT_ADMIN_LISTEN, admin_listen, exposure_problem
 from fastmesh.config.schema import Invalid
 from fastmesh.defaults import embedded_config
-from fastmesh.echo import start_echo
 from fastmesh.ipc import Channel, ChannelClosed, encode_config
 from fastmesh.metrics import Aggregate, render
-from fastmesh.server import DRAIN_TIMEOUT, Worker, format_url, parse_listen
+from fastmesh.server import DRAIN_TIMEOUT, Worker, format_url, parse_listen, trim_heap
 
 START_TIMEOUT = 30.0        # a worker process must be listening within this
 REQUEST_TIMEOUT = 10.0      # a worker must answer a control message within this
@@ -247,6 +246,7 @@ class Supervisor:
             self.document = read_document(self.config_path)
             self.config = load_config_data(self.document, source=self.config_path)
             return
+        from fastmesh.echo import start_echo
         self.echo_server = await start_echo("127.0.0.1", 0)
         echo_port = self.echo_server.sockets[0].getsockname()[1]
         self.document = embedded_config(echo_port, self.listen_override or "127.0.0.1:8000")
@@ -508,6 +508,7 @@ async def serve(config_path: str | None, listen: str | None, workers: int,
             say(f"admin API not started: {admin_listen_at} is busy ({exc.strerror}); "
                 "set gateway.admin.listen or --admin", err=True)
     _announce(sup, admin_server)
+    trim_heap(len(sup.config.routes))     # what reading the config freed, when it is big
     reloads: set[asyncio.Task] = set()
 
     def on_hup() -> None:

@@ -26,7 +26,6 @@ from libc.stdlib cimport calloc, free
 from libc.string cimport memset
 from libc.math cimport ceil, isnan
 
-import msgpack
 
 cdef extern from *:
     """
@@ -235,6 +234,7 @@ cdef class Histogram:
                     b.append(i - prev)
                     b.append(self.counts[i])
                     prev = i
+        import msgpack          # here: only workers that report histograms pay for it
         return msgpack.packb({
             "v": FORMAT_VERSION, "lb": _LINEAR_BITS, "n": NBUCKETS,
             "count": self.count, "min": self.min_ns, "max": self.max_ns,
@@ -244,6 +244,7 @@ cdef class Histogram:
     @staticmethod
     def loads(data):
         """Rebuild a histogram from :meth:`dumps` output; ValueError if malformed."""
+        import msgpack
         try:
             d = msgpack.unpackb(data, raw=False, strict_map_key=True)
         except Exception as e:

@@ -47,7 +47,6 @@ from fastmesh._core.plugin import (
 import asyncio
 
 import os
-import random
 import socket
 import time
 
@@ -800,7 +799,8 @@ cdef class DownstreamProtocol:
         self.dkind = K_NONE
         self._pause(P_CONNECT)
         delay = min(RETRY_BACKOFF_BASE * (1 << min(self.tries - 2, 10)), RETRY_BACKOFF_MAX)
-        self.retry_timer = self.gw.loop.call_later(delay * (0.5 + 0.5 * random.random()),
+        jitter = (_next_random(self.gw.rng) >> 11) * (1.0 / 9007199254740992.0)   # [0, 1)
+        self.retry_timer = self.gw.loop.call_later(delay * (0.5 + 0.5 * jitter),
                                                    self._retry_now)
         return True
 

@@ -25,8 +25,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from fastmesh.config.model import (
     Config, ConfigError, ConfigIssue, GatewaySettings, Limits, Route, Service, UpstreamKeepalive,
 )
@@ -37,11 +35,6 @@ from fastmesh.config.schema import (
     Fields, Invalid, Issues, address_host, boolean, child, describe, duration, host, integer,
     ip_literal, hostname, listen_address, name, port_number, size, split_host_port, string, token,
 )
-
-try:
-    _YAML_LOADER = yaml.CSafeLoader
-except AttributeError:  # PyYAML built without libyaml
-    _YAML_LOADER = yaml.SafeLoader
 
 HTTPS_NOT_YET = "protocol 'https' is not supported yet (TLS arrives with the TLS issue)"
 
@@ -122,8 +115,9 @@ def read_document(path: str) -> object:
         raise fail(f"cannot read config file: {err.strerror or err}") from None
     except UnicodeDecodeError as err:
         raise fail(f"config file is not UTF-8 text (bad byte at offset {err.start})") from None
+    import yaml          # here, not at the top: worker processes get their config over IPC
     try:
-        return yaml.load(text, Loader=_YAML_LOADER)
+        return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.MarkedYAMLError as err:
         raise fail(yaml_error_message(err)) from None
     except yaml.YAMLError as err:

@@ -13,7 +13,6 @@ The loader describes each entity as a handful of field reads; this module suppli
 """
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import re
 from typing import Any, Callable, Iterable, Iterator
@@ -77,6 +76,7 @@ def suggestion(word: object, choices: Iterable[str]) -> str:
     """' (did you mean 'paths'?)' when a close choice exists, else ''."""
     if not isinstance(word, str):
         return ""
+    import difflib                   # only when a config has a mistake: not in a serving process
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
