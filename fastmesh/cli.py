@@ -1,11 +1,15 @@
-"""The `fastmesh` command: run, reload, echo, check, sidecar."""
+"""The `fastmesh` command: run, reload, echo, check, health; sidecar, mesh and mesh-init come
+from fastmesh.mesh (PLUGGED_COMMANDS)."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 
 from fastmesh import __version__
+
+SYSTEM_CONFIG = "/etc/fastmesh/fastmesh.yaml"   # served when present (e.g. mounted in a container)
 
 
 def _workers(value: str) -> int:
@@ -28,8 +32,62 @@ def _seconds(value: str) -> float:
     return seconds
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def _terminal_columns() -> int:
+    """The terminal width as shutil.get_terminal_size() reads it ($COLUMNS, else stdout's)."""
+    try:
+        columns = int(os.environ.get("COLUMNS", ""))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
+
+
+def _help_formatter(prog: str) -> argparse.HelpFormatter:
+    return argparse.HelpFormatter(prog, width=_terminal_columns() - 2)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser (subcommand parsers included) whose help formatter gets the width.
+
+    Left to itself, the formatter, which add_argument builds every time, imports shutil to ask
+    for it, and with shutil bz2, lzma and zlib: ~0.4 MB that `fastmesh run` would keep for good.
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _help_formatter)
+        super().__init__(*args, **kwargs)
+
+
+# Subcommands that other modules define with their own add_parser(sub), and the commands each
+# adds. A module is imported only to parse one of its commands, or to list them all (--help, no
+# command, an unknown one): `fastmesh run` does not load the mesh's command line, nor what it
+# imports, into the gateway.
+OWN_COMMANDS = ("run", "reload", "echo", "check", "health")
+PLUGGED_COMMANDS = (
+    ("fastmesh.mesh.cli", ("sidecar", "mesh")),
+    ("fastmesh.mesh.interception", ("mesh-init",)),
+)
+
+
+def _command(argv: list[str]) -> str | None:
+    """The subcommand when `argv` starts with one; None (build them all) for anything else."""
+    return argv[0] if argv and not argv[0].startswith("-") else None
+
+
+def _plugged_modules(command: str | None) -> list[str]:
+    for module, commands in PLUGGED_COMMANDS:
+        if command in commands:
+            return [module]
+    return [] if command in OWN_COMMANDS else [module for module, _ in PLUGGED_COMMANDS]
+
+
+def _build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or, given `command`, of that one (and the top level)."""
+    parser = _Parser(
         prog="fastmesh",
         description="API gateway and service-mesh sidecar with a Cython data path on uvloop.")
     parser.add_argument("--version", action="version", version=f"fastmesh {__version__}")
@@ -40,7 +98,9 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Run the gateway. Without --config it serves the embedded default: "
                     "every path is routed to a built-in echo upstream. Signals: SIGHUP reloads "
                     "the config file, SIGTERM/SIGINT drain in-flight requests and exit.")
-    run.add_argument("--config", "-c", metavar="FILE", help="declarative config (YAML or JSON)")
+    run.add_argument("--config", "-c", metavar="FILE",
+                     help="declarative config (YAML or JSON; default: $FASTMESH_CONFIG, else "
+                          f"{SYSTEM_CONFIG} when it exists, else the embedded default)")
     run.add_argument("--listen", "-l", metavar="HOST:PORT",
                      help="listen address (default: the config's gateway.listen, else 127.0.0.1:8000)")
     run.add_argument("--workers", "-w", type=_workers, default=None, metavar="N",
@@ -69,16 +129,31 @@ def _build_parser() -> argparse.ArgumentParser:
     echo = sub.add_parser("echo", help="run the echo upstream (answers with a JSON description of each request)")
     echo.add_argument("--listen", "-l", metavar="HOST:PORT", default="127.0.0.1:9000")
 
-    from fastmesh.mesh.cli import add_parser as add_sidecar_parser
-    add_sidecar_parser(sub)
+    for module in _plugged_modules(command):
+        importlib.import_module(module).add_parser(sub)
 
     check = sub.add_parser("check", help="validate a config file without serving it")
     check.add_argument("--config", "-c", metavar="FILE", required=True)
+
+    health = sub.add_parser(
+        "health", help="exit 0 when the gateway here is serving, else 1 (for container health checks)",
+        description="Ask a running gateway's admin API (GET /status) whether it serves: exit 0 "
+                    "when every worker is alive on the current config, 1 otherwise, with one "
+                    "short line saying why.")
+    health.add_argument("--admin", metavar="HOST:PORT", default=None,
+                        help="the admin API (default: 127.0.0.1:8001, with --sidecar 127.0.0.1:15000)")
+    health.add_argument("--sidecar", action="store_true",
+                        help="ask a sidecar's admin API (GET /ready) instead of a gateway's")
+    health.add_argument("--token", metavar="TOKEN", default=os.environ.get("FASTMESH_ADMIN_TOKEN"),
+                        help="admin token (default: $FASTMESH_ADMIN_TOKEN)")
+    health.add_argument("--timeout", type=_seconds, default=2.0, metavar="SECONDS",
+                        help="how long to wait for the answer (default: 2)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = _build_parser(_command(argv)).parse_args(argv)
     if args.command == "run":
         from fastmesh.server import run_gateway
         workers = args.workers
@@ -88,7 +163,10 @@ def main(argv: list[str] | None = None) -> int:
             except argparse.ArgumentTypeError as exc:
                 print(f"fastmesh: FASTMESH_WORKERS: {exc}", file=sys.stderr)
                 return 2
-        return run_gateway(args.config, args.listen, workers, args.admin, args.drain_timeout)
+        config = args.config or os.environ.get("FASTMESH_CONFIG") or (
+            SYSTEM_CONFIG if os.path.isfile(SYSTEM_CONFIG) else None)
+        listen = args.listen or os.environ.get("FASTMESH_LISTEN") or None
+        return run_gateway(config, listen, workers, args.admin, args.drain_timeout)
     if args.command == "reload":
         return _reload(args)
     if args.command == "echo":
@@ -97,8 +175,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "sidecar":
         from fastmesh.mesh.cli import main as sidecar_main
         return sidecar_main(args)
+    if args.command == "mesh-init":
+        from fastmesh.mesh.interception import main as mesh_init_main
+        return mesh_init_main(args)
     if args.command == "check":
         return _check(args.config)
+    if args.command == "health":
+        from fastmesh import healthcheck
+        return healthcheck.main(args.admin, args.token, args.timeout, args.sidecar)
     _build_parser().print_help()
     return 2
 

@@ -457,7 +457,8 @@ def test_registration_records_the_instance_fields(mesh):
     value = json.loads(raw.split(b"\r\n", 1)[1].rsplit(b"\r\n", 1)[0])
     sidecar = mesh.sidecars[-1]
     assert value == {"service": "b", "id": "b1", "address": f"127.0.0.1:{sidecar.inbound}",
-                     "zone": "eu-1", "version": "v2", "weight": 7, "metadata": {"team": "ledger"}}
+                     "zone": "eu-1", "version": "v2", "weight": 7,
+                     "metadata": {"team": "ledger", "fastmesh.admin": f"127.0.0.1:{sidecar.admin}"}}
     ttl_ms = int(mesh.redis.command("PTTL", instance_key("b", "b1"))[1:].split(b"\r\n")[0])
     assert 0 < ttl_ms <= float(TTL) * 1000
 

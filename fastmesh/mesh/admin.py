@@ -1,4 +1,5 @@
-"""The sidecar's admin API (read-only, loopback): readiness, status, the registry view.
+"""The sidecar's admin API (read-only, loopback): readiness, status, the registry view, and the
+east-west metrics that `fastmesh mesh status` reads.
 
 Served by fastmesh.admin's connection handling (`AdminProtocol`) with this request handler.
 
@@ -7,10 +8,34 @@ Served by fastmesh.admin's connection handling (`AdminProtocol`) with this reque
 | GET | /ready | 200 when both listeners are up and the registry view was loaded, else 503 |
 | GET | /status | the instance, both listeners (requests, statuses, upstream health), registry |
 | GET | /registry | the registry view: every service and its instances |
+| GET | /metrics | Prometheus text: requests per (source, destination, status class), histograms |
+| GET | /stats | the same as JSON, histograms with their log-linear buckets (mergeable) |
+
+East-west metrics come from the listeners' per-route counters (fastmesh.metrics), which the
+data path keeps anyway: the outbound listener has one route per destination service, so its
+routes are the (this service -> destination) pairs; the inbound listener's one route is
+(any caller -> this service). Nothing is counted twice and nothing is added to the data path.
 """
 from __future__ import annotations
 
-from fastmesh.admin import Answer, error
+import time
+
+import msgpack
+
+from fastmesh.admin import PROMETHEUS, Answer, error
+from fastmesh.metrics import (
+    BUCKETS_SECONDS, STATUS_CLASSES, _Accum, _cls, _num, _Writer, prometheus_buckets,
+)
+from fastmesh.mesh.routes import UNKNOWN
+
+UNKNOWN_DESTINATION = "(unknown)"   # requests for a service the registry does not know
+HISTOGRAMS = (
+    ("total", "fastmesh_mesh_request_duration_seconds",
+     "Time from the first byte of a request to the end of its response at this sidecar, by "
+     "direction and (source, destination) service pair."),
+    ("added", "fastmesh_mesh_added_latency_seconds",
+     "Latency this sidecar added (total minus upstream time), by direction and service pair."),
+)
 
 
 class SidecarAdmin:
@@ -19,7 +44,8 @@ class SidecarAdmin:
 
     async def handle(self, method: str, path: str, headers: list, body: bytes) -> Answer:
         path = path.split("?", 1)[0].rstrip("/") or "/"
-        routes = {"/ready": self.ready, "/status": self.status, "/registry": self.registry}
+        routes = {"/ready": self.ready, "/status": self.status, "/registry": self.registry,
+                  "/metrics": self.metrics, "/stats": self.stats}
         handler = routes.get(path)
         if handler is None:
             return error(404, f"no such endpoint: {path} (try {', '.join(routes)})")
@@ -45,3 +71,80 @@ class SidecarAdmin:
     def registry(self) -> Answer:
         registry = self.sidecar.registry
         return Answer(200, registry.state() if registry is not None else {})
+
+    def metrics(self) -> Answer:
+        return Answer(200, render_pairs(service_pairs(self.sidecar)), content_type=PROMETHEUS)
+
+    def stats(self) -> Answer:
+        sidecar = self.sidecar
+        instance = sidecar.instance
+        return Answer(200, {
+            "service": sidecar.options.service,
+            "instance": instance.id if instance is not None else None,
+            "started": sidecar.started, "time": time.time(),
+            "pairs": [pair_json(direction, source, destination, acc)
+                      for (direction, source, destination), acc in service_pairs(sidecar)]})
+
+
+# --- (source, destination) pairs from the listeners' route counters -------------------------------
+
+def service_pairs(sidecar) -> list[tuple[tuple[str, str, str], _Accum]]:
+    """[((direction, source, destination), counts and histograms)] sorted; source "" on the
+    inbound side (the caller is not known there)."""
+    pairs: dict[tuple[str, str, str], _Accum] = {}
+    own = sidecar.options.service
+    for direction, worker in (("outbound", sidecar.outbound), ("inbound", sidecar.inbound)):
+        if worker is None or worker.gateway is None:
+            continue
+        for route, _service, data in worker.route_stats.snapshot(worker.gateway.plan):
+            if direction == "inbound":
+                key = ("inbound", "", own)
+            else:
+                key = ("outbound", own, UNKNOWN_DESTINATION if route == UNKNOWN else route)
+            pairs.setdefault(key, _Accum()).add_accum(_Accum.load(data))
+    return sorted(pairs.items())
+
+
+def histogram_json(hist) -> dict:
+    """A histogram with its sparse log-linear buckets ([gap, count, ...], as Histogram.dumps):
+    two of them can be subtracted bucket by bucket, so rates and percentiles over an interval
+    stay exact to the histogram's 0.78 %."""
+    if hist is None:
+        return {"count": 0, "sum_ns": 0, "min_ns": 0, "max_ns": 0, "buckets": []}
+    data = msgpack.unpackb(hist.dumps(), raw=False)
+    return {"count": data["count"], "sum_ns": data["sum"], "min_ns": data["min"],
+            "max_ns": data["max"], "buckets": data["b"]}
+
+
+def pair_json(direction: str, source: str, destination: str, acc: _Accum) -> dict:
+    status = {_cls(cls): acc.counts[cls] for cls in STATUS_CLASSES if acc.counts.get(cls)}
+    return {"direction": direction, "source": source or None, "destination": destination,
+            "requests": sum(status.values()), "status": status,
+            "latency": histogram_json(acc.hists.get("total")),
+            "added": histogram_json(acc.hists.get("added"))}
+
+
+def render_pairs(pairs: list) -> str:
+    w = _Writer()
+    w.family("fastmesh_mesh_requests_total", "counter",
+             "Requests by direction, source service, destination service and response status "
+             "class ('none': no response sent). Inbound: source is empty (any caller).")
+    for (direction, source, destination), acc in pairs:
+        for cls in STATUS_CLASSES:
+            if acc.counts.get(cls):
+                w.sample("fastmesh_mesh_requests_total", acc.counts[cls], direction=direction,
+                         source=source, destination=destination, status_class=_cls(cls))
+    bounds = [_num(b) for b in BUCKETS_SECONDS] + ["+Inf"]
+    for kind, name, help_text in HISTOGRAMS:
+        w.family(name, "histogram", help_text)
+        for (direction, source, destination), acc in pairs:
+            hist = acc.hists.get(kind)
+            if hist is None:
+                continue
+            labels = {"direction": direction, "source": source, "destination": destination}
+            cumulative, count, total = prometheus_buckets(hist)
+            for le, n in zip(bounds, cumulative):
+                w.sample(f"{name}_bucket", n, **labels, le=le)
+            w.sample(f"{name}_count", count, **labels)
+            w.sample(f"{name}_sum", total, **labels)
+    return w.text()

@@ -7,6 +7,8 @@ import os
 from fastmesh.config.schema import Invalid, integer, listen_address
 
 ENV_REGISTRY = "FASTMESH_REGISTRY"
+ENV_SERVICE = "FASTMESH_SERVICE"         # the container image passes settings this way
+ENV_APP_PORT = "FASTMESH_APP_PORT"
 
 
 def _checked(parse, what: str):
@@ -86,11 +88,13 @@ def add_parser(sub) -> None:
                     "the instances in the registry. Registers this instance with a TTL "
                     "heartbeat; SIGTERM deregisters, drains and exits 0. One process, one "
                     "worker. See docs/mesh.md.")
-    p.add_argument("--service", required=True, type=_checked(_service, "service name"),
+    p.add_argument("--service", required=ENV_SERVICE not in os.environ,
+                   default=os.environ.get(ENV_SERVICE), type=_checked(_service, "service name"),
                    metavar="NAME", help="this instance's service (a host name: callers send "
-                                        "'Host: NAME')")
-    p.add_argument("--app-port", required=True, type=_checked(_port, "port"), metavar="PORT",
-                   help="the local app's port (on 127.0.0.1)")
+                                        f"'Host: NAME'; default: ${ENV_SERVICE})")
+    p.add_argument("--app-port", required=ENV_APP_PORT not in os.environ,
+                   default=os.environ.get(ENV_APP_PORT), type=_checked(_port, "port"),
+                   metavar="PORT", help=f"the local app's port on 127.0.0.1 (default: ${ENV_APP_PORT})")
     p.add_argument("--registry", default=os.environ.get(ENV_REGISTRY, "redis://127.0.0.1:6379/0"),
                    metavar="URL", help="redis://HOST:PORT/DB[?prefix=NAME] or file:PATH "
                                        f"(default: ${ENV_REGISTRY}, else redis://127.0.0.1:6379/0)")
@@ -119,10 +123,18 @@ def add_parser(sub) -> None:
     p.add_argument("--drain-timeout", type=_checked(_drain, "drain timeout"), default=10.0,
                    metavar="SECONDS", help="on SIGTERM, how long in-flight requests may take "
                                            "(default: 10)")
+    p.add_argument("--intercept", action="store_true",
+                   help="accept connections redirected by 'fastmesh mesh-init': HTTP for the "
+                        "mesh is routed, other TCP relayed to its original destination "
+                        "(SO_ORIGINAL_DST); run the sidecar under the excluded uid/gid")
+    from fastmesh.mesh.status import add_parser as add_status_parser
+    add_status_parser(sub)
 
 
 def main(args) -> int:
     import sys
+    if getattr(args, "mesh_main", None) is not None:      # `fastmesh mesh ...` (see status.py)
+        return args.mesh_main(args)
     from fastmesh.mesh.registry import instance_id
     from fastmesh.mesh.sidecar import SidecarOptions, run_sidecar
     if args.instance_id is not None:
@@ -132,11 +144,16 @@ def main(args) -> int:
             print(f"fastmesh sidecar: --instance-id: {exc.message}", file=sys.stderr)
             return 2
     admin = "127.0.0.1:15000" if args.admin is None else args.admin
+    metadata = dict(args.meta)
+    if admin != "off" and not admin.endswith(":0"):
+        # Registered so that `fastmesh mesh status` finds this sidecar's admin API.
+        from fastmesh.mesh.registry import ADMIN_KEY
+        metadata.setdefault(ADMIN_KEY, admin)
     options = SidecarOptions(
         service=args.service, app_port=args.app_port, registry=args.registry,
         inbound=args.inbound, outbound=args.outbound, advertise=args.advertise,
         zone=args.zone, version=args.instance_version, weight=args.weight,
-        metadata=tuple(sorted(dict(args.meta).items())), instance_id=args.instance_id,
+        metadata=tuple(sorted(metadata.items())), instance_id=args.instance_id,
         admin=None if admin == "off" else admin, admin_explicit=args.admin is not None,
-        ttl=args.ttl, drain_timeout=args.drain_timeout)
+        ttl=args.ttl, drain_timeout=args.drain_timeout, intercept=args.intercept)
     return run_sidecar(options)

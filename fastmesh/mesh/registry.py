@@ -21,6 +21,10 @@ from fastmesh.config.schema import (
 
 INSTANCE_FIELDS = ("service", "id", "address", "zone", "version", "weight", "metadata")
 DEFAULT_WEIGHT = 100
+# The sidecar's admin API address (`fastmesh mesh status` reads it), registered as a metadata
+# entry rather than a new field: entries without it still parse, and sidecars that predate it
+# (which refuse unknown fields) still accept entries that carry it.
+ADMIN_KEY = "fastmesh.admin"
 
 View = dict  # service name -> tuple[Instance, ...] (sorted by id)
 
@@ -41,6 +45,11 @@ class Instance:
     @property
     def address(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def admin(self) -> str | None:
+        """The sidecar's admin API as 'host:port' (metadata `fastmesh.admin`), if registered."""
+        return dict(self.metadata).get(ADMIN_KEY) or None
 
     def to_dict(self) -> dict:
         return {"service": self.service, "id": self.id, "address": self.address,
@@ -198,5 +207,5 @@ def open_registry(url: str, on_change: Callable[[], None], ttl: float) -> Regist
     raise ValueError(f"unsupported registry {url!r}: expected redis://HOST:PORT/DB or file:PATH")
 
 
-__all__ = ["Instance", "Registry", "View", "make_view", "open_registry", "parse_instance",
-           "read_instance", "service_name"]
+__all__ = ["ADMIN_KEY", "Instance", "Registry", "View", "make_view", "open_registry",
+           "parse_instance", "read_instance", "service_name"]

@@ -3,7 +3,9 @@
 - inbound: one route, every request to the local app (`127.0.0.1:<app-port>`), Host kept;
 - outbound: per service known to the registry, an upstream over its instances (p2c-ewma,
   passive health: 5xx, failures and timeouts eject an instance for a while) and a route by host
-  name; plus a catch-all route whose plugin answers 503 naming the unknown service.
+  name: the service's, and its instances' hosts (a call to `http://10.0.0.5:8080/`, redirected
+  by interception, is balanced over that instance's service); plus a catch-all route whose
+  plugin answers 503 naming the unknown service.
 
 Generating configs, rather than a separate data path, means the mesh gets the gateway's router,
 balancers, retries, pools and outlier ejection unchanged; a registry change is applied like a
@@ -12,6 +14,7 @@ and their pooled connections.
 """
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
 from fastmesh.config import Config, load_config_data
@@ -58,9 +61,44 @@ def inbound_config(service: str, app_host: str, app_port: int,
     }, source="<sidecar inbound>")
 
 
+def _routable_host(host: str) -> str | None:
+    """An instance host as a route host: loopback and unspecified addresses name no instance
+    (every sidecar of a host has them), IPv6 literals are bracketed as the loader keeps them."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None if host == "localhost" else host.lower().rstrip(".")
+    if address.is_loopback or address.is_unspecified:
+        return None
+    return f"[{address.compressed}]" if address.version == 6 else address.compressed
+
+
+def instance_hosts(view: View) -> dict[str, tuple[str, ...]]:
+    """service -> the hosts of its instances that a call may be addressed to (`Host: 10.0.0.5`
+    or `10.0.0.5:8080`: the port is not matched). A host shared by two services, or equal to a
+    service name, is left out: it could not tell them apart."""
+    owners: dict[str, set[str]] = {}
+    for name, instances in view.items():
+        for instance in instances:
+            host = _routable_host(instance.host)
+            if host is not None:
+                owners.setdefault(host, set()).add(name)
+    found: dict[str, list[str]] = {}
+    for host, names in owners.items():
+        if len(names) == 1 and host not in view:
+            found.setdefault(next(iter(names)), []).append(host)
+    return {name: tuple(sorted(hosts)) for name, hosts in found.items()}
+
+
+def mesh_hosts(view: View) -> frozenset[str]:
+    """Every host the outbound routes match: service names and instance hosts."""
+    return frozenset(view).union(*instance_hosts(view).values())
+
+
 def outbound_document(view: View, policy: MeshPolicy = MeshPolicy()) -> dict:
     services = []
     upstreams = []
+    by_instance = instance_hosts(view)
     for name, instances in view.items():
         # Two registrations of one address (a restarted instance under a new id, before the
         # old key expires) are one target: the first by id keeps it.
@@ -84,7 +122,8 @@ def outbound_document(view: View, policy: MeshPolicy = MeshPolicy()) -> dict:
             "connect_timeout": f"{int(policy.connect_timeout * 1000)}ms",
             "read_timeout": f"{int(policy.read_timeout * 1000)}ms",
             "retries": policy.retries, "retry_on": list(policy.retry_on),
-            "routes": [{"name": name, "hosts": [name], "strip_path": False,
+            "routes": [{"name": name, "hosts": [name, *by_instance.get(name, ())],
+                        "strip_path": False,
                         "preserve_host": False}],
         })
     services.append({

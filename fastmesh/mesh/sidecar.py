@@ -11,6 +11,10 @@ with `Worker.prepare/commit`, the same two steps as a reload, whenever the view 
 
 Everything runs in one process on one event loop (one worker per listener, no supervisor).
 
+With `intercept` (pods whose TCP `fastmesh mesh-init` redirects), each listener takes new
+connections through a fastmesh.mesh.transparent.Detector first: HTTP for the mesh is handed to
+the listener's Gateway, other TCP is relayed to where it was going (SO_ORIGINAL_DST).
+
 Lifecycle: ready (admin `GET /ready`) when both listeners are up and the registry view was loaded
 once. The instance is registered (address: --advertise, else the inbound listener's address)
 with a TTL heartbeat. SIGTERM/SIGINT: deregister first (callers stop picking this instance),
@@ -32,8 +36,8 @@ from dataclasses import dataclass, field
 from fastmesh import __version__
 from fastmesh.config import ConfigError
 from fastmesh.mesh.registry import Instance, Registry, open_registry
-from fastmesh.mesh.routes import MeshPolicy, inbound_config, outbound_config
-from fastmesh.server import DRAIN_TIMEOUT, Worker, format_url, parse_listen
+from fastmesh.mesh.routes import MeshPolicy, inbound_config, mesh_hosts, outbound_config
+from fastmesh.server import DRAIN_TIMEOUT, Worker, format_url, parse_listen, start_server
 
 INITIAL_WAIT = 3.0              # at start, wait this long at most for the first registry view
 DEREGISTER_TIMEOUT = 3.0
@@ -59,6 +63,7 @@ class SidecarOptions:
     ttl: float = DEFAULT_TTL
     drain_timeout: float = DRAIN_TIMEOUT
     policy: MeshPolicy = field(default_factory=MeshPolicy)
+    intercept: bool = False     # accept connections redirected by `fastmesh mesh-init`
 
 
 def say(message: str, err: bool = False) -> None:
@@ -83,6 +88,7 @@ def check_free(host: str, port: int) -> int:
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # TIME_WAIT is no conflict
         probe.bind((host, port))
         return probe.getsockname()[1]
 
@@ -100,6 +106,8 @@ class Sidecar:
         self.changes = 0                        # outbound Plans swapped in after the first
         self._scheduled = False
         self.stopping = False
+        self.hosts: frozenset[str] = frozenset()     # what the outbound routes match (intercept)
+        self.relays: set = set()                     # open opaque TCP relays (intercept)
 
     @property
     def ready(self) -> bool:
@@ -122,6 +130,10 @@ class Sidecar:
         self.outbound = Worker(1)
         await self.outbound.start(outbound_config(self.registry.view(), opts.policy),
                                   out_host, out_port)
+        if opts.intercept:
+            self.hosts = mesh_hosts(self.registry.view())
+            await self._intercept(self.inbound, self._inbound_target)
+            await self._intercept(self.outbound, self._outbound_target)
         host, port = opts.advertise or (self._advertised_host(self.inbound.address[0]),
                                         self.inbound.address[1])
         ident = opts.instance_id or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
@@ -131,6 +143,46 @@ class Sidecar:
         if opts.admin is not None:
             await self._start_admin(opts.admin, opts.admin_explicit)
         self._apply()           # the view may have moved while the listeners started
+
+    # -- transparent interception ---------------------------------------------------------------
+    async def _intercept(self, worker: Worker, target) -> None:
+        """Put a Detector in front of `worker`'s Gateway: its listener is replaced by one on the
+        same address whose connections are sniffed first (before the sidecar is registered)."""
+        from fastmesh.mesh.transparent import Detector
+        host, port = worker.address
+        worker.server.close()
+        gateway = worker.gateway
+        worker.server = await start_server(
+            self.loop, lambda: Detector(gateway, target, self.relays), host, port,
+            reuse_port=True, backlog=4096)
+
+    def _inbound_target(self, original, head: bytes, http: bool):
+        """None: the inbound Gateway (HTTP for the app's port); else the local port asked for."""
+        opts = self.options
+        port = opts.app_port
+        if original is not None and original[1] != self.inbound.address[1]:
+            port = original[1]              # redirected: the pod port the caller dialled
+        if http and port == opts.app_port:
+            return None
+        return opts.app_host, port
+
+    def _outbound_target(self, original, head: bytes, http: bool):
+        """None: the outbound Gateway (HTTP whose Host names a service or an instance); else
+        the original destination (opaque TCP, HTTP for a host outside the mesh)."""
+        from fastmesh.mesh.transparent import request_host
+        # Addressed to the listener itself (explicit use). By port alone: relaying a call
+        # for "<this pod's address>:15001" would loop back here.
+        if original is None or original[1] == self.outbound.address[1]:
+            return None
+        if http:
+            host = request_host(head)
+            # The Gateway routes by Host. A single-label name (`http://payments/`) is a service
+            # name even when the registry does not know it (yet): answered 503 naming it, at
+            # once. Other hosts, and requests without one, go where they were sent (the data
+            # path cannot route by the original destination yet).
+            if host in self.hosts or (host and "." not in host and not host.startswith("[")):
+                return None
+        return original
 
     @staticmethod
     def _advertised_host(bound: str) -> str:
@@ -150,8 +202,7 @@ class Sidecar:
         host, port = parse_listen(listen)
         api = SidecarAdmin(self)
         try:
-            self.admin_server = await self.loop.create_server(
-                lambda: AdminProtocol(api), host, port, reuse_address=True)
+            self.admin_server = await start_server(self.loop, lambda: AdminProtocol(api), host, port)
         except OSError as exc:
             if explicit:
                 raise
@@ -175,6 +226,8 @@ class Sidecar:
         except ConfigError as exc:            # an instance the loader refuses: keep the old Plan
             say(f"registry view refused, outbound routes unchanged:\n{exc}", err=True)
             return
+        if self.options.intercept:
+            self.hosts = mesh_hosts(view)
         if config.version == self.outbound.version:
             return
         problem = self.outbound.prepare(config)
@@ -226,6 +279,9 @@ class Sidecar:
             await self.inbound.shutdown(drain)
         if self.outbound is not None:
             await self.outbound.shutdown(drain)
+        if self.relays:
+            from fastmesh.mesh.transparent import close_relays
+            close_relays(self.relays)
         if self.admin_server is not None:
             self.admin_server.close()
         if self.registry is not None:

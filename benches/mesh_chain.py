@@ -1,0 +1,569 @@
+#!/usr/bin/env python3
+"""The call-chain benchmark: what a sidecar costs per hop, fastmesh vs nginx and HAProxy.
+
+A chain of 5 services s1 -> s2 -> s3 -> s4 -> s5. Every app is nginx (one worker): s1..s4
+proxy every request to the next service (keep-alive pool, `Host: <next service>`), s5 answers
+`return 200 "ok"`. wrk calls s1's app. Layouts, all running at once and measured interleaved:
+
+* ``direct``: the apps call each other's ports directly (no sidecar): the floor;
+* ``fastmesh``: each pod is its app plus ``fastmesh sidecar`` (one process, one worker); an app
+  calls its own sidecar's outbound port with ``Host: <next service>``, which routes to the next
+  pod's inbound listener, which relays to that app. Registry: a file (no Redis needed);
+* ``nginx``: the same with nginx (one worker) as the sidecar: an inbound server in front of the
+  app and an outbound server routing by ``server_name`` to every service's inbound port;
+* ``haproxy``: the same with HAProxy (one thread): frontends ``in`` and ``out``, ``use_backend``
+  by Host.
+
+So each of the 4 hops (s1->s2 ... s4->s5) crosses two sidecars: the caller's outbound and the
+callee's inbound. wrk itself enters at s1's app, not through a sidecar.
+
+Reported, medians over interleaved rounds (the order rotates every round): ``wrk -c1`` p50/p99
+(one request at a time: latency) and ``wrk -c50`` req/s (throughput) of the whole chain; the
+latency added per hop = (layout's -c1 percentile - direct's) / 4; errors (socket errors and
+status >= 400, all runs); each sidecar's RSS (idle after start and after the load; nginx:
+master + worker). By default every pod is a set of loopback ports on this host; ``--netns``
+puts each pod in a network namespace of its own (fastmesh.mesh.netns: veth pairs to a bridge,
+root needed) with the same ports in every pod, and runs wrk in the bridge's namespace. Every
+process shares the same cores either way: compare layouts within one run, not across machines.
+
+Usage:  python3 benches/mesh_chain.py [--rounds 3] [--duration 5] [--json out.json]
+        python3 benches/mesh_chain.py --layouts fastmesh,nginx --rounds 1 --duration 2
+        sudo python3 benches/mesh_chain.py --netns       # one network namespace per pod
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import compare  # noqa: E402
+import loadgen  # noqa: E402
+import servers  # noqa: E402
+from report import DASH, _cell, _errors, _mib, _num, _ratio  # noqa: E402
+
+SERVICES = 5
+HOPS = SERVICES - 1
+ALL_LAYOUTS = ("direct", "fastmesh", "nginx", "haproxy")
+
+
+def service(i: int) -> str:
+    return f"s{i + 1}"
+
+
+@dataclass
+class Pod:
+    app_port: int
+    inbound: int
+    outbound: int
+    admin: int
+    host: str = "127.0.0.1"         # where the other pods reach this one
+    netns: str | None = None        # --netns: the pod's network namespace
+
+    @property
+    def bind(self) -> str:
+        """Listeners other pods (or wrk) connect to: on the pod's address."""
+        return "0.0.0.0" if self.netns else "127.0.0.1"
+
+
+class PodServer(servers.Server):
+    """A server started in a pod's namespace (`ip netns exec`): it is probed from inside it."""
+
+    netns: str = ""
+    host: str = "127.0.0.1"
+    port_local: bool = False            # listens on the pod's loopback only (the admin API)
+
+    def start(self, ready_timeout: float) -> None:
+        self.stderr_path = self.workdir / f"{self.name}.stderr"
+        with open(self.stderr_path, "wb") as err:
+            self.proc = subprocess.Popen(
+                ["ip", "netns", "exec", self.netns, *self.argv], stdin=subprocess.DEVNULL,
+                stdout=err, stderr=err, cwd=self.cwd or self.workdir, env=self.env,
+                start_new_session=True)
+        deadline = time.monotonic() + ready_timeout
+        last = "no answer"
+        while time.monotonic() < deadline:
+            if not self.alive():
+                self.stop()
+                raise servers.StartError(f"exited with code {self.proc.returncode}: "
+                                         f"{self.stderr_tail(3)}")
+            last = probe(self.netns, "127.0.0.1" if self.port_local else self.host,
+                         self.port, self.path)
+            if last == 200:
+                return
+            time.sleep(0.1)
+        self.stop()
+        raise servers.StartError(f"not ready after {ready_timeout:.0f}s ({last}): "
+                                 f"{self.stderr_tail(3)}")
+
+
+def probe(netns: str | None, host: str, port: int, path: str = "/") -> int | str:
+    """GET's status (or why none), from inside `netns` when given."""
+    if netns is None:
+        try:
+            return servers.http_get_status(port, path)
+        except OSError as exc:
+            return str(exc) or type(exc).__name__
+    done = subprocess.run(["ip", "netns", "exec", netns, "curl", "-s", "-o", "/dev/null",
+                           "-w", "%{http_code}", "--max-time", "2",
+                           f"http://{host}:{port}{path}"],
+                          capture_output=True, text=True, timeout=10)
+    code = done.stdout.strip()
+    return int(code) if code.isdigit() and code != "000" else f"curl exit {done.returncode}"
+
+
+@dataclass
+class Layout:
+    name: str
+    pods: list[Pod]
+    apps: list[servers.Server] = field(default_factory=list)
+    sidecars: list[servers.Server] = field(default_factory=list)
+    failed: str | None = None
+    runs: dict[str, list[dict]] = field(default_factory=dict)
+    mem_idle: list[dict] = field(default_factory=list)
+    mem_after: list[dict] = field(default_factory=list)
+
+    client_netns: str | None = None          # --netns: where wrk runs (the bridge namespace)
+
+    @property
+    def entry_url(self) -> str:
+        return f"http://{self.pods[0].host}:{self.pods[0].app_port}/"
+
+    def all_servers(self) -> list[servers.Server]:
+        return self.apps + self.sidecars
+
+
+# --- configs -------------------------------------------------------------------------------------
+
+def _keepalive(name: str, address: str) -> str:
+    return f"""
+    upstream {name} {{
+        server {address};
+        keepalive 64;
+        keepalive_requests 1000000;
+        keepalive_timeout 60s;
+    }}"""
+
+
+_PROXY = """proxy_http_version 1.1; proxy_set_header Connection "";"""
+
+
+def app_conf(tmp: Path, name: str, listen: str, next_address: str | None,
+             next_service: str) -> str:
+    """An app: proxies to `next_address` with Host: next_service, or (last) answers 200 "ok"."""
+    if next_address is None:
+        body = """location / { return 200 "ok"; }"""
+        upstream = ""
+    else:
+        body = (f"""location / {{ proxy_pass http://next; {_PROXY} """
+                f"""proxy_set_header Host {next_service}; }}""")
+        upstream = _keepalive("next", next_address)
+    return servers._nginx_common(tmp, name) + f"""
+http {{{servers._nginx_http_common(tmp, name)}{upstream}
+    server {{
+        listen {listen} backlog=4096;
+        location = /ready {{ return 200 "ready"; }}
+        {body}
+    }}
+}}
+"""
+
+
+def nginx_sidecar_conf(tmp: Path, name: str, pod: Pod, pods: list[Pod]) -> str:
+    """nginx as a sidecar: inbound -> the app; outbound routes by Host to every service."""
+    upstreams = _keepalive("app", f"127.0.0.1:{pod.app_port}") + "".join(
+        _keepalive(f"svc_{service(j)}", f"{p.host}:{p.inbound}") for j, p in enumerate(pods))
+    outbound = "".join(f"""
+    server {{
+        listen 127.0.0.1:{pod.outbound};
+        server_name {service(j)};
+        location / {{ proxy_pass http://svc_{service(j)}; {_PROXY} proxy_set_header Host $host; }}
+    }}""" for j in range(len(pods)))
+    return servers._nginx_common(tmp, name) + f"""
+http {{{servers._nginx_http_common(tmp, name)}{upstreams}
+    server {{
+        listen {pod.bind}:{pod.inbound} backlog=4096;
+        location / {{ proxy_pass http://app; {_PROXY} proxy_set_header Host $host; }}
+    }}
+    server {{
+        listen 127.0.0.1:{pod.outbound} backlog=4096 default_server;
+        location / {{ return 503 "unknown service"; }}
+    }}{outbound}
+}}
+"""
+
+
+def haproxy_sidecar_conf(tmp: Path, name: str, pod: Pod, pods: list[Pod]) -> str:
+    rules = "".join(f"\n    use_backend svc_{service(j)} if {{ hdr(host) -i {service(j)} }}"
+                    for j in range(len(pods)))
+    backends = "".join(f"""
+backend svc_{service(j)}
+    server {service(j)} {p.host}:{p.inbound}
+""" for j, p in enumerate(pods))
+    return f"""
+global
+    nbthread 1
+    maxconn 8192
+    pidfile {tmp}/{name}.pid
+
+defaults
+    mode http
+    option http-keep-alive
+    http-reuse always
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+    timeout http-keep-alive 30s
+    timeout http-request 10s
+
+frontend in
+    bind {pod.bind}:{pod.inbound}
+    default_backend app
+
+backend app
+    server app 127.0.0.1:{pod.app_port}
+
+frontend out
+    bind 127.0.0.1:{pod.outbound}{rules}
+{backends}"""
+
+
+def registry_file(pods: list[Pod]) -> str:
+    return json.dumps({"services": {
+        service(i): [{"address": f"{p.host}:{p.inbound}", "id": f"{service(i)}-1",
+                      "metadata": {"fastmesh.admin": f"127.0.0.1:{p.admin}"}}]
+        for i, p in enumerate(pods)}}, indent=1) + "\n"     # JSON is YAML
+
+
+# --- starting a layout ---------------------------------------------------------------------------
+
+def new_pods(net=None) -> list[Pod]:
+    """Loopback: free ports on this host. In namespaces: the same ports in every pod."""
+    if net is None:
+        return [Pod(*(servers.free_port() for _ in range(4))) for _ in range(SERVICES)]
+    pods = []
+    for i in range(SERVICES):
+        ns_pod = net.add_pod(service(i))
+        pods.append(Pod(8080, 15006, 15001, 15000, ns_pod.address, ns_pod.netns))
+    return pods
+
+
+def _server(pod: Pod, name: str, argv: list[str], port: int, home: Path, path: str = "/ready",
+            local: bool = False, **kw) -> servers.Server:
+    """A server of `pod`, probed at `port` (on the pod's address, or its loopback: `local`)."""
+    if pod.netns is None:
+        return servers.Server(name, argv, port, home, path=path, **kw)
+    server = PodServer(name, argv, port, home, path=path, **kw)
+    server.netns, server.host, server.port_local = pod.netns, pod.host, local
+    return server
+
+
+def _nginx(pod: Pod, name: str, conf: str, port: int, home: Path, nginx: str) -> servers.Server:
+    made = servers.nginx_server(name, conf, port, home, nginx)
+    return _server(pod, name, made.argv, port, home)
+
+
+def build(name: str, tmp: Path, tools: dict, python: str, net=None) -> Layout:
+    """Configs and (not started) servers of one layout, in `tmp/name`; in `net`'s namespaces
+    (fastmesh.mesh.netns.Network) when given."""
+    layout = Layout(name, new_pods(net))
+    if net is not None:
+        layout.client_netns = net.bridge.netns
+    home = tmp / name
+    home.mkdir()
+    os.chmod(home, 0o755)
+    pods = layout.pods
+    for i, pod in enumerate(pods):
+        last = i == len(pods) - 1
+        if last:
+            target = None
+        elif name == "direct":
+            target = f"{pods[i + 1].host}:{pods[i + 1].app_port}"
+        else:
+            target = f"127.0.0.1:{pod.outbound}"
+        app = f"app-{service(i)}"
+        conf = app_conf(home, app, f"{pod.bind}:{pod.app_port}", target,
+                        "" if last else service(i + 1))
+        layout.apps.append(_nginx(pod, app, conf, pod.app_port, home, tools["nginx"]))
+        if name == "direct":
+            continue
+        side = f"sidecar-{service(i)}"
+        if name == "fastmesh":
+            (home / "mesh.yaml").write_text(registry_file(pods))
+            argv = [python, "-m", "fastmesh", "sidecar", "--service", service(i),
+                    "--app-port", str(pod.app_port), "--registry", f"file:{home / 'mesh.yaml'}",
+                    "--inbound", f"{pod.bind}:{pod.inbound}",
+                    "--advertise", f"{pod.host}:{pod.inbound}",
+                    "--outbound", f"127.0.0.1:{pod.outbound}",
+                    "--admin", f"127.0.0.1:{pod.admin}", "--instance-id", f"{service(i)}-1"]
+            env = dict(os.environ)
+            env["PYTHONPATH"] = str(servers.REPO) + os.pathsep + env.get("PYTHONPATH", "")
+            sidecar = _server(pod, side, argv, pod.admin, home, local=True, env=env,
+                              cwd=servers.REPO)
+        elif name == "nginx":
+            sidecar = _nginx(pod, side, nginx_sidecar_conf(home, side, pod, pods), pod.inbound,
+                             home, tools["nginx"])
+        else:
+            conf = home / f"{side}.cfg"
+            conf.write_text(haproxy_sidecar_conf(home, side, pod, pods))
+            sidecar = _server(pod, side, [tools["haproxy"], "-db", "-f", str(conf)],
+                              pod.inbound, home)
+        layout.sidecars.append(sidecar)
+    return layout
+
+
+def start(layout: Layout, timeout: float) -> None:
+    """Apps and sidecars from the end of the chain; then one request through all of it."""
+    try:
+        for i in reversed(range(len(layout.pods))):
+            layout.apps[i].start(timeout)
+            if layout.sidecars:
+                layout.sidecars[i].start(timeout)
+        deadline = time.monotonic() + timeout
+        status = None
+        entry = layout.pods[0]
+        while time.monotonic() < deadline:
+            status = probe(layout.client_netns, entry.host, entry.app_port)
+            if status == 200:
+                break
+            time.sleep(0.1)
+        if status != 200:
+            raise servers.StartError(f"the chain answered {status} instead of 200")
+        layout.mem_idle = [servers.memory(s) for s in layout.sidecars]
+    except (servers.StartError, OSError) as exc:
+        layout.failed = f"failed to start: {exc}"
+
+
+# --- measuring -----------------------------------------------------------------------------------
+
+SCENARIOS = (("latency", 1), ("throughput", 50))
+
+
+def measure(layout: Layout, scenario: str, conns: int, args, wrk: str) -> None:
+    dead = [s for s in layout.all_servers() if not s.alive()]
+    if dead:
+        layout.runs.setdefault(scenario, []).append(
+            {"error": f"{dead[0].name} exited: {dead[0].stderr_tail(3)}"})
+        return
+    url = layout.entry_url
+    inside = ["ip", "netns", "exec", layout.client_netns] if layout.client_netns else []
+    if scenario == "throughput" and args.warmup > 0:
+        try:
+            loadgen.run_wrk(inside + loadgen.wrk_argv(wrk, url, conns, args.warmup), args.warmup)
+        except (RuntimeError, ValueError):
+            pass
+    argv = inside + loadgen.wrk_argv(wrk, url, conns, args.duration)
+    try:
+        result = loadgen.run_wrk(argv, args.duration)
+    except (RuntimeError, ValueError) as exc:
+        result = {"error": str(exc)}
+    layout.runs.setdefault(scenario, []).append(result)
+
+
+def run_rounds(layouts: list[Layout], args, wrk: str) -> None:
+    live = [t for t in layouts if not t.failed]
+    for r in range(args.rounds):
+        order = live[r % len(live):] + live[:r % len(live)] if live else []
+        for scenario, conns in SCENARIOS:
+            for t in order:
+                print(f"round {r + 1}/{args.rounds} {scenario:<10} {t.name}", file=sys.stderr)
+                measure(t, scenario, conns, args, wrk)
+    for t in live:
+        t.mem_after = [servers.memory(s) for s in t.sidecars]
+
+
+def _median(runs: list[dict], key: str) -> float | None:
+    values = [r[key] for r in runs if "error" not in r]
+    return statistics.median(values) if values else None
+
+
+def summarize(layouts: list[Layout]) -> dict:
+    out = {}
+    for t in layouts:
+        s = {"failed": t.failed}
+        errors = {"non2xx": 0, "socket": 0, "failed_runs": 0, "runs": 0}
+        for scenario, _ in SCENARIOS:
+            runs = t.runs.get(scenario, [])
+            s[scenario] = {k: _median(runs, k) for k in ("rps", "p50", "p99")}
+            for r in runs:
+                errors["runs"] += 1
+                if "error" in r:
+                    errors["failed_runs"] += 1
+                    s.setdefault("run_errors", []).append(r["error"])
+                else:
+                    errors["non2xx"] += int(r["non2xx"])
+                    errors["socket"] += int(r["socket_errors"])
+        s["errors"] = errors
+        for when, mems in (("idle", t.mem_idle), ("after", t.mem_after)):
+            rss = [m["rss_kb"] for m in mems if m]
+            s[f"rss_{when}_kb"] = {"max": max(rss), "median": statistics.median(rss)} \
+                if rss else None
+        out[t.name] = s
+    direct = out.get("direct", {}).get("latency", {})
+    nginx_rps = (out.get("nginx", {}).get("throughput") or {}).get("rps")
+    for name, s in out.items():
+        for q in ("p50", "p99"):
+            mine, floor = (s.get("latency") or {}).get(q), direct.get(q)
+            s[f"per_hop_{q}"] = (mine - floor) / HOPS if mine is not None and \
+                floor is not None and name != "direct" else None
+        rps = (s.get("throughput") or {}).get("rps")
+        s["vs_nginx"] = rps / nginx_rps if rps and nginx_rps else None
+    return out
+
+
+# --- report --------------------------------------------------------------------------------------
+
+def table(layouts: list[Layout], summary: dict) -> list[str]:
+    head = ["layout", "-c1 p50 µs", "-c1 p99 µs", "added/hop p50 µs", "added/hop p99 µs",
+            "req/s (-c50)", "vs nginx", "errors", "sidecar RSS idle MiB",
+            "sidecar RSS after MiB"]
+    out = ["| " + " | ".join(head) + " |",
+           "|" + "|".join(["---"] + ["---:"] * 6 + ["---"] + ["---:"] * 2) + "|"]
+    for t in layouts:
+        s = summary[t.name]
+        if s["failed"]:
+            out.append(f"| {t.name} | {_cell(s['failed'])} |" + " |" * (len(head) - 2))
+            continue
+        lat, tp = s["latency"], s["throughput"]
+
+        def rss(key):
+            r = s.get(key)
+            return DASH if not r else f"{_mib(r['median'])} (max {_mib(r['max'])})"
+        out.append("| " + " | ".join([
+            t.name, _num(lat["p50"]), _num(lat["p99"]),
+            _num(s["per_hop_p50"], "{:+,.0f}"), _num(s["per_hop_p99"], "{:+,.0f}"),
+            _num(tp["rps"]), _ratio(s["vs_nginx"]), _errors(s["errors"]),
+            rss("rss_idle_kb") if t.sidecars else DASH,
+            rss("rss_after_kb") if t.sidecars else DASH]) + " |")
+    return out
+
+
+def markdown(args, info: dict, layouts: list[Layout], summary: dict, argv: list[str]) -> str:
+    where = ("one network namespace per pod (veth pairs to a bridge), wrk in the bridge's "
+             "namespace" if args.netns else "loopback ports of one host")
+    lines = [f"Call chain of {SERVICES} services ({HOPS} hops, each through the caller's "
+             f"outbound and the callee's inbound sidecar), {where}, one worker per "
+             f"process; medians of {args.rounds} interleaved round(s) x {args.duration:g} s.", ""]
+    lines += table(layouts, summary)
+    lines += ["", "added/hop = (layout's -c1 percentile - direct's) / "
+              f"{HOPS}; sidecar RSS: median of the {SERVICES} sidecars (max), nginx master + "
+              "worker.", ""]
+    la0, la1 = info["loadavg_start"], info.get("loadavg_end", (0, 0, 0))
+    lines += [f"- command: `{shlex.join(argv)}`",
+              f"- machine: {info['cpu']}, {info['cpus_usable']} usable CPU(s), kernel "
+              f"{info['kernel']}, Python {info['python']}",
+              f"- load average at start {la0[0]:.2f} {la0[1]:.2f} {la0[2]:.2f}, at end "
+              f"{la1[0]:.2f} {la1[1]:.2f} {la1[2]:.2f}; measured for {info.get('measured_s')} s",
+              f"- {info['nginx']}, {info['haproxy']}, {info['wrk']}, fastmesh {info['fastmesh']}"]
+    for t in layouts:
+        for e in (summary[t.name].get("run_errors") or [])[:2]:
+            lines.append(f"- {t.name} run error: {_cell(e)}")
+    return "\n".join(lines)
+
+
+# --- main ----------------------------------------------------------------------------------------
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median reported)")
+    p.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
+    p.add_argument("--warmup", type=float, default=1.0,
+                   help="seconds of unmeasured -c50 load before each throughput run (0: none)")
+    p.add_argument("--layouts", default=",".join(ALL_LAYOUTS),
+                   help="comma-separated, from: " + ", ".join(ALL_LAYOUTS))
+    p.add_argument("--netns", action="store_true",
+                   help="every pod in a network namespace of its own (root, iproute2; "
+                        "fastmesh.mesh.netns), wrk in the bridge namespace; default: loopback "
+                        "ports of this host")
+    p.add_argument("--ready-timeout", type=float, default=30.0)
+    p.add_argument("--python", default=sys.executable, help="interpreter that runs fastmesh")
+    p.add_argument("--json", metavar="PATH", help="also write the runs and summary as JSON")
+    p.add_argument("--no-install", action="store_true", help="never run apt-get")
+    p.add_argument("--keep-tmp", action="store_true", help="keep configs and logs")
+    args = p.parse_args(argv)
+    names = [n.strip() for n in args.layouts.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(ALL_LAYOUTS))
+    if unknown:
+        p.error(f"unknown layout(s) {', '.join(unknown)}; choose from {', '.join(ALL_LAYOUTS)}")
+    if "direct" not in names:
+        names.insert(0, "direct")              # the floor every other row is compared with
+    args.layout_names = names
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, compare._sigterm)
+    tools = compare.ensure_tools(args.no_install)
+    info = compare.machine_info(tools)
+    networks = []
+    if args.netns:
+        from fastmesh.mesh import netns
+        why = netns.unavailable()
+        if why:
+            print(f"--netns: {why}", file=sys.stderr)
+            return 2
+        if not shutil.which("curl"):
+            print("--netns: curl is needed to probe the pods", file=sys.stderr)
+            return 2
+    tmp = Path(tempfile.mkdtemp(prefix="fastmesh-chain-"))
+    os.chmod(tmp, 0o755)
+    layouts: list[Layout] = []
+    try:
+        for name in args.layout_names:
+            if name == "haproxy" and not tools.get("haproxy"):
+                layout = Layout(name, [])
+                layout.failed = "haproxy is not installed"
+                layouts.append(layout)
+                continue
+            net = None
+            if args.netns:
+                net = netns.Network(f"10.78.{len(networks)}.0/24")
+                networks.append(net)
+                net.start()
+            layout = build(name, tmp, tools, args.python, net)
+            layouts.append(layout)
+            start(layout, args.ready_timeout)
+            if layout.failed:
+                print(f"{name}: {layout.failed}", file=sys.stderr)
+        started = time.time()
+        run_rounds(layouts, args, tools["wrk"])
+        info["loadavg_end"] = os.getloadavg()
+        info["measured_s"] = round(time.time() - started, 1)
+        summary = summarize(layouts)
+        print(markdown(args, info, layouts, summary,
+                       [sys.executable, sys.argv[0], *(argv or sys.argv[1:])]))
+        if args.json:
+            Path(args.json).write_text(json.dumps(
+                {"settings": vars(args), "machine": info, "summary": summary,
+                 "runs": {t.name: t.runs for t in layouts}}, indent=2, default=str))
+        return 0
+    except KeyboardInterrupt:
+        print("interrupted; stopping servers", file=sys.stderr)
+        return 130
+    finally:
+        for layout in layouts:
+            for server in layout.sidecars + layout.apps:
+                server.stop()
+        for net in networks:
+            net.close()
+        if args.keep_tmp:
+            print(f"configs and logs kept in {tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

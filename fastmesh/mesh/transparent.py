@@ -1,0 +1,215 @@
+"""The sidecar's side of transparent interception: where a connection was going, and what it is.
+
+With `fastmesh mesh-init` rules, the app's connections arrive at the outbound listener and other
+pods' at the inbound one, redirected by iptables. A `Detector` takes each new connection first:
+
+- it reads the original destination (SO_ORIGINAL_DST: the address before the REDIRECT);
+- it waits for the first bytes (at most DETECT_TIMEOUT: a server-first protocol sends nothing);
+- HTTP for the mesh goes to the listener's Gateway (the Cython data path): the transport is
+  handed over with the bytes read so far, so the Gateway serves it exactly as if it had
+  accepted it; nothing in Python stays on the request path afterwards;
+- anything else is relayed as opaque TCP (`Pipe`) to the original destination (outbound) or to
+  the app's port that was asked for (inbound).
+
+On the outbound side, "HTTP for the mesh" means that the Host header (or the absolute-form
+target) names a service or an instance host of the registry view (the sidecar decides, see
+Sidecar._outbound_target); other HTTP goes through unchanged to where it was going (and to the
+Gateway's "unknown service" 503 when that destination cannot be reached).
+"""
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import struct
+import sys
+from typing import Callable
+
+SO_ORIGINAL_DST = 80                # linux/netfilter_ipv4.h, level SOL_IP
+DETECT_TIMEOUT = 0.5                # no first byte within this: a server-first protocol, opaque
+DETECT_MAX = 16384                  # look at most this far for the end of the request head
+CONNECT_TIMEOUT = 2.0
+HIGH_WATER = 256 * 1024             # a Pipe pauses the reading side above this
+
+_connecting: set = set()            # relays waiting for their upstream connection
+
+_REQUEST_LINE = re.compile(rb"[A-Z]{3,20} ")
+_HOST = re.compile(rb"\r\nhost:[ \t]*([^\r\n]*)", re.IGNORECASE)
+_ABSOLUTE = re.compile(rb"[A-Z]+ https?://([^/?# ]+)")
+
+
+def original_destination(sock) -> tuple[str, int] | None:
+    """Where the connection on `sock` was addressed before iptables redirected it (IPv4);
+    None when it was not redirected (or the kernel does not know)."""
+    try:
+        raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+    except OSError:
+        return None
+    port, = struct.unpack_from("!H", raw, 2)
+    return socket.inet_ntoa(raw[4:8]), port
+
+
+def looks_like_http(data: bytes) -> bool | None:
+    """True/False, or None when too few bytes arrived to tell."""
+    match = _REQUEST_LINE.match(data)
+    if match:
+        return not data.startswith(b"PRI ")          # HTTP/2 prior knowledge: not ours
+    if len(data) >= 22 or not data.isalpha() or not data.isupper():
+        return False
+    return None                                       # "GE", "OPTIO": wait for more
+
+
+def request_host(head: bytes) -> str | None:
+    """The host the first request names (absolute-form target, else Host), without the port."""
+    match = _ABSOLUTE.match(head) or _HOST.search(head)
+    if match is None:
+        return None
+    text = match.group(1).decode("latin-1").strip().lower()
+    if text.startswith("["):
+        return text[:text.find("]") + 1] if "]" in text else text
+    return text.partition(":")[0].rstrip(".") or None
+
+
+class Pipe(asyncio.Protocol):
+    """One direction's reader of an opaque relay: what it reads, the peer transport writes."""
+
+    def __init__(self, peer: asyncio.Transport, relays: set):
+        self.peer = peer
+        self.transport: asyncio.Transport | None = None
+        self.relays = relays
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        transport.set_write_buffer_limits(HIGH_WATER)
+        self.relays.add(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.peer.write(data)
+
+    def eof_received(self):
+        if self.peer.can_write_eof() and not self.peer.is_closing():
+            self.peer.write_eof()
+        return True                     # half-close: the other direction goes on
+
+    def connection_lost(self, exc) -> None:
+        self.relays.discard(self.transport)
+        if not self.peer.is_closing():
+            self.peer.close()
+
+    # our writes back up: stop reading the peer until they drain
+    def pause_writing(self) -> None:
+        self.peer.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.peer.resume_reading()
+
+
+class Detector(asyncio.Protocol):
+    """The first protocol of every connection on an intercepting listener; see the module doc.
+
+    `route(original_destination, first_bytes, is_http)` decides: None to hand the connection
+    to `gateway`, else the (host, port) to relay it to.
+    """
+
+    def __init__(self, gateway, route: Callable, relays: set):
+        self.gateway = gateway
+        self.route = route
+        self.relays = relays
+        self.transport = None
+        self.buffer = bytearray()
+        self.original = None
+        self.timer = None
+        self.eof = False
+        self.decided = False
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.original = original_destination(transport.get_extra_info("socket"))
+        self.timer = asyncio.get_running_loop().call_later(DETECT_TIMEOUT, self._timed_out)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        http = looks_like_http(bytes(self.buffer[:24]))
+        if http is None:
+            return
+        if http and b"\r\n\r\n" not in self.buffer and len(self.buffer) < DETECT_MAX:
+            return                      # the Host header may be in the next segment
+        self._decide(http)
+
+    def eof_received(self):
+        self.eof = True
+        self._decide(looks_like_http(bytes(self.buffer[:24])) is True)
+        return True
+
+    def _timed_out(self) -> None:
+        """Nothing (a server-first protocol), or a request head still incomplete: decide now."""
+        self.timer = None
+        self._decide(looks_like_http(bytes(self.buffer[:24])) is True)
+
+    def connection_lost(self, exc) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.decided = True
+
+    def _decide(self, http: bool) -> None:
+        if self.decided:
+            return
+        self.decided = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        target = self.route(self.original, bytes(self.buffer), http)
+        if target is None:
+            self._to_gateway()
+        else:
+            self.transport.pause_reading()
+            task = asyncio.get_running_loop().create_task(self._relay(target, http))
+            _connecting.add(task)                 # the loop keeps only a weak reference
+            task.add_done_callback(_connecting.discard)
+
+    def _to_gateway(self) -> None:
+        transport = self.transport
+        protocol = self.gateway.protocol_factory()
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        if self.buffer and not transport.is_closing():
+            protocol.data_received(bytes(self.buffer))
+        if self.eof and not transport.is_closing():
+            protocol.eof_received()
+
+    async def _relay(self, target: tuple[str, int], http: bool) -> None:
+        loop = asyncio.get_running_loop()
+        downstream = self.transport
+        back = Pipe(downstream, self.relays)      # the server may speak first: ready at once
+        try:
+            upstream, _ = await asyncio.wait_for(
+                loop.create_connection(lambda: back, *target), CONNECT_TIMEOUT)
+        except (OSError, asyncio.TimeoutError) as exc:
+            reason = getattr(exc, "strerror", None) or "connect timed out"
+            print(f"fastmesh sidecar: cannot relay to {target[0]}:{target[1]}: {reason}",
+                  file=sys.stderr, flush=True)
+            if downstream.is_closing():
+                return
+            if http:                    # let the Gateway answer (503 naming the service)
+                downstream.resume_reading()
+                self._to_gateway()
+            else:
+                downstream.abort()
+            return
+        if downstream.is_closing():
+            upstream.close()
+            return
+        forth = Pipe(upstream, self.relays)
+        downstream.set_protocol(forth)
+        forth.connection_made(downstream)
+        if self.buffer:
+            upstream.write(bytes(self.buffer))
+        if self.eof:
+            forth.eof_received()
+        else:
+            downstream.resume_reading()
+
+
+def close_relays(relays: set) -> None:
+    for transport in list(relays):
+        transport.close()

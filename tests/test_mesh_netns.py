@@ -1,0 +1,552 @@
+"""The mesh with transparent interception, in real network namespaces.
+
+Each test builds pods with fastmesh.mesh.netns (a bridge in its own namespace, one namespace per
+pod, private addresses), runs redis-server in the bridge namespace and, per pod, an app, its
+`fastmesh sidecar --intercept` and the `fastmesh mesh-init` rules. Apps call each other by plain
+`http://<service>/` (names resolve, through the pod's /etc/hosts, to addresses that exist
+nowhere: only interception makes the call work) or by an instance's address. The sidecars run
+with the group id that the rules exclude (`setpriv --regid`), as root otherwise.
+
+Skips, with the reason, when not root or when `ip netns`, iptables or redis-server is missing.
+Every process is stopped and every namespace deleted (asserted); every loop is bounded.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import ROOT
+
+from fastmesh.mesh import netns
+
+PROXY_GID = "1337"              # the sidecars' group: mesh-init leaves their traffic alone
+APP_PORT = 8080
+VIPS = {"a": "10.77.0.200", "b": "10.77.0.201", "c": "10.77.0.202"}   # what the names resolve to
+
+
+def _why_not() -> str | None:
+    reason = netns.unavailable()
+    if reason:
+        return reason
+    for tool, package in (("iptables", "iptables"), ("setpriv", "util-linux"),
+                          ("redis-server", "redis-server")):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (apt-get install {package})"
+    return None
+
+
+WHY_NOT = _why_not()
+needs_netns = pytest.mark.skipif(WHY_NOT is not None, reason=str(WHY_NOT))
+
+# The app: answers JSON saying who it is; with a next hop, calls it first by plain
+# `http://<next>/...` and nests the answer. Also two opaque TCP servers: 9000 (the client
+# speaks first: it echoes lines) and 9001 (the server speaks first: a banner).
+APP = r'''
+import http.client, json, socket, socketserver, sys, threading, time
+from http.server import BaseHTTPRequestHandler
+service, instance, nxt = sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else ""
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        if self.path.startswith("/slow"):
+            time.sleep(1.0)
+        answer = {"service": service, "instance": instance, "host": self.headers.get("Host"),
+                  "path": self.path, "peer": self.client_address[0]}
+        status = 200
+        if nxt:
+            host, _, port = nxt.partition(":")
+            conn = http.client.HTTPConnection(host, int(port or 80), timeout=10)
+            conn.request("GET", self.path)
+            resp = conn.getresponse()
+            status = resp.status
+            answer["next"] = json.loads(resp.read())
+            conn.close()
+        data = json.dumps(answer).encode()
+        self.wfile.write(b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (status, len(data), data))
+    def log_message(self, *args):
+        pass
+
+def opaque(port, banner):
+    srv = socket.create_server(("0.0.0.0", port), reuse_port=True)
+    def serve(conn):
+        with conn:
+            if banner:
+                conn.sendall(b"hello from %s\n" % instance.encode())
+            for line in conn.makefile("rb"):
+                conn.sendall(b"%s %s" % (instance.encode(), line))
+    while True:
+        conn, _ = srv.accept()
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+for port, banner in ((9000, False), (9001, True)):
+    threading.Thread(target=opaque, args=(port, banner), daemon=True).start()
+socketserver.ThreadingTCPServer.allow_reuse_address = True
+socketserver.ThreadingTCPServer.daemon_threads = True
+server = socketserver.ThreadingTCPServer(("0.0.0.0", 8080), Handler)   # (no getfqdn lookup)
+server.serve_forever(poll_interval=0.05)
+'''
+
+
+def wait_until(check, timeout: float, message: str, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(interval)
+    raise AssertionError(f"{message} (waited {timeout}s)")
+
+
+class Mesh:
+    """A Network with Redis on the bridge and helpers to start pods (app + sidecar + rules)."""
+
+    def __init__(self, net: netns.Network, workdir):
+        self.net = net
+        self.workdir = workdir
+        self.app_file = workdir / "app.py"
+        self.app_file.write_text(APP)
+        self.registry = f"redis://{net.bridge.address}:6379/0"
+        self.start_redis()
+        net.set_hosts(VIPS)
+        self.sidecars: dict[str, subprocess.Popen] = {}
+        self.apps: dict[str, subprocess.Popen] = {}
+
+    def start_redis(self) -> None:
+        """redis-server in the bridge namespace (empty: no persistence)."""
+        self.redis = self.net.run_in(self.net.bridge, [
+            "redis-server", "--bind", self.net.bridge.address, "--port", "6379", "--save", "",
+            "--appendonly", "no", "--protected-mode", "no", "--dir", str(self.workdir),
+            "--notify-keyspace-events", "KEA"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: self.redis_command("PING") == b"+PONG\r\n", 10, "redis never started")
+
+    def redis_command(self, *args: str) -> bytes:
+        parts = [b"*%d\r\n" % len(args)]
+        for arg in args:
+            data = str(arg).encode()
+            parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+        try:
+            with self.net.connect(self.net.bridge, (self.net.bridge.address, 6379), 1.0) as sock:
+                sock.sendall(b"".join(parts))
+                return sock.recv(65536)
+        except OSError:
+            return b""
+
+    def pod(self, service: str, instance: str, calls: str = "") -> netns.Pod:
+        """A pod: the mesh-init rules, the app, and its sidecar (ready when this returns)."""
+        began = time.monotonic()
+        pod = self.net.add_pod(instance)
+        self.net.exec_in(pod, [sys.executable, "-m", "fastmesh", "mesh-init",
+                               "--proxy-gid", PROXY_GID])
+        self.apps[instance] = self.net.run_in(
+            pod, [sys.executable, str(self.app_file), service, instance, calls])
+        log = open(self.workdir / f"sidecar-{instance}.log", "w")
+        self.sidecars[instance] = self.net.run_in(
+            pod, ["setpriv", "--regid", PROXY_GID, "--clear-groups", sys.executable, "-m",
+                  "fastmesh", "sidecar", "--service", service, "--app-port", str(APP_PORT),
+                  "--registry", self.registry, "--instance-id", instance, "--intercept",
+                  "--ttl", "3", "--drain-timeout", "3"],
+            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        log.close()
+        try:
+            wait_until(lambda: self.admin(pod, "/ready")[0] == 200, 20,
+                       f"sidecar {instance} never became ready")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; its output:\n{self.log(instance)}") from None
+        started = time.monotonic()
+        wait_until(lambda: self.http(pod, ("127.0.0.1", APP_PORT), "/")[0] == 200, 10,
+                   f"app {instance} never answered")
+        print(f"pod {instance}: ready in {time.monotonic() - began:.2f}s "
+              f"(app {time.monotonic() - started:.2f}s)")
+        return pod
+
+    def log(self, instance: str) -> str:
+        return (self.workdir / f"sidecar-{instance}.log").read_text()
+
+    def http(self, pod: netns.Pod, address: tuple[str, int], path: str,
+             host: str | None = None, timeout: float = 10) -> tuple[int, dict]:
+        """GET from inside `pod` (as its app would: the pod's rules apply)."""
+        try:
+            sock = self.net.connect(pod, address, timeout)
+        except OSError:
+            return 0, {}
+        conn = http.client.HTTPConnection(*address, timeout=timeout)
+        conn.sock = sock
+        try:
+            conn.request("GET", path, headers={"Host": host} if host else {})
+            resp = conn.getresponse()
+            body = resp.read()
+        finally:
+            conn.close()
+        return resp.status, json.loads(body) if body else {}
+
+    def admin(self, pod: netns.Pod, path: str) -> tuple[int, dict]:
+        try:
+            return self.http(pod, ("127.0.0.1", 15000), path, timeout=2)
+        except (OSError, http.client.HTTPException):
+            return 0, {}
+
+    def sees(self, pod: netns.Pod, service: str, count: int) -> bool:
+        return len(self.admin(pod, "/registry")[1].get("services", {}).get(service, ())) == count
+
+
+@pytest.fixture
+def mesh(tmp_path):
+    netns.cleanup_stale()
+    with netns.Network("10.77.0.0/24") as net:
+        m = Mesh(net, tmp_path)
+        yield m
+        for name, proc in m.sidecars.items():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+    # Network.close() stopped every process and deleted every namespace.
+    assert netns.namespaces(net.prefix) == []
+    assert all(p.poll() is not None for p in net.procs)
+
+
+@needs_netns
+def test_call_chain_through_interception_by_name_and_by_instance_address(mesh):
+    net = mesh.net
+    c = mesh.pod("c", "c1")
+    b = mesh.pod("b", "b1", calls=f"{c.address}:{APP_PORT}")      # by instance address
+    a = mesh.pod("a", "a1", calls="b")                              # by name: http://b/
+    client = net.add_pod("client")                                  # no sidecar, no rules
+    wait_until(lambda: mesh.sees(a, "b", 1) and mesh.sees(b, "c", 1), 5,
+               "the sidecars never saw b and c")
+
+    before = {pod: mesh.admin(pod, "/status")[1]["outbound"]["requests"] for pod in (a, b)}
+    # client -> a1's pod address:8080 (inbound rule -> a's sidecar -> app) -> http://b/ (outbound
+    # rule -> a's sidecar -> b1's sidecar -> app) -> http://<c1>:8080/ -> ... -> c1's app
+    status, body = mesh.http(client, (a.address, APP_PORT), "/orders/7?x=1")
+    assert status == 200, body
+    assert (body["service"], body["instance"], body["host"]) == ("a", "a1", f"{a.address}:8080")
+    assert body["peer"] == "127.0.0.1"                  # it came through a's inbound sidecar
+    hop = body["next"]
+    assert (hop["service"], hop["instance"], hop["host"], hop["peer"]) == \
+        ("b", "b1", "b", "127.0.0.1")
+    leaf = hop["next"]
+    assert (leaf["service"], leaf["instance"], leaf["path"], leaf["peer"]) == \
+        ("c", "c1", "/orders/7?x=1", "127.0.0.1")
+    # Each sidecar's outbound routed it (by service name, then by instance address).
+    for pod in (a, b):
+        assert mesh.admin(pod, "/status")[1]["outbound"]["requests"] == before[pod] + 1
+
+    # Keep-alive: later requests on a connection that the detector handed over are routed too.
+    with net.connect(a, (VIPS["b"], 80)) as sock:
+        conn = http.client.HTTPConnection(VIPS["b"], 80, timeout=10)
+        conn.sock = sock
+        for path in ("/one", "/two", "/three"):
+            conn.request("GET", path, headers={"Host": "b"})
+            resp = conn.getresponse()
+            assert (resp.status, json.loads(resp.read())["path"]) == (200, path)
+
+    # HTTP for a host outside the mesh goes where it was going, unchanged (here: a server in
+    # the bridge namespace); the pod's own address is the source, as without a sidecar.
+    outside = net.listen(net.bridge, (net.bridge.address, 8088))
+    outside.settimeout(10)
+    seen: dict = {}
+
+    def serve_once() -> None:
+        try:
+            conn, peer = outside.accept()
+        except OSError:
+            return
+        with conn:
+            conn.settimeout(10)
+            head = b""
+            while b"\r\n\r\n" not in head and len(head) < 65536:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                head += chunk
+            seen["head"], seen["peer"] = head, peer[0]
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n"
+                         b"Connection: close\r\n\r\n{}")
+
+    server = threading.Thread(target=serve_once)
+    server.start()
+    try:
+        status, body = mesh.http(a, (net.bridge.address, 8088), "/ext", host="example.org")
+    finally:
+        server.join(timeout=15)
+        outside.close()
+    assert status == 200, (body, mesh.log("a1"))
+    assert seen["head"].startswith(b"GET /ext HTTP/1.1\r\n")
+    assert b"\r\nHost: example.org\r\n" in seen["head"]
+    assert seen["peer"] == a.address
+
+    # A name the registry does not know: the call is intercepted and answered 503 naming it,
+    # at once (the address it was sent to exists nowhere).
+    started = time.monotonic()
+    status, body = mesh.http(a, ("10.77.0.203", 80), "/", host="ledger")
+    assert (status, body.get("service")) == (503, "ledger")
+    assert time.monotonic() - started < 1.0
+
+    # Opaque TCP: client-first (9000) and server-first (9001, detected by the timeout), from
+    # a's pod to c1's address: relayed by a's outbound and c1's inbound sidecars.
+    with net.connect(a, (c.address, 9000)) as sock:
+        sock.sendall(b"ping\n")
+        assert sock.makefile("rb").readline() == b"c1 ping\n"
+    lines = [b"%07d\n" % i for i in range(100_000)]          # 0.8 MB each way, streamed
+    with net.connect(a, (c.address, 9000), timeout=20) as sock:
+        writer = threading.Thread(target=sock.sendall, args=(b"".join(lines),))
+        writer.start()
+        expected = b"".join(b"c1 " + line for line in lines)
+        got = bytearray()
+        while len(got) < len(expected):
+            chunk = sock.recv(1 << 16)
+            if not chunk:
+                break
+            got += chunk
+        writer.join(timeout=20)
+    assert got == expected
+    with net.connect(a, (c.address, 9001)) as sock:
+        reader = sock.makefile("rb")
+        assert reader.readline() == b"hello from c1\n"
+        sock.sendall(b"more\n")
+        assert reader.readline() == b"c1 more\n"
+
+
+@needs_netns
+def test_killing_one_of_two_instances_under_load_gives_no_client_errors(mesh):
+    b1 = mesh.pod("b", "b1")
+    b2 = mesh.pod("b", "b2")
+    a = mesh.pod("a", "a1")
+    wait_until(lambda: mesh.sees(a, "b", 2), 5, "a never saw both b instances")
+
+    errors: list[str] = []
+    counts = {"b1": 0, "b2": 0}
+    lock = threading.Lock()
+
+    def caller(n: int) -> None:
+        for _ in range(n):                      # the app's plain call: http://b/work
+            try:
+                status, body = mesh.http(a, (VIPS["b"], 80), "/work", host="b")
+            except (OSError, ValueError, http.client.HTTPException) as exc:
+                with lock:
+                    errors.append(f"{type(exc).__name__}: {exc}")
+                continue
+            with lock:
+                if status != 200:
+                    errors.append(f"{status} {body}")
+                else:
+                    counts[body["instance"]] += 1
+
+    threads = [threading.Thread(target=caller, args=(60,)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    wait_until(lambda: counts["b2"] > 5 and counts["b1"] > 5, 20, "b1 and b2 never both served")
+    mesh.sidecars["b2"].kill()                   # the pod dies: no deregistration
+    mesh.apps["b2"].kill()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads)
+    assert errors == []
+    assert counts["b1"] + counts["b2"] == 240
+    assert counts["b2"] > 0
+    after = [mesh.http(a, (VIPS["b"], 80), "/", host="b")[1]["instance"] for _ in range(10)]
+    assert after == ["b1"] * 10
+    assert b1.address != b2.address
+
+
+@needs_netns
+def test_new_instance_gets_traffic_within_one_second_of_registering(mesh):
+    mesh.pod("b", "b1")
+    a = mesh.pod("a", "a1")
+    wait_until(lambda: mesh.sees(a, "b", 1), 5, "a never saw b")
+    registered: dict = {}
+
+    def watch() -> None:
+        deadline = time.monotonic() + 25
+        while time.monotonic() < deadline:
+            if mesh.redis_command("EXISTS", "fastmesh:svc:b:b2") == b":1\r\n":
+                registered["at"] = time.monotonic()
+                return
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    mesh.pod("b", "b2")
+    watcher.join(timeout=30)
+    assert "at" in registered, "b2 never registered"
+    first = None
+    while time.monotonic() - registered["at"] < 1.0:
+        if mesh.http(a, (VIPS["b"], 80), "/", host="b")[1].get("instance") == "b2":
+            first = time.monotonic()
+            break
+    assert first is not None, "b2 got no traffic within 1 s of registering"
+    print(f"b2's first request {(first - registered['at']) * 1000:.0f} ms after registering")
+
+
+@needs_netns
+def test_redis_outage_keeps_routing_and_resyncs_when_it_returns(mesh):
+    b1 = mesh.pod("b", "b1")
+    a = mesh.pod("a", "a1")
+    wait_until(lambda: mesh.sees(a, "b", 1), 5, "a never saw b")
+    mesh.redis.kill()
+    mesh.redis.wait(timeout=5)
+    wait_until(lambda: mesh.admin(a, "/status")[1]["registry"]["reachable"] is False, 10,
+               "a's sidecar did not notice that Redis went away")
+    deadline = time.monotonic() + 4                 # longer than the TTL (3 s)
+    served = 0
+    while time.monotonic() < deadline:
+        status, body = mesh.http(a, (VIPS["b"], 80), "/", host="b")
+        assert (status, body.get("instance")) == (200, "b1")
+        served += 1
+        time.sleep(0.05)
+    assert served > 10
+    mesh.start_redis()                              # empty
+    wait_until(lambda: mesh.redis_command("EXISTS", "fastmesh:svc:b:b1") == b":1\r\n", 10,
+               "b1 did not register again")
+    wait_until(lambda: mesh.admin(a, "/status")[1]["registry"]["reachable"], 10,
+               "a's sidecar never reconnected")
+    b2 = mesh.pod("b", "b2")                        # known only to the new Redis
+    wait_until(lambda: mesh.sees(a, "b", 2), 5, "a never saw b2 after the resync")
+    seen = set()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and seen != {"b1", "b2"}:
+        status, body = mesh.http(a, (VIPS["b"], 80), "/", host="b")
+        assert status == 200, body
+        seen.add(body["instance"])
+    assert seen == {"b1", "b2"}, (seen, b1, b2)
+
+
+@needs_netns
+def test_sigterm_drains_in_flight_requests_and_deregisters(mesh):
+    b = mesh.pod("b", "b1")
+    a = mesh.pod("a", "a1")
+    wait_until(lambda: mesh.sees(a, "b", 1), 5, "a never saw b")
+    assert mesh.redis_command("EXISTS", "fastmesh:svc:b:b1") == b":1\r\n"
+
+    slow: dict = {}
+
+    def slow_call() -> None:
+        slow["answer"] = mesh.http(a, (VIPS["b"], 80), "/slow", host="b")
+
+    caller = threading.Thread(target=slow_call)
+    caller.start()
+    wait_until(lambda: mesh.admin(b, "/status")[1].get("inbound", {}).get("connections"), 5,
+               "the slow request never reached b's sidecar", interval=0.02)
+    sidecar = mesh.sidecars["b1"]
+    sidecar.send_signal(signal.SIGTERM)
+    assert sidecar.wait(timeout=15) == 0
+    caller.join(timeout=15)
+    assert slow["answer"][0] == 200 and slow["answer"][1]["path"] == "/slow"
+    log = mesh.log("b1")
+    assert "deregistered b/b1" in log, log
+    assert mesh.redis_command("EXISTS", "fastmesh:svc:b:b1") == b":0\r\n"
+    wait_until(lambda: mesh.http(a, (VIPS["b"], 80), "/", host="b")[0] == 503, 2,
+               "a still routes to the deregistered instance")
+    assert mesh.redis_command("SISMEMBER", "fastmesh:idx:b", "b1") == b":0\r\n", b
+
+
+@needs_netns
+def test_mesh_init_is_idempotent_prints_its_rules_and_removes_them(tmp_path):
+    netns.cleanup_stale()
+    with netns.Network("10.78.0.0/24") as net:
+        pod = net.add_pod("p")
+        init = [sys.executable, "-m", "fastmesh", "mesh-init", "--proxy-uid", "1337",
+                "--proxy-gid", PROXY_GID, "--exclude-ports", "22,6379",
+                "--exclude-cidrs", "10.96.0.0/12"]
+        planned = net.exec_in(pod, [*init, "--dry-run"]).splitlines()
+        assert net.exec_in(pod, ["iptables", "-t", "nat", "-S"]).count("FASTMESH") == 0
+        net.exec_in(pod, init)
+        first = net.exec_in(pod, ["iptables", "-t", "nat", "-S"])
+        net.exec_in(pod, init)                  # again: same rules, no duplicate jumps
+        second = net.exec_in(pod, ["iptables", "-t", "nat", "-S"])
+        assert first == second
+        assert second.count("-j FASTMESH_OUTPUT") == 1 and second.count("-j FASTMESH_INBOUND") == 1
+        appended = [line.split(" -t nat ", 1)[1] for line in planned if " -A " in line]
+        assert appended == [line for line in second.splitlines() if line.startswith("-A FASTMESH")]
+        for expected in ("-A FASTMESH_OUTPUT -m owner --uid-owner 1337 -j RETURN",
+                         "-A FASTMESH_OUTPUT -m owner --gid-owner 1337 -j RETURN",
+                         "-A FASTMESH_OUTPUT -o lo -j RETURN",
+                         "-A FASTMESH_OUTPUT -d 10.96.0.0/12 -j RETURN",
+                         "-A FASTMESH_OUTPUT -p tcp -m tcp --dport 6379 -j RETURN",
+                         "-A FASTMESH_OUTPUT -p tcp -j REDIRECT --to-ports 15001",
+                         "-A FASTMESH_INBOUND -p tcp -m tcp --dport 22 -j RETURN",
+                         "-A FASTMESH_INBOUND -p tcp -j REDIRECT --to-ports 15006"):
+            assert expected in second.splitlines(), (expected, second)
+        out = net.exec_in(pod, [sys.executable, "-m", "fastmesh", "mesh-init", "--remove"])
+        assert "removed FASTMESH_INBOUND, FASTMESH_OUTPUT" in out
+        assert "FASTMESH" not in net.exec_in(pod, ["iptables", "-t", "nat", "-S"])
+        refused = subprocess.run([sys.executable, "-m", "fastmesh", "mesh-init"],
+                                 capture_output=True, text=True, timeout=30)
+        assert refused.returncode == 2 and "--proxy-uid" in refused.stderr
+    assert netns.namespaces(net.prefix) == []
+
+
+@needs_netns
+def test_stale_namespaces_of_a_dead_run_are_cleaned_and_live_ones_kept():
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = f"{netns.ROOT_PREFIX}{dead.pid}-000000-x"
+    subprocess.run(["ip", "netns", "add", stale], check=True)
+    with netns.Network("10.79.0.0/24") as live:
+        live.add_pod("p")
+        removed = netns.cleanup_stale()
+        assert stale in removed
+        assert netns.namespaces(live.prefix) == sorted([live.bridge.netns, live.pods["p"].netns])
+    assert stale not in netns.namespaces()
+    assert netns.namespaces(live.prefix) == []
+
+
+# -- without namespaces: the generated routes, detection, the rules --------------------------------
+
+def test_instance_hosts_route_to_their_service_unless_ambiguous():
+    from fastmesh.mesh.registry import Instance, make_view
+    from fastmesh.mesh.routes import mesh_hosts, outbound_config
+    view = make_view([Instance("b", "b1", "10.0.0.5", 15006),
+                      Instance("b", "b2", "10.0.0.6", 15006),
+                      Instance("c", "c1", "10.0.0.6", 15007),        # shares 10.0.0.6 with b2
+                      Instance("d", "d1", "127.0.0.1", 15008),       # loopback: names nothing
+                      Instance("e", "e1", "fd00::1", 15006), Instance("f", "f1", "Pod-F.local", 1)])
+    config = outbound_config(view)
+    assert {r.name: r.hosts for r in config.routes if r.hosts} == {
+        "b": ("b", "10.0.0.5"), "c": ("c",), "d": ("d",), "e": ("e", "[fd00::1]"),
+        "f": ("f", "pod-f.local")}
+    assert mesh_hosts(view) == {"b", "c", "d", "e", "f", "10.0.0.5", "[fd00::1]", "pod-f.local"}
+
+
+def test_protocol_detection_and_the_requested_host():
+    from fastmesh.mesh.transparent import looks_like_http, request_host
+    assert looks_like_http(b"GET / HTTP/1.1\r\n") is True
+    assert looks_like_http(b"OPTIO") is None                # too short to tell: wait
+    for opaque in (b"PRI * HTTP/2.0\r\n", b"\x16\x03\x01\x02\x00", b"SSH-2.0-x",
+                   b"*1\r\n$4\r\nPING"):
+        assert looks_like_http(opaque) is False, opaque
+    assert request_host(b"GET / HTTP/1.1\r\nhost: Payments.:8080\r\n\r\n") == "payments"
+    assert request_host(b"GET http://b:81/x HTTP/1.1\r\nHost: c\r\n\r\n") == "b"
+    assert request_host(b"GET / HTTP/1.1\r\nHost: [fd00::1]:80\r\n\r\n") == "[fd00::1]"
+    assert request_host(b"GET / HTTP/1.0\r\n\r\n") is None
+
+
+def test_mesh_init_dry_run_and_refusals():
+    def mesh_init(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "fastmesh", "mesh-init", *args],
+                              capture_output=True, text=True, timeout=30, cwd=ROOT)
+
+    done = mesh_init("--proxy-uid", "1337", "--proxy-mark", "0x539", "--no-inbound",
+                     "--outbound-port", "16001", "--dry-run")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "iptables -t nat -A FASTMESH_OUTPUT -m mark --mark 0x539 -j RETURN" in lines
+    assert lines[-3] == "iptables -t nat -A FASTMESH_OUTPUT -p tcp -j REDIRECT --to-ports 16001"
+    assert not any("-A FASTMESH_INBOUND" in line for line in lines)
+    for args, expected in ((["--exclude-ports", "22,0"], "ports 1..65535"),
+                           (["--exclude-cidrs", "fd00::/8"], "only IPv4"),
+                           (["--proxy-mark", "x"], "expected a number")):
+        done = mesh_init("--proxy-gid", "1", *args, "--dry-run")
+        assert done.returncode == 2 and expected in done.stderr, (args, done.stderr)
