@@ -36,7 +36,13 @@ cdef inline int64_t _seconds(int64_t ms) noexcept nogil:
     return s if s > 1 else 1
 
 
+# Small numbers (seconds to reset, most remaining counts) as ready-made bytes.
+cdef tuple _SMALL = tuple(b"%d" % i for i in range(4096))
+
+
 cdef inline bytes _num(long v):
+    if 0 <= v < 4096:
+        return <bytes>_SMALL[v]
     return PyBytes_FromFormat("%ld", v)
 
 
@@ -73,6 +79,9 @@ cdef class RateLimitFilter(NativePlugin):
     def identity(self, Request req):
         """The counted identity, tagged by kind so that no value can pose as another kind (a
         header value "ip:10.0.0.1" is not that client's IP); the IP when the kind is missing."""
+        return self._identity(req)
+
+    cdef bytes _identity(self, Request req):
         cdef object value
         if self.by == BY_CONSUMER:
             if req.consumer:
@@ -109,7 +118,7 @@ cdef class RateLimitFilter(NativePlugin):
             memcpy(key + plen + 3, PyBytes_AS_STRING(ident), n)
             admitted = lim.check(key, plen + 3 + n, 1, wall_ms())
         else:
-            return self._take_slow(req, self.prefix + self.identity(req))
+            return self._take_slow(req, self.prefix + self._identity(req))
         return self._verdict(req, admitted)
 
     def take_local(self, Request req, bytes key):
@@ -152,12 +161,13 @@ cdef class RateLimitFilter(NativePlugin):
         if seen is None:
             return 0
         limit, remaining, reset_ms, per_period = seen
+        cdef bytes left_bytes = _num(remaining)
         cdef list lines = [(b"RateLimit-Limit", _num(limit)),
-                           (b"RateLimit-Remaining", _num(remaining)),
+                           (b"RateLimit-Remaining", left_bytes),
                            (b"RateLimit-Reset", _num(_seconds(reset_ms)))]
         for (limit_name, limit_value, remaining_name), left in zip(self.period_headers, per_period):
             lines.append((limit_name, limit_value))
-            lines.append((remaining_name, _num(left)))
+            lines.append((remaining_name, left_bytes if left == remaining else _num(left)))
         if resp.add is None:
             resp.add = lines
         else:
