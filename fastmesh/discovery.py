@@ -39,6 +39,7 @@ from typing import Callable
 from fastmesh.config import Config
 from fastmesh.config.schema import Fields, Issues, item
 from fastmesh.config.upstreams import TARGET_FIELDS, Target, Upstream, add_target, is_srv_name
+from fastmesh.osutil import file_stamp
 
 log = logging.getLogger("fastmesh.discovery")
 
@@ -289,11 +290,7 @@ class _FileWatch:
 
     def check(self) -> bool:
         """Re-read when changed; True when the targets changed."""
-        try:
-            st = os.stat(self.path)
-            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
-        except OSError as exc:
-            stamp = ("missing", exc.errno)
+        stamp = file_stamp(self.path)
         if stamp == self.stamp:
             return False
         self.stamp = stamp

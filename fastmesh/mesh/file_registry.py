@@ -22,6 +22,7 @@ from typing import Callable
 import yaml
 
 from fastmesh.config.schema import Fields, Invalid, Issues, child, describe, item
+from fastmesh.osutil import file_stamp
 from fastmesh.mesh.registry import (
     INSTANCE_FIELDS, Instance, Registry, View, make_view, read_instance, service_name,
 )
@@ -93,11 +94,7 @@ class FileRegistry(Registry):
 
     def check(self) -> bool:
         """Re-read the file when it changed; True when it was read successfully."""
-        try:
-            st = os.stat(self.path)
-            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
-        except OSError as exc:
-            stamp = ("missing", exc.errno)
+        stamp = file_stamp(self.path)
         if stamp == self.stamp:
             return False
         self.stamp = stamp

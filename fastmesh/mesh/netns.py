@@ -32,6 +32,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from fastmesh.osutil import pid_alive
+
 ROOT_PREFIX = "fmesh-"          # every namespace made here: fmesh-<pid>-<random>-<name>
 NETNS_DIR = Path("/run/netns")
 NETNS_ETC = Path("/etc/netns")  # `ip netns exec NAME` bind-mounts /etc/netns/NAME/* over /etc
@@ -97,15 +99,6 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return done
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
 
 def delete_namespace(netns: str) -> None:
     """Kill what still runs in `netns`, then delete it (its veth ends go with it)."""
@@ -127,7 +120,7 @@ def cleanup_stale(prefix: str = ROOT_PREFIX) -> list[str]:
         if not name.startswith(prefix):
             continue
         owner = name[len(prefix):].partition("-")[0]
-        if owner.isdigit() and _pid_alive(int(owner)):
+        if owner.isdigit() and pid_alive(int(owner)):
             continue                # a run in progress (possibly this one): not stale
         delete_namespace(name)
         removed.append(name)

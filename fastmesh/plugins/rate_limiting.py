@@ -24,6 +24,7 @@ import tempfile
 
 from fastmesh._core.ratelimit import DEFAULT_SLOTS, Limiter, SharedTable, now_ms
 from fastmesh.config.schema import Invalid, boolean, describe, integer, string, token
+from fastmesh.osutil import pid_alive
 from fastmesh._core.rate_limit_filter import RateLimitFilter
 from fastmesh.plugins import Field, Response
 
@@ -61,15 +62,6 @@ def owner_pid() -> int:
     return os.getppid() if _is_worker_process() else os.getpid()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
 
 def sweep_stale(directory: str | None = None) -> list[str]:
     """Remove tables whose owner process is gone and that no process has mapped."""
@@ -83,7 +75,7 @@ def sweep_stale(directory: str | None = None) -> list[str]:
         if not (name.startswith(TABLE_PREFIX) and name.endswith(".tbl")):
             continue
         pid = name[len(TABLE_PREFIX):-4]
-        if not pid.isdigit() or _alive(int(pid)):
+        if not pid.isdigit() or pid_alive(int(pid)):
             continue
         path = os.path.join(directory, name)
         try:
