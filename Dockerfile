@@ -1,20 +1,40 @@
-# fastmesh container image: `build` compiles the Cython data path into a wheel and installs it with
-# its runtime dependencies into /opt/fastmesh; `standalone` (the default target) is the base image
-# plus that folder, a tiny init and a non-root user: no compiler, no pip cache, no build deps.
+# fastmesh container images: `build` compiles the Cython data path into a wheel and installs it with
+# its runtime dependencies into /opt/fastmesh; `runtime` is the base image plus that folder, a tiny
+# init and a non-root user (no compiler, no pip cache, no build deps); two targets on top of it:
 #
-#   docker build -t fastmesh .                      # or ./scripts/build-image (docker or buildah)
-#   docker run --rm -p 8000:8000 fastmesh run --listen 0.0.0.0:8000
-#   docker run --rm -p 8000:8000 -v $PWD/fastmesh.yaml:/etc/fastmesh/fastmesh.yaml:ro \
-#       fastmesh run --config /etc/fastmesh/fastmesh.yaml
+# - `standalone` (the default: the last stage): the gateway, `fastmesh run`. It serves
+#   $FASTMESH_CONFIG, else /etc/fastmesh/fastmesh.yaml when mounted, else the embedded default, on
+#   FASTMESH_LISTEN=0.0.0.0:8000 (set here; it wins over the config's gateway.listen).
+#
+#     docker build -t fastmesh .                  # or ./scripts/build-image (docker or buildah)
+#     docker run --rm -p 8000:8000 fastmesh
+#     docker run --rm -p 8000:8000 -v $PWD/fastmesh.yaml:/etc/fastmesh/fastmesh.yaml:ro fastmesh
+#
+# - `sidecar`: `fastmesh sidecar` beside an app in its network namespace (a pod), settings from
+#   the environment: FASTMESH_SERVICE (this instance's service), FASTMESH_APP_PORT (the app's port
+#   on 127.0.0.1), FASTMESH_REGISTRY (redis://HOST:PORT/DB or file:PATH; default
+#   redis://127.0.0.1:6379/0); flags after `sidecar` override them. Inbound 0.0.0.0:15006,
+#   outbound 127.0.0.1:15001, admin API 127.0.0.1:15000 (its /ready is the HEALTHCHECK). It runs
+#   as uid 10001 with the group `fastmesh-proxy` (gid 1337): the group that `mesh-init
+#   --proxy-gid 1337` exempts from interception (docs/mesh.md: the uid may be the app's too).
+#
+#     docker build --target sidecar -t fastmesh-sidecar .
+#     docker run -d --name app --network mesh fastmesh echo --listen 127.0.0.1:8080
+#     docker run -d --network container:app -e FASTMESH_SERVICE=orders -e FASTMESH_APP_PORT=8080 \
+#         -e FASTMESH_REGISTRY=redis://redis:6379/0 fastmesh-sidecar    # a Redis `redis` on `mesh`
+#
+#   The same image, as an init container, installs the interception rules (iptables is in it)
+#   and exits: `fastmesh mesh-init --proxy-gid 1337`. That needs root and CAP_NET_ADMIN in the
+#   pod's network namespace (`--user 0 --cap-add NET_ADMIN`; Kubernetes: runAsUser 0,
+#   capabilities.add [NET_ADMIN]); where the node uses legacy iptables, add
+#   `--iptables iptables-legacy` and NET_RAW. The sidecar then runs with `--intercept`.
 #
 # BASE_IMAGE must be a Debian-based image with python3 >= 3.11 (the official python slim image, or
 # the debootstrap-built base that scripts/build-image makes where registries cannot be reached).
-# Package indexes reach the build stage only, never the final image: pip's config as the secret
-# `pip-conf` (a pip.conf; its CA bundle as `pip-cert`) or PIP_* build arguments, apt sources as
-# the secrets `apt-sources` (deb822) and `apt-list` (one-line format). All are optional.
-# No `sidecar` target yet: `fastmesh sidecar` still takes --service and --app-port only as flags
-# (issue 10 wants FASTMESH_SERVICE / FASTMESH_APP_PORT), and `fastmesh health` asks a gateway's
-# admin API, not the sidecar's.
+# Package indexes reach the build only, never an image: pip's config as the secret `pip-conf`
+# (a pip.conf; its CA bundle as `pip-cert`) or PIP_* build arguments, apt sources as the secrets
+# `apt-sources` (deb822) and `apt-list` (one-line format), used by scripts/image-apt (bind-mounted,
+# not copied). All are optional.
 
 ARG BASE_IMAGE=docker.io/library/python:3.11-slim-bookworm
 
@@ -22,25 +42,17 @@ FROM ${BASE_IMAGE} AS build
 ARG PIP_INDEX_URL
 ARG PIP_EXTRA_INDEX_URL
 ARG PIP_TRUSTED_HOST
-ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 # The compiler, and where python3 is Debian's own (the local base) its headers and venv module.
-# tini: PID 1 of the final image (fastmesh reaps its own workers, not orphans adopted by PID 1).
-RUN --mount=type=secret,id=apt-sources --mount=type=secret,id=apt-list \
+# tini: PID 1 of the final images (fastmesh reaps its own workers, not orphans adopted by PID 1).
+RUN --mount=type=bind,source=scripts/image-apt,target=/usr/local/sbin/image-apt \
+    --mount=type=secret,id=apt-sources --mount=type=secret,id=apt-list \
     set -eu; \
-    set --; \
-    if [ -s /run/secrets/apt-sources ] || [ -s /run/secrets/apt-list ]; then \
-        mkdir -p /tmp/apt-sources; \
-        if [ -s /run/secrets/apt-sources ]; then cp /run/secrets/apt-sources /tmp/apt-sources/host.sources; fi; \
-        if [ -s /run/secrets/apt-list ]; then cp /run/secrets/apt-list /tmp/apt-sources/host.list; fi; \
-        set -- -o Dir::Etc::SourceParts=/tmp/apt-sources -o Dir::Etc::SourceList=/dev/null; \
-    fi; \
     packages="gcc libc6-dev binutils tini"; \
     if dpkg -S "$(readlink -f "$(command -v python3)")" >/dev/null 2>&1; then \
         packages="$packages python3-dev python3-venv"; \
     fi; \
-    apt-get "$@" update -qq; \
-    apt-get "$@" install -y -qq --no-install-recommends $packages >/dev/null; \
-    rm -rf /var/lib/apt/lists/* /tmp/apt-sources
+    image-apt $packages
 
 WORKDIR /src
 COPY pyproject.toml setup.py README.md ./
@@ -62,7 +74,8 @@ RUN --mount=type=secret,id=pip-conf --mount=type=secret,id=pip-cert \
     /opt/fastmesh/bin/fastmesh --version
 
 
-FROM ${BASE_IMAGE} AS standalone
+# What both targets share: the runtime, the init, the users, the labels.
+FROM ${BASE_IMAGE} AS runtime
 ARG BASE_IMAGE
 ARG VERSION=0.1.0
 ARG REVISION=unknown
@@ -78,15 +91,37 @@ COPY --from=build /opt/fastmesh /opt/fastmesh
 COPY --from=build /usr/bin/tini-static /usr/local/bin/tini
 RUN useradd --uid 10001 --user-group --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin fastmesh \
+    && groupadd --gid 1337 fastmesh-proxy \
     && mkdir -p /etc/fastmesh
 ENV PATH=/opt/fastmesh/bin:$PATH PYTHONUNBUFFERED=1
-USER 10001:10001
 WORKDIR /etc/fastmesh
+# tini is PID 1: it forwards SIGTERM to fastmesh (which drains and exits 0) and reaps orphans;
+# -s keeps it reaping where it is not PID 1 (docker --init, a shared process namespace).
+ENTRYPOINT ["/usr/local/bin/tini", "-s", "--", "fastmesh"]
+
+
+FROM runtime AS sidecar
+LABEL org.opencontainers.image.title="fastmesh-sidecar" \
+      org.opencontainers.image.description="fastmesh service-mesh sidecar (and its mesh-init)"
+# iptables for `fastmesh mesh-init` in the init container (Debian's: iptables-nft by default,
+# iptables-legacy beside it).
+RUN --mount=type=bind,source=scripts/image-apt,target=/usr/local/sbin/image-apt \
+    --mount=type=secret,id=apt-sources --mount=type=secret,id=apt-list \
+    image-apt iptables
+USER 10001:1337
+EXPOSE 15006 15001
+# Asks the sidecar's admin API (GET /ready on 127.0.0.1:15000 inside the container): ready when
+# both listeners are up, the instance is registered and the registry view was loaded.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
+    CMD ["fastmesh", "health", "--sidecar"]
+CMD ["sidecar"]
+
+
+FROM runtime AS standalone
+ENV FASTMESH_LISTEN=0.0.0.0:8000
+USER 10001:10001
 EXPOSE 8000
 # Asks the admin API on 127.0.0.1:8001 inside the container (keep it on loopback, or pass
 # --admin / FASTMESH_ADMIN_TOKEN here when the config moves it).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 CMD ["fastmesh", "health"]
-# tini is PID 1: it forwards SIGTERM to fastmesh (which drains and exits 0) and reaps orphans;
-# -s keeps it reaping where it is not PID 1 (docker --init, a shared process namespace).
-ENTRYPOINT ["/usr/local/bin/tini", "-s", "--", "fastmesh"]
 CMD ["run"]

@@ -10,6 +10,7 @@ import copy
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -20,11 +21,15 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from conftest import ROOT, config, fastmesh_cmd, free_port, service, wait_for_port
+from conftest import ROOT, config, fastmesh_cmd, free_port, service, stop_process, wait_for_port
 from fastmesh import __version__, healthcheck
 
 KUBERNETES = ROOT / "deploy" / "kubernetes"
 COMPOSE = ROOT / "deploy" / "compose.yaml"
+DOCKERFILE = ROOT / "Dockerfile"
+IMAGE = f"localhost/fastmesh:{__version__}"
+SIDECAR_IMAGE = f"localhost/fastmesh-sidecar:{__version__}"
+PROXY_GID = 1337                # the sidecar image's group, the one mesh-init exempts
 # The oldest Kubernetes the manifests are meant for, and the newest the schemas know.
 K8S_VERSIONS = ("1.28.0", kubernetes_validate.latest_version())
 
@@ -47,6 +52,64 @@ def run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
                           cwd=ROOT)
 
 
+def dockerfile_stage(name: str) -> list[str]:
+    """The instructions of one Dockerfile stage, continuation lines joined."""
+    text = DOCKERFILE.read_text().replace("\\\n", " ")
+    stage, lines = None, []
+    for line in text.splitlines():
+        if line.startswith("FROM "):
+            stage = line.split(" AS ")[-1].strip() if " AS " in line else None
+        elif stage == name and line.strip() and not line.startswith("#"):
+            lines.append(line)
+    assert lines, f"no stage {name} in the Dockerfile"
+    return lines
+
+
+def image_listen_port() -> int:
+    """The port of the standalone image's FASTMESH_LISTEN (it wins over the config's listen)."""
+    env = [line for line in dockerfile_stage("standalone") if line.startswith("ENV FASTMESH_LISTEN=")]
+    assert len(env) == 1, dockerfile_stage("standalone")
+    return int(env[0].split("=", 1)[1].rsplit(":", 1)[1])
+
+
+def start_sidecar(env: dict[str, str], args: list[str], tmp_path: Path):
+    """`fastmesh sidecar` with a deployment's environment and arguments, on free loopback ports
+    and a registry file in place of its Redis: proves the names it passes are the ones the
+    sidecar reads. Returns the process and its admin address."""
+    registry = tmp_path / "mesh.yaml"
+    registry.write_text("services: {}\n")
+    inbound, outbound, admin = free_port(), free_port(), free_port()
+    assert "FASTMESH_REGISTRY" in env
+    env = {**os.environ, **env, "FASTMESH_REGISTRY": f"file:{registry}", "PYTHONUNBUFFERED": "1"}
+    assert args[0] == "sidecar"
+    proc = subprocess.Popen(
+        fastmesh_cmd(*args, "--inbound", f"127.0.0.1:{inbound}", "--outbound",
+                     f"127.0.0.1:{outbound}", "--admin", f"127.0.0.1:{admin}"),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env)
+    return proc, f"127.0.0.1:{admin}"
+
+
+def sidecar_gets_ready(env: dict[str, str], args: list[str], tmp_path: Path) -> str:
+    proc, admin = start_sidecar(env, args, tmp_path)
+    try:
+        deadline = time.monotonic() + 20
+        healthy, line = False, "not started"
+        while time.monotonic() < deadline and proc.poll() is None:
+            healthy, line = healthcheck.probe(admin, sidecar=True, timeout=1)
+            if healthy:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stdout.read()
+        assert healthy, line
+        result = run_cli("health", "--sidecar", "--admin", admin)
+        assert result.returncode == 0, result.stderr
+    finally:
+        stop_process(proc)
+    output = proc.stdout.read()
+    assert proc.returncode == 0, output
+    return output
+
+
 # --- Kubernetes manifests ------------------------------------------------------------------------
 
 def test_the_kubernetes_examples_hold_the_expected_objects():
@@ -55,6 +118,7 @@ def test_the_kubernetes_examples_hold_the_expected_objects():
         "echo.yaml:Deployment/echo", "echo.yaml:Service/echo",
         "gateway-config.yaml:ConfigMap/fastmesh-gateway",
         "gateway.yaml:Deployment/fastmesh-gateway", "gateway.yaml:Service/fastmesh-gateway",
+        "mesh-app.yaml:Deployment/orders", "mesh-app.yaml:Service/orders",
         "redis.yaml:Deployment/redis", "redis.yaml:Service/redis",
     ]
 
@@ -76,6 +140,26 @@ def test_every_manifest_validates_against_the_kubernetes_schema(name, doc, versi
 ], ids=["misspelt-field", "misspelt-probe", "wrong-type"])
 def test_a_typo_in_a_manifest_fails_validation(mutate, what):
     deployment = copy.deepcopy(by_kind("Deployment")["fastmesh-gateway"])
+    kubernetes_validate.validate(deployment, K8S_VERSIONS[-1], strict=True)   # valid as written
+    mutate(deployment)
+    with pytest.raises(kubernetes_validate.ValidationError) as caught:
+        kubernetes_validate.validate(deployment, K8S_VERSIONS[-1], strict=True)
+    assert what in str(caught.value)
+
+
+def init_container(deployment: dict) -> dict:
+    return deployment["spec"]["template"]["spec"]["initContainers"][0]
+
+
+@pytest.mark.parametrize("mutate,what", [
+    (lambda d: init_container(d)["securityContext"]["capabilities"].update(
+        ad=init_container(d)["securityContext"]["capabilities"].pop("add")), "ad"),
+    (lambda d: d["spec"]["template"]["spec"].update(
+        initContainer=d["spec"]["template"]["spec"].pop("initContainers")), "initContainer"),
+    (lambda d: init_container(d)["securityContext"].update(runAsUser="root"), "root"),
+], ids=["misspelt-capabilities", "misspelt-initContainers", "wrong-type-runAsUser"])
+def test_a_typo_in_the_mesh_app_fails_validation(mutate, what):
+    deployment = copy.deepcopy(by_kind("Deployment")["orders"])
     kubernetes_validate.validate(deployment, K8S_VERSIONS[-1], strict=True)   # valid as written
     mutate(deployment)
     with pytest.raises(kubernetes_validate.ValidationError) as caught:
@@ -125,13 +209,14 @@ def test_the_manifests_fit_together():
     mount = next(m for m in container["volumeMounts"] if m["name"] == "config")
     volume = next(v for v in gateway["volumes"] if v["name"] == "config")
     configmap = by_kind("ConfigMap")[volume["configMap"]["name"]]
-    config_path = container["args"][container["args"].index("--config") + 1]
-    assert config_path == f"{mount['mountPath']}/fastmesh.yaml"
+    # The image's `run` serves /etc/fastmesh/fastmesh.yaml when it exists: no --config needed.
+    assert container["args"] == ["run"]
+    assert mount["mountPath"] == "/etc/fastmesh"
     assert "fastmesh.yaml" in configmap["data"]
 
     document = yaml.safe_load(configmap["data"]["fastmesh.yaml"])
     listen_port = int(document["gateway"]["listen"].rsplit(":", 1)[1])
-    assert listen_port == container["ports"][0]["containerPort"]
+    assert listen_port == container["ports"][0]["containerPort"] == image_listen_port()
     assert document["gateway"]["admin"]["listen"].startswith("127.0.0.1:")   # probes run in the pod
     upstream = document["services"][0]["url"].removeprefix("http://")
     host, port = upstream.split(":")
@@ -145,25 +230,124 @@ def test_the_manifests_fit_together():
 
 def test_the_compose_file_fits_the_image_and_its_config(tmp_path):
     compose = yaml.safe_load(COMPOSE.read_text())
-    assert set(compose["services"]) == {"gateway", "echo", "redis"}
+    assert set(compose["services"]) == {"gateway", "echo", "redis", "orders", "orders-sidecar",
+                                        "payments", "payments-sidecar"}
     gateway, echo = compose["services"]["gateway"], compose["services"]["echo"]
     assert gateway["build"]["target"] == "standalone"
-    assert gateway["image"] == echo["image"] == f"localhost/fastmesh:{__version__}"
-    # Every fastmesh command in the file is one the CLI takes.
-    for svc in (gateway, echo):
-        result = run_cli(*svc["command"][:1], "--help")
-        assert result.returncode == 0, result.stderr
+    assert gateway["image"] == echo["image"] == IMAGE
+    # The gateway runs the image's CMD (`run`): the config at the image's default path, on the
+    # image's FASTMESH_LISTEN.
+    assert "command" not in gateway
     source, target, _ = gateway["volumes"][0].split(":")
-    assert target == gateway["command"][gateway["command"].index("--config") + 1]
+    assert target == "/etc/fastmesh/fastmesh.yaml"
+    result = run_cli("echo", "--help")
+    assert result.returncode == 0, result.stderr
     config_file = COMPOSE.parent / source
     result = run_cli("check", "--config", str(config_file))
     assert result.returncode == 0, result.stderr
     document = yaml.safe_load(config_file.read_text())
     host, port = document["services"][0]["url"].removeprefix("http://").split(":")
     assert host in compose["services"]
-    assert echo["command"][-1] == f"0.0.0.0:{port}"
+    assert echo["command"] == ["echo", "--listen", f"0.0.0.0:{port}"]
     published = gateway["ports"][0].split(":")
-    assert published[-1] == document["gateway"]["listen"].rsplit(":", 1)[1]
+    assert int(published[-1]) == image_listen_port()
+    assert document["gateway"]["listen"].rsplit(":", 1)[1] == published[-1]
+
+
+def compose_mesh() -> dict[str, tuple[dict, dict]]:
+    """Each mesh service of compose.yaml: (its app, its sidecar)."""
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    return {name.removesuffix("-sidecar"): (services[name.removesuffix("-sidecar")], svc)
+            for name, svc in services.items() if name.endswith("-sidecar")}
+
+
+def test_the_compose_mesh_is_wired_together():
+    compose = yaml.safe_load(COMPOSE.read_text())
+    mesh = compose_mesh()
+    assert sorted(mesh) == ["orders", "payments"]
+    for name, (app, sidecar) in mesh.items():
+        # The sidecar joins its app's network namespace; the app owns (and publishes) the ports.
+        assert sidecar["network_mode"] == f"service:{name}"
+        assert "ports" not in sidecar
+        assert sidecar["build"]["target"] == "sidecar" and sidecar["image"] == SIDECAR_IMAGE
+        assert app["image"] == IMAGE
+        env = sidecar["environment"]
+        assert env["FASTMESH_SERVICE"] == name
+        assert app["command"][:2] == ["echo", "--listen"]
+        assert app["command"][2] == f"127.0.0.1:{env['FASTMESH_APP_PORT']}"
+        registry = env["FASTMESH_REGISTRY"].removeprefix("redis://")
+        host, port = registry.split("/")[0].split(":")
+        assert host in compose["services"] and port == "6379"
+        assert sidecar["depends_on"]["redis"]["condition"] == "service_healthy"
+        assert sidecar.get("command", ["sidecar"])[0] == "sidecar"
+    # What the header's curl commands reach: orders' sidecar, inbound and outbound.
+    assert mesh["orders"][0]["ports"] == ["127.0.0.1:15006:15006", "127.0.0.1:15001:15001"]
+    assert mesh["orders"][1]["command"] == ["sidecar", "--outbound", "0.0.0.0:15001"]
+
+
+@pytest.mark.parametrize("name", ["orders", "payments"])
+def test_a_compose_sidecar_starts_with_its_settings(name, tmp_path):
+    """The environment and command of compose.yaml start a real sidecar that gets ready."""
+    app, sidecar = compose_mesh()[name]
+    args = [a for a in sidecar.get("command", ["sidecar"]) if a != "--outbound" and ":15001" not in a]
+    output = sidecar_gets_ready(sidecar["environment"], args, tmp_path)
+    assert f"sidecar for '{name}'" in output
+
+
+# --- the mesh app in Kubernetes -----------------------------------------------------------------
+
+def test_the_mesh_app_is_wired_into_the_mesh():
+    """mesh-init, the sidecar and the app of mesh-app.yaml: what the schemas cannot see."""
+    deployment = by_kind("Deployment")["orders"]
+    pod = pod_spec(deployment)
+    init = init_container(deployment)
+    containers = {c["name"]: c for c in pod["containers"]}
+    app, sidecar = containers["app"], containers["fastmesh-sidecar"]
+    assert init["image"] == sidecar["image"] == SIDECAR_IMAGE and app["image"] == IMAGE
+
+    # mesh-init: root with NET_ADMIN, exempting the sidecar's group (a real dry run of its args).
+    assert init["args"][0] == "mesh-init"
+    assert init["securityContext"]["runAsUser"] == 0
+    assert init["securityContext"]["runAsNonRoot"] is False
+    assert "NET_ADMIN" in init["securityContext"]["capabilities"]["add"]
+    assert init["args"][init["args"].index("--proxy-gid") + 1] == str(PROXY_GID)
+    dry = run_cli(*init["args"], "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert f"--gid-owner {PROXY_GID} -j RETURN" in dry.stdout
+    inbound_port = int(dry.stdout.split("REDIRECT --to-ports ")[1].split()[0])
+
+    # The sidecar runs with that group, the app with another one, and nothing adds it to the app.
+    def effective(container: dict, field: str):
+        return container.get("securityContext", {}).get(field, pod["securityContext"].get(field))
+
+    assert effective(sidecar, "runAsGroup") == PROXY_GID
+    assert effective(app, "runAsGroup") != PROXY_GID
+    assert effective(app, "runAsUser") != 0
+    assert PROXY_GID != pod["securityContext"].get("fsGroup")
+    assert PROXY_GID not in pod["securityContext"].get("supplementalGroups", [])
+    assert "--intercept" in sidecar["args"]
+    assert sidecar["ports"][0]["containerPort"] == inbound_port
+
+    # Its settings: this service (the name callers resolve), the app's port, the Redis here.
+    env = {e["name"]: e["value"] for e in sidecar["env"]}
+    services = by_kind("Service")
+    assert env["FASTMESH_SERVICE"] == "orders" and "orders" in services
+    app_port = app["ports"][0]["containerPort"]
+    assert env["FASTMESH_APP_PORT"] == str(app_port)
+    assert app["args"] == ["echo", "--listen", f"127.0.0.1:{app_port}"]
+    host, port = env["FASTMESH_REGISTRY"].removeprefix("redis://").split("/")[0].split(":")
+    assert int(port) in {p["port"] for p in services[host]["spec"]["ports"]}
+    assert sidecar["readinessProbe"]["exec"]["command"] == ["fastmesh", "health", "--sidecar"]
+
+
+def test_the_mesh_app_sidecar_starts_with_its_settings(tmp_path):
+    sidecar = next(c for c in pod_spec(by_kind("Deployment")["orders"])["containers"]
+                   if c["name"] == "fastmesh-sidecar")
+    env = {e["name"]: e["value"] for e in sidecar["env"]}
+    # --intercept only changes how connections are taken: without iptables here, leave it out.
+    args = [a for a in sidecar["args"] if a != "--intercept"]
+    output = sidecar_gets_ready(env, args, tmp_path)
+    assert "sidecar for 'orders'" in output
 
 
 # --- fastmesh health ------------------------------------------------------------------------------
@@ -249,66 +433,127 @@ def vfs(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)
 
 
+def image_config(tag: str) -> dict:
+    inspected = vfs("inspect", "--type", "image", tag, timeout=120)
+    assert inspected.returncode == 0, inspected.stderr
+    return json.loads(inspected.stdout)
+
+
+def run_in_image(tag: str, script: str) -> subprocess.CompletedProcess:
+    ctr = vfs("from", "--quiet", tag).stdout.strip()
+    assert ctr, "buildah from failed"
+    try:
+        return vfs("run", "--isolation", "chroot", ctr, "--", "sh", "-c", script, timeout=120)
+    finally:
+        vfs("rm", ctr, timeout=120)
+
+
+# The final images hold the runtime only: no compiler, no pip cache, no build venv or wheels, no C
+# sources, none of this machine's package index settings, no apt lists; and the data path imports.
+RUNTIME_ONLY = (
+    "for p in gcc cc cython image-apt; do command -v $p; done; "
+    "ls -d /opt/build /wheels /root/.cache/pip /opt/fastmesh/bin/pip* "
+    "/opt/fastmesh/lib/python3*/site-packages/fastmesh/_core/*.c /var/lib/apt/lists/*_Packages "
+    "/etc/apt/sources.list.d/host.* /tmp/apt-sources /run/secrets/* 2>/dev/null; "
+    "/opt/fastmesh/bin/python -c "
+    "'import fastmesh._core.proxy, uvloop, redis; print(\"imports ok\")'")
+
+
 @pytest.fixture
-def built_image():
-    """scripts/build-image under a test tag; the image is removed afterwards (vfs storage keeps
-    a full copy of every image)."""
+def built_images():
+    """scripts/build-image (both targets) under test tags; the images are removed afterwards
+    (vfs storage keeps a full copy of every image)."""
     which = engine()
     if which is None:
-        pytest.skip("neither buildah nor a Docker engine is on this machine: the image build and "
-                    "its smoke test did not run (apt-get install buildah, then run again)")
+        pytest.skip("neither buildah nor a Docker engine is on this machine: the image builds and "
+                    "their smoke tests did not run (apt-get install buildah, then run again)")
     tag = f"localhost/fastmesh-test:{__version__}"
-    result = subprocess.run([str(ROOT / "scripts" / "build-image"), "--tag", tag],
+    sidecar_tag = f"localhost/fastmesh-test-sidecar:{__version__}"
+    result = subprocess.run([str(ROOT / "scripts" / "build-image"), "--target", "all",
+                             "--tag", tag, "--sidecar-tag", sidecar_tag],
                             capture_output=True, text=True, timeout=3600, cwd=ROOT)
-    yield which, tag, result
-    if which == "docker":
-        subprocess.run(["docker", "rmi", tag], capture_output=True, timeout=120)
-    else:
-        vfs("rmi", tag, timeout=120)
+    yield which, tag, sidecar_tag, result
+    for name in (tag, sidecar_tag):
+        if which == "docker":
+            subprocess.run(["docker", "rmi", name], capture_output=True, timeout=120)
+        else:
+            vfs("rmi", name, timeout=120)
+
+
+def measured(stdout: str, prefix: str, unit: str) -> float:
+    lines = [line for line in stdout.splitlines() if line.startswith(prefix)]
+    assert len(lines) == 1, stdout
+    return float(lines[0].removeprefix(prefix).split(unit)[0])
 
 
 @pytest.mark.slow
-def test_the_image_builds_and_passes_its_smoke_test(built_image):
-    which, tag, result = built_image
+def test_the_images_build_and_pass_their_smoke_tests(built_images):
+    which, tag, sidecar_tag, result = built_images
     assert result.returncode == 0, result.stdout + result.stderr
-    assert f"in the image: fastmesh {__version__} (user 10001)" in result.stderr
-    assert "healthy: fastmesh" in result.stderr
-    assert "SIGTERM: drained and exited 0" in result.stderr
-    size = float(result.stdout.split("size: ")[1].split(" MB")[0])
-    first_200 = float(result.stdout.split("first proxied 200: ")[1].split("s")[0])
-    # Issue 10's goals are <= 150 MB and <= 1 s; measured 154.2 MB and 0.37-1.04 s (README). These
-    # bounds catch a regression without failing on a loaded 2-core machine.
+    err = result.stderr
+    assert f"in {tag}: fastmesh {__version__} (uid 10001, gid 10001)" in err
+    assert "healthy: fastmesh" in err
+    assert "SIGTERM: drained and exited 0" in err
+    assert f"in {sidecar_tag}: fastmesh {__version__} (uid 10001, gid {PROXY_GID})" in err
+    assert "sidecar: Host: smoke through the outbound listener -> the inbound one -> the app: 200" in err
+    assert "healthy: sidecar on 127.0.0.1:" in err
+    assert "mesh-init --dry-run: " in err
+    assert "sidecar: SIGTERM: deregistered, drained and exited 0" in err
+    size = measured(result.stdout, "size: ", " MB")
+    sidecar_size = measured(result.stdout, "sidecar size: ", " MB")
+    first_200 = measured(result.stdout, "container start to first proxied 200: ", "s")
+    sidecar_first_200 = measured(result.stdout,
+                                 "sidecar start to first 200 through its inbound listener: ", "s")
+    # Issue 10's goals are <= 150 MB and <= 1 s; measured 154.2 MB (sidecar: + iptables, 157.5 MB)
+    # and 0.30-1.04 s (README). These bounds catch a regression without failing on a loaded
+    # 2-core machine.
     assert size <= 160, f"image is {size} MB (154.2 MB when measured for the README)"
+    assert sidecar_size <= 165, f"sidecar image is {sidecar_size} MB (157.5 MB in the README)"
     assert first_200 <= 5, f"first proxied 200 after {first_200}s"
+    assert sidecar_first_200 <= 5, f"sidecar: first 200 after {sidecar_first_200}s"
     if which != "buildah":
         return
 
-    inspected = vfs("inspect", "--type", "image", tag, timeout=120)
-    assert inspected.returncode == 0, inspected.stderr
-    image = json.loads(inspected.stdout)
+    image = image_config(tag)
     docker = image["Docker"]["config"]
     assert docker["Entrypoint"] == ["/usr/local/bin/tini", "-s", "--", "fastmesh"]
     assert docker["Cmd"] == ["run"]
     assert docker["User"] == "10001:10001"
+    assert "FASTMESH_LISTEN=0.0.0.0:8000" in docker["Env"]
     assert docker["Healthcheck"]["Test"] == ["CMD", "fastmesh", "health"]
     labels = docker["Labels"]
     assert labels["org.opencontainers.image.version"] == __version__
     assert labels["org.opencontainers.image.licenses"] == "Apache-2.0"
-    history = json.dumps(image.get("History") or image["Docker"].get("history"))
-    assert "PIP_CONFIG_FILE" not in history and "apt-sources" not in history
-    # The final image holds the runtime only: no compiler, no pip cache, no build venv or wheels,
-    # no C sources, none of this machine's package index settings; and the data path imports.
-    ctr = vfs("from", "--quiet", tag).stdout.strip()
-    assert ctr, "buildah from failed"
-    try:
-        probe = vfs("run", "--isolation", "chroot", ctr, "--", "sh", "-c",
-                    "for p in gcc cc cython; do command -v $p; done; "
-                    "ls -d /opt/build /wheels /root/.cache/pip /opt/fastmesh/bin/pip* "
-                    "/opt/fastmesh/lib/python3*/site-packages/fastmesh/_core/*.c "
-                    "/etc/apt/sources.list.d/host.* /run/secrets/* 2>/dev/null; "
-                    "/opt/fastmesh/bin/python -c "
-                    "'import fastmesh._core.proxy, uvloop, redis; print(\"imports ok\")'",
-                    timeout=120)
-    finally:
-        vfs("rm", ctr, timeout=120)
+
+    sidecar = image_config(sidecar_tag)
+    sidecar_docker = sidecar["Docker"]["config"]
+    assert sidecar_docker["Entrypoint"] == docker["Entrypoint"]
+    assert sidecar_docker["Cmd"] == ["sidecar"]
+    assert sidecar_docker["User"] == f"10001:{PROXY_GID}"
+    assert sidecar_docker["Healthcheck"]["Test"] == ["CMD", "fastmesh", "health", "--sidecar"]
+    assert not any(e.startswith("FASTMESH_LISTEN=") for e in sidecar_docker["Env"])
+    assert sidecar_docker["Labels"]["org.opencontainers.image.version"] == __version__
+    # Both targets are the runtime stage plus, for the sidecar, one layer (iptables). (Not the
+    # same digests: the working tree may change between the two builds, then the build stage
+    # runs again; the base layer is always shared.)
+    standalone_layers = image["OCIv1"]["rootfs"]["diff_ids"]
+    sidecar_layers = sidecar["OCIv1"]["rootfs"]["diff_ids"]
+    assert len(sidecar_layers) == len(standalone_layers) + 1
+    assert sidecar_layers[0] == standalone_layers[0]
+    assert 0 < sidecar_size - size <= 10, (size, sidecar_size)
+
+    # The secrets' contents stay out of both images' history (the sidecar's iptables step names
+    # the secret ids, `--mount=type=secret,id=apt-sources`, nothing more).
+    host_apt_urls = {url for path in [Path("/etc/apt/sources.list"),
+                                      *Path("/etc/apt/sources.list.d").glob("*")] if path.is_file()
+                     for url in re.findall(r"https?://[^\s]+", path.read_text())}
+    for config_ in (image, sidecar):
+        history = json.dumps(config_.get("History") or config_["Docker"].get("history"))
+        assert "PIP_CONFIG_FILE" not in history and "/run/secrets/" not in history
+        assert "Dir::Etc::SourceParts" not in history
+        assert not [url for url in host_apt_urls if url in history]
+    probe = run_in_image(tag, RUNTIME_ONLY)
     assert probe.stdout.strip() == "imports ok", probe.stdout + probe.stderr
+    probe = run_in_image(sidecar_tag, RUNTIME_ONLY + "; command -v iptables iptables-legacy")
+    assert probe.stdout.split() == ["imports", "ok", "/usr/sbin/iptables", "/usr/sbin/iptables-legacy"], \
+        probe.stdout + probe.stderr
