@@ -37,6 +37,7 @@ import socket
 from typing import Callable
 
 from fastmesh.config import Config
+from fastmesh.config.datafile import read_data_file
 from fastmesh.config.schema import Fields, Issues, item
 from fastmesh.config.upstreams import TARGET_FIELDS, Target, Upstream, add_target, is_srv_name
 from fastmesh.osutil import file_stamp
@@ -208,17 +209,7 @@ async def lookup_srv(resolver, name: str) -> tuple[list[tuple[str, int, int]], f
 def read_targets_file(path: str) -> tuple[Target, ...]:
     """The targets in `path` (a YAML/JSON list of {target, weight}); ValueError naming the file,
     the path inside it and what is wrong."""
-    import yaml                      # only for upstreams with a targets_file
-    try:
-        with open(path, "rb") as f:
-            data = yaml.safe_load(f)
-    except OSError as exc:
-        raise ValueError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise ValueError(f"{path}: invalid YAML/JSON{where}: "
-                         f"{getattr(exc, 'problem', None) or exc}") from None
+    data = read_data_file(path)
     issues = Issues(path)
     targets: list[Target] = []
     if not isinstance(data, list):

@@ -20,7 +20,9 @@ import yaml
 
 from conftest import fastmesh_cmd, free_port, get
 from fastmesh.mesh import status
-from test_mesh_sidecar import Mesh, admin_get, instance_key, wait_until
+from test_mesh_sidecar import (  # noqa: F401  (mesh, file_mesh: the same fixtures)
+    admin_get, file_mesh, instance_key, mesh, wait_until,
+)
 
 
 class StatusApp:
@@ -49,24 +51,6 @@ class StatusApp:
         self.server.shutdown()
         self.server.server_close()
         self.thread.join(timeout=5)
-
-
-@pytest.fixture
-def mesh(redis_server):
-    m = Mesh(redis_server.url)
-    m.redis = redis_server
-    yield m
-    m.close()
-
-
-@pytest.fixture
-def file_mesh(tmp_path):
-    path = tmp_path / "mesh.yaml"
-    path.write_text("services: {}\n")
-    m = Mesh(f"file:{path}")
-    m.path = path
-    yield m
-    m.close()
 
 
 @pytest.fixture

@@ -19,8 +19,7 @@ import os
 import sys
 from typing import Callable
 
-import yaml
-
+from fastmesh.config.datafile import read_data_file
 from fastmesh.config.schema import Fields, Invalid, Issues, child, describe, item
 from fastmesh.osutil import file_stamp
 from fastmesh.mesh.registry import (
@@ -32,16 +31,7 @@ POLL_INTERVAL = 0.5
 
 def read_registry_file(path: str) -> View:
     """The view in `path`; ValueError with every problem (file, path inside it, what is wrong)."""
-    try:
-        with open(path, "rb") as f:
-            data = yaml.safe_load(f)
-    except OSError as exc:
-        raise ValueError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise ValueError(f"{path}: invalid YAML/JSON{where}: "
-                         f"{getattr(exc, 'problem', None) or exc}") from None
+    data = read_data_file(path)
     issues = Issues(path)
     instances: list[Instance] = []
     top = Fields.of(issues, "", data if data is not None else {}, ("services",))
