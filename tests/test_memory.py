@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Proc, free_port, wait_for_port
+from conftest import Proc, free_port, wait_for_port, wait_until
 
 IDLE_RSS_LIMIT_KB = 30 * 1024          # /proc reports kB that are KiB: 30 MiB
 SETTLE_TIMEOUT = 5.0
@@ -72,16 +72,6 @@ def worker_pids(supervisor: int, count: int) -> list[int] | None:
     listed = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text()
     pids = [int(pid) for pid in listed.split()]
     return pids if len(pids) == count else None
-
-
-def wait_until(check, timeout: float, message: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.05)
-    raise AssertionError(f"{message} (waited {timeout}s)")
 
 
 def describe(fields: dict[str, int]) -> str:

@@ -24,7 +24,7 @@ import time
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, wait_until
 
 from fastmesh.mesh import netns
 
@@ -96,16 +96,6 @@ socketserver.ThreadingTCPServer.daemon_threads = True
 server = socketserver.ThreadingTCPServer(("0.0.0.0", 8080), Handler)   # (no getfqdn lookup)
 server.serve_forever(poll_interval=0.05)
 '''
-
-
-def wait_until(check, timeout: float, message: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(interval)
-    raise AssertionError(f"{message} (waited {timeout}s)")
 
 
 class Mesh:

@@ -19,7 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import yaml
 
-from conftest import ROOT, Proc, RawClient, fastmesh_cmd, free_port, get
+from conftest import ROOT, Proc, RawClient, fastmesh_cmd, free_port, get, wait_until
 
 TTL = "3"                   # registration TTL of the test sidecars (heartbeat every second)
 
@@ -119,16 +119,6 @@ def admin_get(port: int, path: str) -> tuple[int, dict]:
     except OSError:
         return 0, {}
     return resp.status, json.loads(body) if body else {}
-
-
-def wait_until(check, timeout: float, message: str, interval: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(interval)
-    raise AssertionError(f"{message} (waited {timeout}s)")
 
 
 class Mesh:
