@@ -14,6 +14,8 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromForm
 from fastmesh._core.plugin cimport NativePlugin, Request, ResponseHead
 from fastmesh._core.ratelimit cimport Limiter, wall_ms
 
+from fastmesh._core.plugin import Response
+
 # limit_by kinds
 cdef enum:
     BY_CONSUMER = 0
@@ -145,7 +147,6 @@ cdef class RateLimitFilter(NativePlugin):
 
     def refuse(self, int64_t limit, int64_t reset_ms, int64_t retry_ms):
         """The answer to a refused request: error_code, Retry-After and (unless hidden) quota."""
-        from fastmesh._core.plugin import Response
         headers = [(b"Retry-After", b"%d" % _seconds(retry_ms))]
         if not self.hide:
             headers += [(b"RateLimit-Limit", b"%d" % limit), (b"RateLimit-Remaining", b"0"),
