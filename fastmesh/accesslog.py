@@ -27,8 +27,8 @@ def _seconds(ns: int | None) -> float | None:
 def format_record(rec: tuple) -> dict:
     """One record from Gateway.take_log_records() as the JSON object written to the log."""
     (t, client_ip, method, target, host, user_agent, status, route, service, upstream,
-     total_ns, upstream_ns, bytes_in, bytes_out, request_id) = rec
-    return {
+     total_ns, upstream_ns, bytes_in, bytes_out, request_id, peer) = rec
+    record = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z",
         "remote_addr": _text(client_ip),
         "method": _text(method),
@@ -46,6 +46,9 @@ def format_record(rec: tuple) -> dict:
         "added_time": _seconds(total_ns - upstream_ns) if upstream_ns is not None else None,
         "request_id": _text(request_id),
     }
+    if peer is not None:
+        record["peer"] = _text(peer)    # the client's verified TLS identity (mesh mTLS)
+    return record
 
 
 class AccessLog:

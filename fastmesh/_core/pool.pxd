@@ -19,6 +19,12 @@ cdef class Pool:
     cdef readonly unsigned long long created
     cdef readonly unsigned long long reused
     cdef readonly unsigned long long expired
+    # TLS upstreams (None for plain TCP): the client context, the name sent as SNI and
+    # verified ("" sends none), and an extra check of the verified peer certificate:
+    # peer_check(transport) returns None to accept or the reason it refuses the connection.
+    cdef readonly object ssl
+    cdef readonly str server_hostname
+    cdef readonly object peer_check
 
     # An idle connection (most recently used first), or None: the caller connects.
     cdef PooledConnection acquire(self)

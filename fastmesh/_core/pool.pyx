@@ -17,7 +17,11 @@ cdef class PooledConnection:
 
 
 cdef class Pool:
-    def __init__(self, str host, int port, int max_idle=64, double idle_timeout=60.0):
+    def __init__(self, str host, int port, int max_idle=64, double idle_timeout=60.0,
+                 ssl=None, str server_hostname=None, peer_check=None):
+        self.ssl = ssl
+        self.server_hostname = server_hostname
+        self.peer_check = peer_check
         self.host = host
         self.port = port
         self.max_idle = max_idle
@@ -83,6 +87,7 @@ cdef class Pool:
     def stats(self):
         return {
             "target": f"{self.host}:{self.port}",
+            "tls": self.ssl is not None,
             "active": self.active,
             "idle": len(self.idle),
             "created": self.created,

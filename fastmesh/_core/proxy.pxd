@@ -43,6 +43,10 @@ cdef class RouteTarget:
     cdef readonly object plugins        # fastmesh._core.plugin.Chain, or None
     cdef bint plugins_log               # some plugin of the chain has a log phase
     cdef bint plugins_response          # some plugin of the chain has a response phase
+    # protocols: [https] (fastmesh.tls): what a plain-HTTP request gets instead of the route:
+    # 0 = served; 426 = refused (Upgrade: TLS); 301/302/307/308 = redirected to https://
+    cdef int https_only
+    cdef bytes https_port_suffix        # b"" (port 443) or b":8443", appended in redirects
 
 
 cdef class Gateway:
@@ -74,6 +78,11 @@ cdef class Gateway:
     cdef bint trace_enabled
     cdef uint64_t trace_threshold    # start sampled when a random 64-bit draw is below this
     cdef uint64_t rng[2]             # xorshift128+ state for trace and span ids
+    # Verified peer identity (mesh mTLS): identify(transport) -> bytes or None, called once per
+    # TLS connection; the identity goes upstream in `peer_header` (a client's own is dropped).
+    cdef object identify
+    cdef bytes peer_header           # as sent, e.g. b"X-Fastmesh-Peer"; None: off
+    cdef bytes peer_header_lower
 
 
 cdef class DownstreamProtocol:
@@ -82,6 +91,8 @@ cdef class DownstreamProtocol:
     cdef object write                # transport.write, looked up once per connection
     cdef bytes client_ip
     cdef bytes local_port
+    cdef bint tls                    # the client connection is TLS (X-Forwarded-Proto: https)
+    cdef bytes peer                  # the client's verified identity (Gateway.identify), or None
     cdef DownstreamProtocol prev
     cdef DownstreamProtocol next
     cdef int state
@@ -157,6 +168,7 @@ cdef class DownstreamProtocol:
     cdef bint _connect_failed_retry(self) except -1
     cdef Pool _pick_pool(self)
     cdef int _local_response(self, int status, str message, bint close) except -1
+    cdef int _https_required(self, const char* b, Head* h, RouteTarget rt) except -1
     cdef int _send_local(self, bytes payload, bint close) except -1
     cdef void _pause(self, int reason)
     cdef void _resume(self, int reason)

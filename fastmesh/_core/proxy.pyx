@@ -116,8 +116,9 @@ cdef double SWEEP_INTERVAL = 0.1
 cdef bytes VIA_TOKEN = b"fastmesh"
 
 _REASONS = {
+    301: "Moved Permanently", 302: "Found", 307: "Temporary Redirect", 308: "Permanent Redirect",
     400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
-    413: "Content Too Large", 503: "Service Unavailable", 414: "URI Too Long", 431: "Request Header Fields Too Large",
+    413: "Content Too Large", 426: "Upgrade Required", 414: "URI Too Long", 431: "Request Header Fields Too Large",
     500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway",
     503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported",
 }
@@ -150,6 +151,19 @@ cdef bint _idempotent(const char* m, Py_ssize_t n) noexcept:
 
 cdef inline double mono() noexcept nogil:
     return now_ns() * 1e-9
+
+
+class PeerRejected(ConnectionError):
+    """A TLS upstream's verified certificate is not the identity the route expects."""
+
+
+cdef bytes _header_safe(object value):
+    """`value` when it can go in a header value as it is (bytes, no CR/LF/NUL), else None."""
+    if type(value) is not bytes or not value:
+        return None
+    if b"\r" in value or b"\n" in value or b"\0" in value:
+        return None
+    return <bytes>value
 
 
 def error_response(int status, str message, bint close) -> bytes:
@@ -278,7 +292,12 @@ cdef class RouteTarget:
                  double connect_timeout, double read_timeout, double write_timeout,
                  long long max_body_size, Balancer balancer=None, str hash_on=None,
                  str hash_name=None, int retries=0, retry_on=("connect-failure",),
-                 double per_try_timeout=0.0, plugins=None, consumer_plugins=None):
+                 double per_try_timeout=0.0, plugins=None, consumer_plugins=None,
+                 int https_only=0, int https_port=443):
+        if https_only not in (0, 301, 302, 307, 308, 426):
+            raise ValueError(f"https_only must be 0, 301, 302, 307, 308 or 426, not {https_only}")
+        self.https_only = https_only
+        self.https_port_suffix = b"" if https_port == 443 else b":%d" % https_port
         self.name = name
         self.plugins = Chain(plugins or (), consumer_plugins) if plugins or consumer_plugins else None
         self.plugins_log = self.plugins is not None and self.plugins.has_log
@@ -378,6 +397,19 @@ cdef class Gateway:
     def protocol_factory(self):
         return DownstreamProtocol(self)
 
+    def set_peer_identity(self, header=None, identify=None):
+        """Forward each TLS client's verified identity upstream in `header`.
+
+        identify(transport) -> bytes or None runs once per TLS connection (after the handshake,
+        so the certificate it reads is verified). With a header set, a client's own header of
+        that name is always dropped: only the gateway vouches for an identity. None turns it off.
+        """
+        if header is not None and (not header or any(c in header for c in " :\r\n\0")):
+            raise ValueError(f"invalid header name {header!r}")
+        self.peer_header = header.encode() if header else None
+        self.peer_header_lower = header.lower().encode() if header else None
+        self.identify = identify if header else None
+
     def _sweep(self):
         cdef double now = mono()
         cdef DownstreamProtocol c = self.conns
@@ -435,6 +467,10 @@ cdef class DownstreamProtocol:
         self.client_ip = (peer[0] if peer else "unknown").encode()
         self.local_port = (str(sock[1]) if sock and len(sock) > 1 else "").encode()
         gw = self.gw
+        if transport.get_extra_info("sslcontext") is not None:
+            self.tls = True
+            if gw.identify is not None:
+                self.peer = _header_safe(gw.identify(transport))
         self.next = gw.conns
         if gw.conns is not None:
             gw.conns.prev = self
@@ -648,6 +684,7 @@ cdef class DownstreamProtocol:
             # Global plugins' rewrite phases: before routing, so a new path is routed.
             rw = Request.__new__(Request)
             rw.attach(b, h, self.client_ip, None, None)
+            rw.peer = self.peer
             self.preq = rw
             answer = gw.rewrite.run_rewrite(rw)
             if answer is not None:
@@ -676,6 +713,10 @@ cdef class DownstreamProtocol:
                 return avail
             self._local_response(404, "no route matched the request", False)
             return consumed
+        if rt.https_only and not self.tls:
+            self.preq = None
+            self._https_required(b, h, rt)
+            return avail if h.body_kind != BODY_NONE else consumed
         if rt.max_body_size and h.content_length > rt.max_body_size:
             self._local_response(413, "request body too large", True)
             return avail
@@ -939,8 +980,13 @@ cdef class DownstreamProtocol:
         pool.opened(up)
         self._pause(P_CONNECT)
         self._set_deadline(rt.connect_timeout, K_CONNECT)
-        task = self.gw.loop.create_task(
-            self.gw.loop.create_connection(lambda: up, pool.host, pool.port))
+        if pool.ssl is None:
+            connecting = self.gw.loop.create_connection(lambda: up, pool.host, pool.port)
+        else:
+            connecting = self.gw.loop.create_connection(
+                lambda: up, pool.host, pool.port, ssl=pool.ssl,
+                server_hostname=pool.server_hostname, ssl_handshake_timeout=rt.connect_timeout)
+        task = self.gw.loop.create_task(connecting)
         up.connect_task = task
         task.add_done_callback(up._connect_done)
 
@@ -963,6 +1009,12 @@ cdef class DownstreamProtocol:
             msg = "upstream refused the connection"
         elif isinstance(exc, socket.gaierror):
             msg = "upstream host could not be resolved"
+        elif isinstance(exc, PeerRejected):
+            msg = f"upstream identity rejected: {exc}"
+        elif getattr(exc, "verify_message", None):      # ssl.SSLCertVerificationError
+            msg = f"upstream certificate rejected: {exc.verify_message}"
+        elif getattr(exc, "library", None) is not None:  # another ssl.SSLError
+            msg = f"upstream TLS handshake failed: {exc.reason or exc.__class__.__name__}"
         else:
             msg = f"upstream connection failed: {exc.__class__.__name__}"
         self._fail(502, msg)
@@ -972,6 +1024,7 @@ cdef class DownstreamProtocol:
         """The upstream request head, in one pass over the parsed headers."""
         cdef Buf* w = &self.wbuf
         cdef Head* h = &self.head
+        cdef Gateway gw = self.gw
         cdef RouteTarget rt = self.route
         cdef Header* hd
         cdef int i
@@ -1012,6 +1065,9 @@ cdef class DownstreamProtocol:
                 continue
             if drop is not None and _named_in(b, hd.name, drop):
                 continue
+            if gw.peer_header is not None and hd.name.len == PyBytes_GET_SIZE(gw.peer_header) \
+                    and span_ieq(b, hd.name, PyBytes_AS_STRING(gw.peer_header_lower), hd.name.len):
+                continue
             if self.traced and (hd.name.len == 11 and span_ieq(b, hd.name, "traceparent", 11)
                                 or self.trace_drop_state and hd.name.len == 10
                                 and span_ieq(b, hd.name, "tracestate", 10)):
@@ -1026,7 +1082,15 @@ cdef class DownstreamProtocol:
         buf_add(w, "X-Forwarded-For: ", 17)
         add_values_of(w, b, h, H_X_FORWARDED_FOR)
         add_lit(w, self.client_ip)
-        buf_add(w, "\r\nX-Forwarded-Proto: http\r\n", 27)
+        if self.tls:
+            buf_add(w, "\r\nX-Forwarded-Proto: https\r\n", 28)
+        else:
+            buf_add(w, "\r\nX-Forwarded-Proto: http\r\n", 27)
+        if self.peer is not None and gw.peer_header is not None:
+            add_lit(w, gw.peer_header)
+            buf_add(w, ": ", 2)
+            add_lit(w, self.peer)
+            buf_add(w, "\r\n", 2)
         if h.absolute_form:
             buf_add(w, "X-Forwarded-Host: ", 18)
             add_span(w, b, h.authority)
@@ -1273,7 +1337,7 @@ cdef class DownstreamProtocol:
             rt.upstream_label if rt is not None and self.t_up_start else None,
             end - self.t_start,
             end - self.t_up_start if self.t_up_start else None,
-            self.req_bytes, self.resp_bytes, self.request_id,
+            self.req_bytes, self.resp_bytes, self.request_id, self.peer,
         ))
 
     cdef void _detach_upstream(self, bint reusable):
@@ -1331,6 +1395,7 @@ cdef class DownstreamProtocol:
         cdef RouteTarget rt = self.route
         cdef Request req = self.preq if self.preq is not None else Request.__new__(Request)
         req.attach(b, h, self.client_ip, rt.name, rt.service)
+        req.peer = self.peer
         self.preq = req
         return self._access_result((<Chain>rt.plugins).run_access(req, 0), b, consumed, avail, mlen)
 
@@ -1551,6 +1616,52 @@ cdef class DownstreamProtocol:
             self._log(status)
         return self._send_local(payload, close)
 
+    cdef int _https_required(self, const char* b, Head* h, RouteTarget rt) except -1:
+        """A plain-HTTP request to an HTTPS-only route: 426, or a redirect to the https:// URL.
+
+        The redirect keeps the host (its port replaced by the TLS listener's) and the target
+        as sent; without a host to redirect to, the answer is 426. A body announced with the
+        request is not read: the connection closes after the answer.
+        """
+        cdef Gateway gw = self.gw
+        cdef int status = rt.https_only
+        cdef bint close = h.body_kind != BODY_NONE or not self.keep_alive or self.close_after
+        cdef bytes host = None
+        cdef bytes location
+        if h.absolute_form:
+            host = PyBytes_FromStringAndSize(b + h.authority.off, h.authority.len)
+        elif h.host_index >= 0:
+            host = PyBytes_FromStringAndSize(b + h.headers[h.host_index].value.off,
+                                             h.headers[h.host_index].value.len)
+        if not host:
+            status = 426
+        gw.local_responses += 1
+        gw.status_counts[status // 100] += 1
+        if self.transport is None:
+            return 0
+        conn = b"close" if close else b"keep-alive"
+        if status == 426:
+            body = b'{"message":"this route requires HTTPS"}'
+            extra = b"Upgrade: TLS/1.2, HTTP/1.1\r\nConnection: Upgrade, " + conn
+        else:
+            if host.startswith(b"["):
+                host = host[:host.index(b"]") + 1]
+            else:
+                host = host.partition(b":")[0]
+            location = b"https://" + host + rt.https_port_suffix \
+                + PyBytes_FromStringAndSize(b + h.path.off, h.path.len)
+            if h.has_query:
+                location += b"?" + PyBytes_FromStringAndSize(b + h.query.off, h.query.len)
+            body = orjson.dumps({"message": "this route requires HTTPS",
+                                 "location": location.decode("latin-1")})
+            extra = b"Location: " + location + b"\r\nConnection: " + conn
+        payload = b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n" \
+            b"%s\r\n\r\n%s" % (status, _REASONS.get(status, "Error").encode(), len(body), extra, body)
+        self.resp_bytes = len(payload)
+        if gw.log_enabled:
+            self._log(status)
+        return self._send_local(payload, close)
+
     cdef int _send_local(self, bytes payload, bint close) except -1:
         """Write an answer the gateway made itself, then close or wait for the next request."""
         self.write(payload)
@@ -1666,6 +1777,18 @@ cdef class UpstreamProtocol(PooledConnection):
 
     def connection_made(self, transport):
         cdef DownstreamProtocol down = self.down
+        if down is not None and self.pool.peer_check is not None:
+            reason = self.pool.peer_check(transport)
+            if reason is not None:
+                # The handshake verified the chain, but this is not the peer we meant to reach.
+                self._connecting_over(False)
+                self.closed = True
+                self.state = U_CLOSED
+                self.down = None
+                transport.close()
+                self.pool.discard(self)
+                down._upstream_connect_failed(PeerRejected(reason))
+                return
         self._connecting_over(True)
         self.transport = transport
         self.write = transport.write
