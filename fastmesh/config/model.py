@@ -62,7 +62,7 @@ class GatewaySettings:
 @dataclass(frozen=True)
 class Service:
     name: str
-    protocol: str                       # "http" (https arrives with the TLS issue)
+    protocol: str                       # "http" or "https"
     host: str
     port: int
     path: str                           # "" or "/base" (no trailing slash unless it is "/")
@@ -74,6 +74,13 @@ class Service:
     per_try_timeout: float = 0.0        # read timeout of one attempt; 0 = read_timeout
     server_timing: bool | None = None   # None: use GatewaySettings.server_timing
     upstream: str | None = None         # set when `host` names an upstream: balanced over it
+    # protocol "https" (fastmesh.upstream_tls): how the upstream's certificate is checked
+    tls_verify: bool = True             # False only when written explicitly
+    tls_ca: str | None = None           # CA bundle file; None: the system's CA bundle
+    tls_server_name: str | None = None  # SNI and the name verified; None: `host`
+    tls_client_cert: str | None = None  # present this certificate (PEM file; mesh mTLS) ...
+    tls_client_key: str | None = None   # ... with this key
+    tls_peer_identity: str | None = None  # a URI SAN the upstream must hold (spiffe://...)
 
 
 @dataclass(frozen=True)
@@ -89,6 +96,8 @@ class Route:
     preserve_host: bool = False
     priority: int = 0                   # regex paths: higher is tried first
     max_body_size: int | None = None    # overrides gateway.limits.max_body_size (0 = unlimited)
+    protocols: tuple[str, ...] = ("http", "https")   # ("https",): plain HTTP is refused/redirected
+    https_redirect_status_code: int = 426   # what plain HTTP gets on an https-only route
 
 
 @dataclass(frozen=True)
@@ -101,6 +110,9 @@ class Config:
     upstreams: tuple = ()               # fastmesh.config.upstreams.Upstream, declaration order
     plugins: tuple = ()                 # fastmesh.config.plugins.PluginEntry, declaration order
     consumers: tuple = ()               # fastmesh.config.plugins.Consumer
+    listeners: tuple = ()               # fastmesh.config.tls.Listener (beyond gateway.listen)
+    certificates: tuple = ()            # fastmesh.config.tls.Certificate
+    streams: tuple = ()                 # fastmesh.config.streams.Stream (L4 proxying)
 
 
 @dataclass(frozen=True)
