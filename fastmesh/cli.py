@@ -70,6 +70,7 @@ OWN_COMMANDS = ("run", "reload", "echo", "check", "health")
 PLUGGED_COMMANDS = (
     ("fastmesh.mesh.cli", ("sidecar", "mesh")),
     ("fastmesh.mesh.interception", ("mesh-init",)),
+    ("fastmesh.mesh.ca_cli", ("ca",)),
 )
 
 
