@@ -26,8 +26,18 @@ puts each pod in a network namespace of its own (fastmesh.mesh.netns: veth pairs
 root needed) with the same ports in every pod, and runs wrk in the bridge's namespace. Every
 process shares the same cores either way: compare layouts within one run, not across machines.
 
+``--mtls`` adds the layout ``fastmesh-mtls``: the fastmesh chain with every sidecar in strict
+mTLS (``fastmesh sidecar --mtls strict --tls-dir DIR``, certificates from ``fastmesh ca init`` and
+``fastmesh ca issue``, a CA made for the run), measured in the same interleaved run as the
+plaintext ``fastmesh`` layout (by default the layouts are then direct, fastmesh, fastmesh-mtls).
+Each -c1 latency run is then preceded by an unmeasured -c1 warm-up (every layout alike) so the
+pooled mTLS connections are open: the report gives the per-hop p50/p99 of both, the ratio, the
+goal of issue 9 (mTLS adds <= 30 % to the plaintext per-hop p50) and each mTLS sidecar's
+handshake counters from its /status.
+
 Usage:  python3 benches/mesh_chain.py [--rounds 3] [--duration 5] [--json out.json]
         python3 benches/mesh_chain.py --layouts fastmesh,nginx --rounds 1 --duration 2
+        python3 benches/mesh_chain.py --mtls [--layouts fastmesh,fastmesh-mtls,nginx]
         sudo python3 benches/mesh_chain.py --netns       # one network namespace per pod
 """
 from __future__ import annotations
@@ -43,6 +53,7 @@ import sys
 import tempfile
 import shutil
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +67,9 @@ from report import DASH, _cell, _errors, _mib, _num, _ratio  # noqa: E402
 SERVICES = 5
 HOPS = SERVICES - 1
 ALL_LAYOUTS = ("direct", "fastmesh", "nginx", "haproxy")
+MTLS = "fastmesh-mtls"                  # --mtls: the fastmesh chain in strict mTLS
+MTLS_LAYOUTS = ("direct", "fastmesh", MTLS)
+TRUST_DOMAIN = "bench.fastmesh.local"
 
 
 def service(i: int) -> str:
@@ -135,6 +149,7 @@ class Layout:
     mem_after: list[dict] = field(default_factory=list)
 
     client_netns: str | None = None          # --netns: where wrk runs (the bridge namespace)
+    mtls_status: list[dict] = field(default_factory=list)   # --mtls: each sidecar's /status mtls
 
     @property
     def entry_url(self) -> str:
@@ -239,11 +254,40 @@ frontend out
 {backends}"""
 
 
-def registry_file(pods: list[Pod]) -> str:
+def registry_file(pods: list[Pod], mtls: str | None = None) -> str:
+    """The file registry; `mtls` ("strict") marks every instance as taking mTLS only, as a
+    sidecar registering itself with --mtls does (fastmesh.mesh.routes.MTLS_KEY)."""
+    def metadata(p: Pod) -> dict:
+        meta = {"fastmesh.admin": f"127.0.0.1:{p.admin}"}
+        return dict(meta, **{"fastmesh.mtls": mtls}) if mtls else meta
     return json.dumps({"services": {
         service(i): [{"address": f"{p.host}:{p.inbound}", "id": f"{service(i)}-1",
-                      "metadata": {"fastmesh.admin": f"127.0.0.1:{p.admin}"}}]
+                      "metadata": metadata(p)}]
         for i, p in enumerate(pods)}}, indent=1) + "\n"     # JSON is YAML
+
+
+def fastmesh_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(servers.REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def issue_certificates(home: Path, python: str, count: int) -> list[Path]:
+    """A CA for this run (`fastmesh ca init`) and one workload directory per service
+    (`fastmesh ca issue`): home/certs/sN with cert.pem, key.pem, ca.pem."""
+    ca = home / "ca"
+    base = [python, "-m", "fastmesh", "ca"]
+    steps = [base + ["init", "--trust-domain", TRUST_DOMAIN, "--dir", str(ca)]]
+    dirs = [home / "certs" / service(i) for i in range(count)]
+    steps += [base + ["issue", "--dir", str(ca), "--service", service(i), "--out", str(d)]
+              for i, d in enumerate(dirs)]
+    for argv in steps:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60,
+                              env=fastmesh_env(), cwd=servers.REPO)
+        if done.returncode != 0:
+            raise servers.StartError(f"{shlex.join(argv[2:])} exited {done.returncode}: "
+                                     f"{(done.stderr or done.stdout).strip()[-300:]}")
+    return dirs
 
 
 # --- starting a layout ---------------------------------------------------------------------------
@@ -284,6 +328,7 @@ def build(name: str, tmp: Path, tools: dict, python: str, net=None) -> Layout:
     home.mkdir()
     os.chmod(home, 0o755)
     pods = layout.pods
+    tls_dirs = issue_certificates(home, python, len(pods)) if name == MTLS else []
     for i, pod in enumerate(pods):
         last = i == len(pods) - 1
         if last:
@@ -299,17 +344,17 @@ def build(name: str, tmp: Path, tools: dict, python: str, net=None) -> Layout:
         if name == "direct":
             continue
         side = f"sidecar-{service(i)}"
-        if name == "fastmesh":
-            (home / "mesh.yaml").write_text(registry_file(pods))
+        if name in ("fastmesh", MTLS):
+            (home / "mesh.yaml").write_text(registry_file(pods, "strict" if tls_dirs else None))
             argv = [python, "-m", "fastmesh", "sidecar", "--service", service(i),
                     "--app-port", str(pod.app_port), "--registry", f"file:{home / 'mesh.yaml'}",
                     "--inbound", f"{pod.bind}:{pod.inbound}",
                     "--advertise", f"{pod.host}:{pod.inbound}",
                     "--outbound", f"127.0.0.1:{pod.outbound}",
                     "--admin", f"127.0.0.1:{pod.admin}", "--instance-id", f"{service(i)}-1"]
-            env = dict(os.environ)
-            env["PYTHONPATH"] = str(servers.REPO) + os.pathsep + env.get("PYTHONPATH", "")
-            sidecar = _server(pod, side, argv, pod.admin, home, local=True, env=env,
+            if tls_dirs:
+                argv += ["--mtls", "strict", "--tls-dir", str(tls_dirs[i])]
+            sidecar = _server(pod, side, argv, pod.admin, home, local=True, env=fastmesh_env(),
                               cwd=servers.REPO)
         elif name == "nginx":
             sidecar = _nginx(pod, side, nginx_sidecar_conf(home, side, pod, pods), pod.inbound,
@@ -358,8 +403,8 @@ def measure(layout: Layout, scenario: str, conns: int, args, wrk: str) -> None:
         return
     url = layout.entry_url
     inside = ["ip", "netns", "exec", layout.client_netns] if layout.client_netns else []
-    if scenario == "throughput" and args.warmup > 0:
-        try:
+    if args.warmup > 0 and (scenario == "throughput" or args.mtls):
+        try:                        # --mtls: -c1 runs too, so pooled connections are open
             loadgen.run_wrk(inside + loadgen.wrk_argv(wrk, url, conns, args.warmup), args.warmup)
         except (RuntimeError, ValueError):
             pass
@@ -381,6 +426,24 @@ def run_rounds(layouts: list[Layout], args, wrk: str) -> None:
                 measure(t, scenario, conns, args, wrk)
     for t in live:
         t.mem_after = [servers.memory(s) for s in t.sidecars]
+        if t.name == MTLS:
+            t.mtls_status = [sidecar_mtls(pod) for pod in t.pods]
+
+
+def sidecar_mtls(pod: Pod) -> dict:
+    """The `mtls` part of a sidecar's /status (mode, identity, inbound handshake counters)."""
+    url = f"http://127.0.0.1:{pod.admin}/status"
+    argv = ["curl", "-s", "--max-time", "5", url]
+    try:
+        if pod.netns:
+            text = subprocess.run(["ip", "netns", "exec", pod.netns, *argv], capture_output=True,
+                                  text=True, timeout=10).stdout
+        else:
+            with urllib.request.urlopen(url, timeout=5) as answer:
+                text = answer.read().decode()
+        return json.loads(text).get("mtls") or {"error": "no mtls in /status"}
+    except (OSError, ValueError, subprocess.TimeoutExpired) as exc:
+        return {"error": str(exc) or type(exc).__name__}
 
 
 def _median(runs: list[dict], key: str) -> float | None:
@@ -419,6 +482,25 @@ def summarize(layouts: list[Layout]) -> dict:
                 floor is not None and name != "direct" else None
         rps = (s.get("throughput") or {}).get("rps")
         s["vs_nginx"] = rps / nginx_rps if rps and nginx_rps else None
+    if MTLS in out:
+        out[MTLS]["vs_plaintext"] = mtls_comparison(out)
+        out[MTLS]["sidecars"] = next(t.mtls_status for t in layouts if t.name == MTLS)
+    return out
+
+
+MTLS_GOAL = 0.30                 # issue 9: mTLS adds at most 30 % to the plaintext per-hop p50
+
+
+def mtls_comparison(summary: dict) -> dict:
+    """Per-hop p50/p99 of the plaintext and the mTLS fastmesh chains and their ratio."""
+    plain, secure = summary.get("fastmesh") or {}, summary[MTLS]
+    out = {}
+    for q in ("p50", "p99"):
+        a, b = plain.get(f"per_hop_{q}"), secure.get(f"per_hop_{q}")
+        ratio = b / a if a is not None and b is not None and a > 0 else None
+        out[q] = {"plaintext": a, "mtls": b, "ratio": ratio}
+    ratio = out["p50"]["ratio"]
+    out["goal_met"] = None if ratio is None else ratio <= 1 + MTLS_GOAL
     return out
 
 
@@ -459,6 +541,8 @@ def markdown(args, info: dict, layouts: list[Layout], summary: dict, argv: list[
     lines += ["", "added/hop = (layout's -c1 percentile - direct's) / "
               f"{HOPS}; sidecar RSS: median of the {SERVICES} sidecars (max), nginx master + "
               "worker.", ""]
+    if MTLS in summary and not summary[MTLS]["failed"]:
+        lines += mtls_lines(summary[MTLS]) + [""]
     la0, la1 = info["loadavg_start"], info.get("loadavg_end", (0, 0, 0))
     lines += [f"- command: `{shlex.join(argv)}`",
               f"- machine: {info['cpu']}, {info['cpus_usable']} usable CPU(s), kernel "
@@ -472,6 +556,44 @@ def markdown(args, info: dict, layouts: list[Layout], summary: dict, argv: list[
     return "\n".join(lines)
 
 
+def mtls_lines(s: dict) -> list[str]:
+    cmp = s["vs_plaintext"]
+    out = []
+    for q in ("p50", "p99"):
+        c = cmp[q]
+        more = DASH if c["ratio"] is None else f"{(c['ratio'] - 1) * 100:+.0f} %"
+        out.append(f"- mTLS vs plaintext, added per hop {q}: {_num(c['plaintext'], '{:+,.0f}')} "
+                   f"µs plaintext, {_num(c['mtls'], '{:+,.0f}')} µs mTLS: "
+                   f"{_ratio(c['ratio'])} ({more})")
+    if cmp["goal_met"] is not None:
+        out.append(f"- {'✅' if cmp['goal_met'] else '❌'} mTLS adds ≤ {MTLS_GOAL:.0%} to the "
+                   "plaintext per-hop p50 (warm pooled connections: every -c1 run follows an "
+                   "unmeasured warm-up)")
+    else:
+        out.append("- mTLS goal not evaluated: the plaintext per-hop p50 was not positive or "
+                   "a chain had no successful -c1 run")
+    counts = []
+    for i, st in enumerate(s.get("sidecars") or []):
+        if "error" in st:
+            counts.append(f"{service(i)}: {_cell(st['error'], 80)}")
+            continue
+        counts.append(f"{service(i)} ({st.get('mode')}): {handshake_counts(st)}")
+    if counts:
+        out.append("- inbound connections per mTLS sidecar (its /status; s1 is called by wrk "
+                   "through its app only): " + "; ".join(counts))
+    return out
+
+
+def handshake_counts(status: dict) -> str:
+    """'tls 85, refused 0' (refusals by reason when there are any) from a sidecar's mtls."""
+    shakes = status.get("handshakes") or {}
+    refused = shakes.get("refused") or {}
+    parts = [f"{k} {v}" for k, v in shakes.items() if k != "refused" and (v or k == "tls")]
+    bad = {reason: n for reason, n in refused.items() if n}
+    parts.append("refused " + (", ".join(f"{r} {n}" for r, n in bad.items()) if bad else "0"))
+    return ", ".join(parts)
+
+
 # --- main ----------------------------------------------------------------------------------------
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -481,8 +603,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
     p.add_argument("--warmup", type=float, default=1.0,
                    help="seconds of unmeasured -c50 load before each throughput run (0: none)")
-    p.add_argument("--layouts", default=",".join(ALL_LAYOUTS),
-                   help="comma-separated, from: " + ", ".join(ALL_LAYOUTS))
+    p.add_argument("--layouts", default=None,
+                   help="comma-separated, from: " + ", ".join(ALL_LAYOUTS + (MTLS,)) +
+                        f" (default: {', '.join(ALL_LAYOUTS)}; with --mtls: "
+                        f"{', '.join(MTLS_LAYOUTS)})")
+    p.add_argument("--mtls", action="store_true",
+                   help=f"add the layout {MTLS} (fastmesh sidecars in strict mTLS, certificates "
+                        "from 'fastmesh ca'), warm -c1 runs up like the -c50 ones, and report "
+                        "mTLS vs plaintext per hop")
     p.add_argument("--netns", action="store_true",
                    help="every pod in a network namespace of its own (root, iproute2; "
                         "fastmesh.mesh.netns), wrk in the bridge namespace; default: loopback "
@@ -493,10 +621,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-install", action="store_true", help="never run apt-get")
     p.add_argument("--keep-tmp", action="store_true", help="keep configs and logs")
     args = p.parse_args(argv)
+    known = ALL_LAYOUTS + (MTLS,)
+    if args.layouts is None:
+        args.layouts = ",".join(MTLS_LAYOUTS if args.mtls else ALL_LAYOUTS)
     names = [n.strip() for n in args.layouts.split(",") if n.strip()]
-    unknown = sorted(set(names) - set(ALL_LAYOUTS))
+    unknown = sorted(set(names) - set(known))
     if unknown:
-        p.error(f"unknown layout(s) {', '.join(unknown)}; choose from {', '.join(ALL_LAYOUTS)}")
+        p.error(f"unknown layout(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+    if MTLS in names:
+        args.mtls = True
+        if "fastmesh" not in names:            # the plaintext chain it is compared with
+            names.insert(0, "fastmesh")
     if "direct" not in names:
         names.insert(0, "direct")              # the floor every other row is compared with
     args.layout_names = names
@@ -510,6 +645,7 @@ def main(argv=None) -> int:
     info = compare.machine_info(tools)
     networks = []
     if args.netns:
+        sys.path.insert(1, str(Path(__file__).resolve().parent.parent))   # the source tree
         from fastmesh.mesh import netns
         why = netns.unavailable()
         if why:
@@ -533,7 +669,14 @@ def main(argv=None) -> int:
                 net = netns.Network(f"10.78.{len(networks)}.0/24")
                 networks.append(net)
                 net.start()
-            layout = build(name, tmp, tools, args.python, net)
+            try:
+                layout = build(name, tmp, tools, args.python, net)
+            except servers.StartError as exc:           # `fastmesh ca` for --mtls
+                layout = Layout(name, [])
+                layout.failed = f"failed to start: {exc}"
+                layouts.append(layout)
+                print(f"{name}: {layout.failed}", file=sys.stderr)
+                continue
             layouts.append(layout)
             start(layout, args.ready_timeout)
             if layout.failed:

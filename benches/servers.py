@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -186,10 +187,11 @@ class Server:
     proc: subprocess.Popen | None = None
     stderr_path: Path | None = None
     notes: list[str] = field(default_factory=list)
+    tls: bool = False                   # serves HTTPS on `port` (benches/tls.py)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}{self.path}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}{self.path}"
 
     def start(self, ready_timeout: float) -> None:
         self.stderr_path = self.workdir / f"{self.name}.stderr"
@@ -249,7 +251,7 @@ def wait_ready(server: Server, timeout: float) -> None:
         if not server.alive():
             raise StartError(f"exited with code {server.proc.returncode}: {server.stderr_tail(3)}")
         try:
-            status = http_get_status(server.port, server.path, server.host_header)
+            status = http_get_status(server.port, server.path, server.host_header, server.tls)
             if 200 <= status < 300:
                 return
             last = f"HTTP {status}"
@@ -259,8 +261,14 @@ def wait_ready(server: Server, timeout: float) -> None:
     raise StartError(f"not ready after {timeout:.0f}s ({last}): {server.stderr_tail(3)}")
 
 
-def http_get_status(port: int, path: str = "/", host: str | None = None) -> int:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+def http_get_status(port: int, path: str = "/", host: str | None = None,
+                    tls: bool = False) -> int:
+    if tls:                             # readiness only: the bench certificate is not verified
+        unverified = ssl.create_default_context()
+        unverified.check_hostname, unverified.verify_mode = False, ssl.CERT_NONE
+        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=2, context=unverified)
+    else:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
     try:
         headers = {"Host": host} if host else {}
         conn.request("GET", path, headers=headers)
@@ -361,3 +369,144 @@ def fastmesh_server(name: str, conf: str, port: int, workdir: Path, python: str 
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return Server(name, argv, port, workdir, env=env, cwd=REPO,
                   host_header=host_header, path=path)
+
+
+# --- TLS variants (benches/tls.py) -----------------------------------------
+#
+# Every TLS server of a run serves the same ECDSA P-256 leaf (benches/certs.py) with the same
+# pinned protocol, suite and key-exchange group, written twice: in the server's own config
+# (nginx ssl_protocols / ssl_conf_command, HAProxy ssl-default-bind-*) and in an OPENSSL_CONF
+# file given to every TLS server process, which is how fastmesh (Python's ssl, policy from
+# fastmesh.tls.harden) gets the same pin. Session resumption is on or off for all alike.
+
+TLS_PROTOCOL = "TLSv1.3"
+TLS_SUITE = "TLS_AES_256_GCM_SHA384"      # OpenSSL's first TLS 1.3 suite: fastmesh's default
+TLS_GROUP = "X25519"
+
+
+def openssl_conf(tmp: Path, resumption: bool) -> Path:
+    """An OPENSSL_CONF for TLS server processes: the pinned suite and group; with resumption
+    off, no TLS 1.3 session tickets at all (NumTickets = 0), so every handshake is a full one."""
+    path = tmp / f"openssl-{'resume' if resumption else 'full'}.cnf"
+    path.write_text(f"""openssl_conf = bench_conf
+[bench_conf]
+ssl_conf = bench_ssl
+[bench_ssl]
+system_default = bench_system
+[bench_system]
+MinProtocol = {TLS_PROTOCOL}
+Ciphersuites = {TLS_SUITE}
+Groups = {TLS_GROUP}
+{'' if resumption else 'NumTickets = 0'}
+""")
+    return path
+
+
+def nginx_tls_proxy_conf(tmp: Path, port: int, upstream_port: int, cert: Path, key: Path,
+                         name: str = "tls-proxy", resumption: bool = False) -> str:
+    """nginx_proxy_conf's proxy (one worker, pooled upstream) terminating TLS on `port`."""
+    cache = name.replace("-", "_")
+    session = (f"ssl_session_cache shared:{cache}:10m; ssl_session_tickets on;" if resumption
+               else "ssl_session_cache off; ssl_session_tickets off;")
+    return _nginx_common(tmp, name, 1) + f"""
+http {{{_nginx_http_common(tmp, name)}
+    upstream backend {{
+        server 127.0.0.1:{upstream_port};
+        keepalive 64;
+        keepalive_requests 1000000;
+        keepalive_timeout 60s;
+    }}
+    server {{
+        listen 127.0.0.1:{port} ssl backlog=4096;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_protocols {TLS_PROTOCOL};
+        ssl_conf_command Ciphersuites {TLS_SUITE};
+        ssl_ecdh_curve {TLS_GROUP};
+        {session}
+        location / {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+}}
+"""
+
+
+def haproxy_tls_conf(tmp: Path, port: int, upstream_port: int, chain: Path,
+                     name: str = "haproxy-tls", resumption: bool = False) -> str:
+    """haproxy_conf's proxy (one thread, http-reuse always) terminating TLS on `port`;
+    `chain` is the leaf and its key in one PEM file; `show info` on {tmp}/{name}.sock."""
+    options = f"ssl-min-ver {TLS_PROTOCOL}" + ("" if resumption else " no-tls-tickets")
+    return f"""
+global
+    nbthread 1
+    maxconn 8192
+    pidfile {tmp}/{name}.pid
+    stats socket {tmp}/{name}.sock
+    ssl-default-bind-ciphersuites {TLS_SUITE}
+    ssl-default-bind-curves {TLS_GROUP}
+    ssl-default-bind-options {options}
+{'' if resumption else '    tune.ssl.cachesize 0'}
+
+defaults
+    mode http
+    option http-keep-alive
+    http-reuse always
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+    timeout http-keep-alive 30s
+    timeout http-request 10s
+
+frontend fe
+    bind 127.0.0.1:{port} ssl crt {chain} alpn http/1.1
+    default_backend be
+
+backend be
+    server up 127.0.0.1:{upstream_port}
+"""
+
+
+def fastmesh_tls_conf(upstream_port: int, tls_port: int, cert: Path, key: Path) -> str:
+    """fastmesh_conf's one route, served on a TLS listener (`listeners`, `certificates`); the
+    plain listener stays where --listen puts it."""
+    return f"""_format_version: "1"
+listeners:
+  - {{listen: "127.0.0.1:{tls_port}", tls: true}}
+certificates:
+  - {{cert: {_q(str(cert))}, key: {_q(str(key))}}}
+services:
+  - name: bench
+    url: http://127.0.0.1:{upstream_port}
+    routes:
+      - name: all
+        paths: [/]
+"""
+
+
+def _over_tls(server: Server, port: int, conf: Path) -> Server:
+    server.port, server.tls = port, True
+    server.env = dict(server.env or os.environ, OPENSSL_CONF=str(conf))
+    return server
+
+
+def nginx_tls_server(name: str, conf: str, port: int, workdir: Path, nginx: str,
+                     openssl: Path) -> Server:
+    return _over_tls(nginx_server(name, conf, port, workdir, nginx), port, openssl)
+
+
+def haproxy_tls_server(name: str, conf: str, port: int, workdir: Path, haproxy: str,
+                       openssl: Path) -> Server:
+    path = workdir / f"{name}.cfg"
+    path.write_text(conf)
+    return _over_tls(Server(name, [haproxy, "-db", "-f", str(path)], port, workdir), port, openssl)
+
+
+def fastmesh_tls_server(name: str, conf: str, tls_port: int, workdir: Path, openssl: Path,
+                        python: str = sys.executable) -> Server:
+    """fastmesh_server (one worker, admin off) on a free plain port, probed and measured on
+    its TLS listener `tls_port`."""
+    made = fastmesh_server(name, conf, free_port(), workdir, python=python, workers=1)
+    return _over_tls(made, tls_port, openssl)

@@ -75,7 +75,8 @@ def is_dynamic(upstream: Upstream) -> bool:
 
 
 def used_upstreams(config: Config) -> list[Upstream]:
-    used = {s.upstream for s in config.services if s.upstream}
+    used = {s.upstream for s in config.services if s.upstream} | \
+        {d.upstream for s in config.streams for d in s.destinations() if d.upstream}
     return [u for u in config.upstreams if u.name in used]
 
 

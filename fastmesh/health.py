@@ -89,24 +89,34 @@ def probe_request(host: str, port: int, path: str) -> bytes:
             f"Accept: */*\r\nConnection: close\r\n\r\n").encode("latin-1")
 
 
-async def probe(host: str, port: int, path: str, timeout: float) -> tuple[str, int]:
+async def probe(host: str, port: int, path: str, timeout: float,
+                pool=None) -> tuple[str, int]:
     """One active check: (outcome, status); outcome is OK/HTTP_FAILURE decided by the caller from
-    the status, here "response", TIMEOUT or FAILURE."""
+    the status, here "response", TIMEOUT or FAILURE. With the target's TLS `pool` (an https
+    service), the probe is TLS with the pool's context, name and peer check: a certificate the
+    proxy would refuse fails the check too."""
     try:
         # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that races
         # the inner task's completion, and stop() would then wait for a task that never ends
         async with asyncio.timeout(timeout):
-            return await _exchange(host, port, path)
+            return await _exchange(host, port, path, pool if getattr(pool, "ssl", None) else None)
     except TimeoutError:
         return TIMEOUT, 0
     except (OSError, EOFError, HTTPParseError, ValueError):
         return FAILURE, 0
 
 
-async def _exchange(host: str, port: int, path: str) -> tuple[str, int]:
+async def _exchange(host: str, port: int, path: str, tls=None) -> tuple[str, int]:
     writer = None
     try:
-        reader, writer = await asyncio.open_connection(host, port)
+        if tls is None:
+            reader, writer = await asyncio.open_connection(host, port)
+        else:
+            reader, writer = await asyncio.open_connection(
+                host, port, ssl=tls.ssl, server_hostname=tls.server_hostname)
+            refused = tls.peer_check(writer.transport) if tls.peer_check is not None else None
+            if refused is not None:
+                raise ConnectionError(f"upstream identity rejected: {refused}")
         writer.write(probe_request(host, port, path))
         buf = b""
         while True:
@@ -202,7 +212,8 @@ class HealthChecker:
     async def _run_target(self, balancer, target, check, state: ProbeState) -> None:
         while True:
             started = self.clock()
-            outcome, status = await probe(target.host, target.port, check.path, check.timeout)
+            outcome, status = await probe(target.host, target.port, check.path, check.timeout,
+                                          target.pool)
             if outcome == "response":
                 outcome = OK if status_is_healthy(status, check) else HTTP_FAILURE
             verdict = state.record(outcome, status, check)

@@ -14,6 +14,8 @@ from fastmesh._core.pool import Pool
 from fastmesh._core.proxy import RouteTarget
 from fastmesh._core.router import Router
 from fastmesh.config import Config, Route
+from fastmesh.config.tls import first_tls_port
+from fastmesh.upstream_tls import UpstreamTLS, pool_options, settings_for
 
 
 @dataclass(frozen=True)
@@ -31,18 +33,20 @@ class RouteSpec:
 
 
 class PoolRegistry:
-    """Upstream pools by (host, port), shared by successive Plans."""
+    """Upstream pools by (host, port, TLS settings or None), shared by successive Plans."""
 
     def __init__(self):
-        self._pools: dict[tuple[str, int], Pool] = {}
+        self._pools: dict[tuple[str, int, UpstreamTLS | None], Pool] = {}
 
-    def get(self, host: str, port: int, max_idle: int, idle_timeout: float) -> Pool:
-        key = (host, port)
+    def get(self, host: str, port: int, max_idle: int, idle_timeout: float,
+            tls: UpstreamTLS | None = None) -> Pool:
+        key = (host, port, tls)
+        options = pool_options(tls)     # TLS: the shared context, refreshed from its files
         pool = self._pools.get(key)
         if pool is None or pool.max_idle != max_idle or pool.idle_timeout != idle_timeout:
             if pool is not None:
                 pool.close_idle()
-            pool = self._pools[key] = Pool(host, port, max_idle, idle_timeout)
+            pool = self._pools[key] = Pool(host, port, max_idle, idle_timeout, **options)
         return pool
 
     def sweep(self, now: float) -> None:
@@ -92,7 +96,7 @@ def compile_plan(config: Config, pools: PoolRegistry, previous: Plan | None = No
         upstream = upstreams.get(service.upstream) if service.upstream else None
         target = RouteTarget(
             route.name, service.name,
-            _pool(pools, gateway, service.host, service.port),
+            _pool(pools, gateway, service.host, service.port, settings_for(service)),
             service.host, service.port, service.path,
             route.strip_path, route.preserve_host, server_timing,
             service.connect_timeout, service.read_timeout, service.write_timeout,
@@ -105,6 +109,9 @@ def compile_plan(config: Config, pools: PoolRegistry, previous: Plan | None = No
             per_try_timeout=service.per_try_timeout,
             plugins=chains.get(route.name),
             consumer_plugins=by_consumer.get(route.name),
+            # protocols: [https]: plain HTTP gets 426 or a redirect to the first TLS listener
+            https_only=0 if "http" in route.protocols else route.https_redirect_status_code,
+            https_port=first_tls_port(config.listeners),
         )
         targets.append(target)
         specs.append(_spec(route, target))
@@ -222,21 +229,24 @@ def consumer_chains(config: Config, instances: dict | None = None) -> dict[str, 
     return result
 
 
-def _pool(pools: PoolRegistry, gateway, host: str, port: int) -> Pool:
+def _pool(pools: PoolRegistry, gateway, host: str, port: int,
+          tls: UpstreamTLS | None = None) -> Pool:
     keepalive = gateway.upstream_keepalive
-    return pools.get(host, port, keepalive.max_idle, keepalive.idle_timeout)
+    return pools.get(host, port, keepalive.max_idle, keepalive.idle_timeout, tls)
 
 
 def _balancers(config: Config, pools: PoolRegistry, previous: Plan | None) -> dict[str, Balancer]:
     """One Balancer per upstream that a service uses, each target with its pool."""
-    used = {s.upstream for s in config.services if s.upstream}
+    # services sharing an upstream have equal TLS settings (checked at load)
+    used = {s.upstream: settings_for(s) for s in config.services if s.upstream}
     balancers: dict[str, Balancer] = {}
     for upstream in config.upstreams:
         if upstream.name not in used:
             continue
         balancer = Balancer.from_upstream(upstream)
         for target in balancer.targets:
-            target.pool = _pool(pools, config.gateway, target.host, target.port)
+            target.pool = _pool(pools, config.gateway, target.host, target.port,
+                                used[upstream.name])
         old = previous.balancers.get(upstream.name) if previous is not None else None
         if old is not None:
             balancer.inherit(old)

@@ -47,9 +47,9 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host or "0.0.0.0", int(port)
 
 
-def format_url(host: str, port: int) -> str:
+def format_url(host: str, port: int, scheme: str = "http") -> str:
     shown = f"[{host}]" if ":" in host else host
-    return f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else shown}:{port}"
+    return f"{scheme}://{'127.0.0.1' if host in ('0.0.0.0', '') else shown}:{port}"
 
 
 def bound_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket | None:
@@ -84,14 +84,16 @@ def bound_socket(host: str, port: int, reuse_port: bool = False) -> socket.socke
 
 
 async def start_server(loop, factory, host: str, port: int, *, reuse_port: bool = False,
-                       backlog: int = 100):
-    """loop.create_server on HOST:PORT (SO_REUSEADDR), bound by `bound_socket` when it can."""
+                       backlog: int = 100, **tls):
+    """loop.create_server on HOST:PORT (SO_REUSEADDR), bound by `bound_socket` when it can.
+
+    `tls`: ssl= and ssl_handshake_timeout= for a TLS listener."""
     sock = bound_socket(host, port, reuse_port)
     if sock is None:                                   # a host name: the loop resolves it
         return await loop.create_server(factory, host, port, reuse_address=True,
-                                        reuse_port=reuse_port or None, backlog=backlog)
+                                        reuse_port=reuse_port or None, backlog=backlog, **tls)
     try:
-        return await loop.create_server(factory, sock=sock, backlog=backlog)
+        return await loop.create_server(factory, sock=sock, backlog=backlog, **tls)
     except BaseException:
         sock.close()
         raise
@@ -152,6 +154,9 @@ class Worker:
         self.gateway: Gateway | None = None
         self.server = None
         self.address: tuple[str, int] | None = None
+        self.tls = None                           # fastmesh.tls.EdgeTLS: certificates by SNI
+        self.servers: list = []                   # config `listeners`, beside self.server
+        self.listeners: list[tuple[str, int, bool]] = []   # their bound (host, port, tls)
         self.sweeper = None
         self.access_log = None                    # a fastmesh.accesslog.AccessLog when on
         self.health = HealthChecker(self.loop)
@@ -159,12 +164,14 @@ class Worker:
         self.pending: dict[str, object] = {}      # version -> prepared Plan
         self.started = time.time()
         self.stopped = False
+        self.streams = None                       # fastmesh.streams.StreamSet, see _stream_set
 
     @property
     def version(self) -> str | None:
         return self.gateway.plan.version if self.gateway is not None else None
 
-    async def start(self, config: Config, host: str, port: int) -> None:
+    async def start(self, config: Config, host: str, port: int, listeners=None) -> None:
+        """Serve on HOST:PORT and on `listeners` ((host, port, tls); None: config.listeners)."""
         limits = config.gateway.limits
         resolved = await self.discovery.start(config)     # bounded wait for the first answers
         self.gateway = Gateway(
@@ -177,10 +184,18 @@ class Worker:
             max_response_head_size=limits.max_response_head_size,
         )
         try:
+            if self._stream_set(resolved) is not None:
+                await self.streams.start(resolved)
             self.server = await start_server(self.loop, self.gateway.protocol_factory, host, port,
                                              reuse_port=True, backlog=4096)
+            await self._listen(config, listeners)
         except BaseException:
+            for server in [self.server, *self.servers]:
+                if server is not None:
+                    server.close()
             self.gateway.stop()
+            if self.streams is not None:
+                await self.streams.stop()
             await self.discovery.stop()
             raise
         bound = self.server.sockets[0].getsockname()
@@ -194,6 +209,31 @@ class Worker:
             self.access_log = AccessLog(self.gateway, self.loop, config.gateway.access_log)
             self.access_log.start()
 
+    async def _listen(self, config: Config, listeners) -> None:
+        """The config's `listeners`: TLS ones share one EdgeTLS (handshake: header_timeout)."""
+        from fastmesh.config.tls import listener_addresses
+        from fastmesh.tls import EdgeTLS
+        self.tls = EdgeTLS(config.certificates)
+        timeout = config.gateway.limits.header_timeout
+        if listeners is None:
+            listeners = listener_addresses(config.listeners)
+        for host, port, tls in listeners:
+            extra = {"ssl": self.tls.listener_context(), "ssl_handshake_timeout": timeout} \
+                if tls else {}
+            server = await start_server(self.loop, self.gateway.protocol_factory, host, port,
+                                        reuse_port=True, backlog=4096, **extra)
+            self.servers.append(server)
+            bound = server.sockets[0].getsockname()
+            self.listeners.append((bound[0], bound[1], bool(tls)))
+
+    def _stream_set(self, config: Config):
+        """The worker's L4 streams (fastmesh.streams), created for the first config that has
+        any: a worker that never had streams does not import them. None until then."""
+        if self.streams is None and config.streams:
+            from fastmesh.streams import StreamSet
+            self.streams = StreamSet(self.loop)
+        return self.streams
+
     def _sweep_pools(self) -> None:
         self.pools.sweep(monotonic())
         self.sweeper = self.loop.call_later(POOL_SWEEP_INTERVAL, self._sweep_pools)
@@ -204,10 +244,12 @@ class Worker:
         try:
             resolved = self.discovery.prepare(config)
             self.pending = {config.version: compile_plan(resolved, self.pools, self.gateway.plan)}
+            self.tls.prepare(config.version, config.certificates)
         except Exception as exc:          # a validated config should always compile
             self.pending = {}
             return f"worker {self.index}: cannot compile config {config.version}: {exc}"
-        return None
+        streams = self._stream_set(resolved)
+        return streams.prepare(resolved) if streams is not None else None
 
     def commit(self, version: str) -> bool:
         """Swap in the prepared Plan: requests already routed finish on the old one."""
@@ -217,11 +259,14 @@ class Worker:
             return self.version == version
         old = self.gateway.plan
         self.gateway.set_plan(plan)
+        self.tls.commit(version)
         self._apply_headers_settings(plan.config)
         self.health.replace(plan.health_entries())
         self.route_stats.retire(old)
         self.upstream_stats.retire(old, plan)
         self.discovery.commit(version)
+        if self.streams is not None:
+            self.streams.commit(version)
         settle_heap(len(plan.config.routes))
         return True
 
@@ -233,7 +278,10 @@ class Worker:
 
     def abort(self, version: str) -> None:
         self.pending.pop(version, None)
+        self.tls.abort(version)
         self.discovery.abort(version)
+        if self.streams is not None:
+            self.streams.abort(version)
 
     def _rediscover(self) -> None:
         """Discovery saw new addresses: swap in a Plan of the same config with the targets known
@@ -249,6 +297,8 @@ class Worker:
         self.health.replace(plan.health_entries())
         self.route_stats.retire(old)
         self.upstream_stats.retire(old, plan)
+        if self.streams is not None:
+            self.streams.update(resolved)
         settle_heap(len(plan.config.routes))
         log.info("worker %d: upstream targets changed (discovery)", self.index)
 
@@ -262,6 +312,8 @@ class Worker:
             "requests": stats["requests"], "local_responses": stats["local_responses"],
             "status": stats["status"],
         }
+        if self.streams is not None and self.streams.listeners:
+            snap["streams"] = self.streams.snapshot()
         if full:
             snap["routes"] = self.route_stats.snapshot(gw.plan)
             snap["pools"] = self.pools.stats()
@@ -275,8 +327,11 @@ class Worker:
         if self.stopped:
             return
         self.stopped = True
-        if self.server is not None:
-            self.server.close()
+        for server in [self.server, *self.servers]:
+            if server is not None:
+                server.close()
+        if self.streams is not None:
+            await self.streams.stop()
         if self.gateway is None:
             return
         self.gateway.close_idle_connections()
@@ -324,7 +379,7 @@ async def _worker_process(sock: socket.socket) -> int:
     drain = float(start.get("drain", DRAIN_TIMEOUT))
     try:
         config = decode_config(start["config"], start["version"])
-        await worker.start(config, start["host"], start["port"])
+        await worker.start(config, start["host"], start["port"], start.get("listeners"))
     except Exception as exc:
         what = f"cannot listen: {exc}" if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
         channel.send({"t": "failed", "error": what})

@@ -30,6 +30,7 @@ from fastmesh.config import Config, ConfigError, ConfigIssue, load_config_data
 from fastmesh.config.loader import read_document
 from fastmesh.config.operations import DEFAULT_ADMIN_LISTEN, admin_listen, exposure_problem
 from fastmesh.config.schema import Invalid
+from fastmesh.config.tls import listen_clash, listener_addresses, listeners_change
 from fastmesh.defaults import embedded_config
 from fastmesh.ipc import Channel, ChannelClosed, encode_config
 from fastmesh.metrics import Aggregate, render
@@ -105,7 +106,8 @@ class ProcessHandle:
         self.waiting: dict[int, asyncio.Future] = {}
         self.reader: asyncio.Task | None = None
 
-    async def spawn(self, config: Config, blob: bytes, host: str, port: int, drain: float) -> None:
+    async def spawn(self, config: Config, blob: bytes, host: str, port: int, drain: float,
+                    listeners: list = ()) -> None:
         parent, child = socket.socketpair()
         try:
             self.proc = await asyncio.create_subprocess_exec(
@@ -118,7 +120,8 @@ class ProcessHandle:
         self.started = time.time()
         self.channel = await Channel.open(parent)
         self.channel.send({"t": "start", "index": self.index, "config": blob,
-                           "version": config.version, "host": host, "port": port, "drain": drain})
+                           "version": config.version, "host": host, "port": port, "drain": drain,
+                           "listeners": [list(x) for x in listeners]})
         try:
             msg = await asyncio.wait_for(self.channel.recv(), START_TIMEOUT)
         except (ChannelClosed, asyncio.TimeoutError):
@@ -238,6 +241,8 @@ class Supervisor:
         self.port = 0
         self.echo_server = None
         self.probe: socket.socket | None = None
+        self.listeners: list[tuple[str, int, bool]] = []   # config `listeners`, ports resolved
+        self.extra_probes: list[socket.socket] = []
         self.slots: list[asyncio.Task] = []
 
     # -- starting ------------------------------------------------------------------------------------
@@ -255,17 +260,23 @@ class Supervisor:
     async def start(self) -> None:
         await self.load_initial()
         self.host, self.port = parse_listen(self.listen_override or self.config.gateway.listen)
+        clash = listen_clash(self.host, self.port, self.config.listeners)
+        if clash is not None:
+            raise StartError(f"listen address {self.host}:{self.port} is also {clash}")
         if self.n_workers == 1:
             worker = Worker(0)
             await worker.start(self.config, self.host, self.port)
             self.host, self.port = worker.address
+            self.listeners = worker.listeners
             self.handles = [LocalHandle(worker)]
             return
         self._reserve_port()
+        self._reserve_listeners()
         blob = encode_config(self.config)
         handles = [ProcessHandle(i) for i in range(self.n_workers)]
         results = await asyncio.gather(
-            *(h.spawn(self.config, blob, self.host, self.port, self.drain) for h in handles),
+            *(h.spawn(self.config, blob, self.host, self.port, self.drain, self.listeners)
+              for h in handles),
             return_exceptions=True)
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
@@ -293,6 +304,18 @@ class Supervisor:
             raise
         self.port = probe.getsockname()[1]
         self.probe = probe
+
+    def _reserve_listeners(self) -> None:
+        """Like _reserve_port, for each of the config's `listeners`."""
+        for host, port, tls in listener_addresses(self.config.listeners):
+            info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                      flags=socket.AI_PASSIVE)[0]
+            probe = socket.socket(info[0], socket.SOCK_STREAM)
+            self.extra_probes.append(probe)
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            probe.bind(info[4])
+            self.listeners.append((host, probe.getsockname()[1], tls))
 
     # -- keeping workers alive ---------------------------------------------------------------------
     async def _watch(self, handle: ProcessHandle) -> None:
@@ -323,7 +346,8 @@ class Supervisor:
                         if self.stopping:
                             return
                         await replacement.spawn(self.config, encode_config(self.config),
-                                                self.host, self.port, self.drain)
+                                                self.host, self.port, self.drain,
+                                                self.listeners)
                 except (StartError, OSError) as exc:
                     failures += 1
                     delay = min(FIRST_BACKOFF * 2 ** (failures - 1), MAX_BACKOFF)
@@ -343,6 +367,12 @@ class Supervisor:
                 self.config, self.document = config, document
                 self.reloads["success"] += 1
                 return []
+            fixed = listeners_change(self.config.listeners, config.listeners)
+            if fixed is not None:
+                self.reloads["failure"] += 1
+                say(f"config {config.version} refused, still serving version "
+                    f"{self.config.version}:\n{fixed}", err=True)
+                return [fixed]
             blob = encode_config(config)
             live = [h for h in self.handles if h.alive]
             results = await asyncio.gather(*(h.prepare(config, blob) for h in live),
@@ -411,11 +441,13 @@ class Supervisor:
                 "connections": snap.get("connections"), "requests": snap.get("requests"),
             })
         config = self.config
-        return {
+        status = {
             "version": __version__,
             "pid": os.getpid(),
             "uptime_seconds": round(time.time() - self.started, 3),
             "listen": format_url(self.host, self.port),
+            "listeners": [format_url(h, p, "https" if tls else "http")
+                          for h, p, tls in self.listeners],
             "workers": workers,
             "worker_restarts": self.restarts,
             "config": {"version": config.version, "source": config.source,
@@ -427,6 +459,10 @@ class Supervisor:
             + self.aggregate.gone_counters.get("requests", 0),
             "reloads": dict(self.reloads),
         }
+        if config.streams:
+            from fastmesh.streams import merge_snapshots
+            status["streams"] = merge_snapshots(list(snaps.values()))
+        return status
 
     async def metrics_text(self) -> str:
         merged = self.aggregate.merge(await self.snapshots(full=True))
@@ -445,6 +481,8 @@ class Supervisor:
             task.cancel()
         if self.probe is not None:
             self.probe.close()
+        for probe in self.extra_probes:
+            probe.close()
         if self.echo_server is not None:
             self.echo_server.close()
 
@@ -538,6 +576,10 @@ def _announce(sup: Supervisor, admin_server) -> None:
     print(f"fastmesh {__version__} listening on {url} "
           f"(config {config.source}, version {config.version}, "
           f"{len(config.routes)} route(s), {workers}, pid {os.getpid()})", flush=True)
+    for host, port, tls in sup.listeners:
+        scheme = "https" if tls else "http"
+        print(f"{'TLS ' if tls else ''}listener on {format_url(host, port, scheme)}"
+              + (f" ({len(config.certificates)} certificate(s))" if tls else ""), flush=True)
     if admin_server is not None:
         host, port = admin_server.sockets[0].getsockname()[:2]
         print(f"admin API on {format_url(host, port)}", flush=True)

@@ -4,6 +4,10 @@ One place decides the protocol floor and the ciphers, so the edge, the upstream 
 mesh cannot drift apart: TLS 1.2 and 1.3 only, forward-secret AEAD ciphers for TLS 1.2 (TLS
 1.3's suites are all AEAD and OpenSSL's defaults are kept), no compression, no renegotiation.
 The TLS itself is the standard library's ssl module (OpenSSL), run by uvloop.
+
+Edge termination lives here too: `CertificateStore` (one config's certificates, a server name
+picks one) and `EdgeTLS` (a worker's TLS listeners: base contexts whose SNI callback switches to
+the chosen certificate, and the store a reload swaps). docs/tls.md is the user's side of it.
 """
 from __future__ import annotations
 
@@ -24,3 +28,116 @@ def harden(ctx: ssl.SSLContext) -> ssl.SSLContext:
     ctx.set_ciphers(TLS12_CIPHERS)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     return ctx
+
+
+# --- edge termination: certificates chosen by SNI ---------------------------------------------
+
+def server_context() -> ssl.SSLContext:
+    """A hardened server context that speaks HTTP/1.1 only (ALPN)."""
+    ctx = harden(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+    ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+    ctx.set_alpn_protocols(ALPN_HTTP1)
+    return ctx
+
+
+def _no_password() -> bytes:
+    # An encrypted key must fail to load, never prompt on the terminal for a passphrase.
+    return b""
+
+
+def load_pair(cert: str, key: str) -> ssl.SSLContext:
+    """A server context holding one certificate (chain) and its key; ssl.SSLError if refused."""
+    ctx = server_context()
+    ctx.load_cert_chain(cert, key, password=_no_password)
+    return ctx
+
+
+def _fingerprint(path: str) -> str:
+    import hashlib
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+class CertificateStore:
+    """The certificates of one config, ready for handshakes: a server name picks a context.
+
+    Exact names first, then the wildcard for the name without its first label (`*.example.com`
+    covers one label only, so there is one candidate), else the default certificate: the first
+    one without snis, else the first one. Built when a config is prepared, never changed after.
+    """
+
+    def __init__(self, certificates: tuple = ()):
+        self.certificates = tuple(certificates)
+        self.exact: dict[str, ssl.SSLContext] = {}
+        self.wildcard: dict[str, ssl.SSLContext] = {}      # "example.com" for "*.example.com"
+        self.default: ssl.SSLContext | None = None
+        loaded = []
+        for entry in self.certificates:
+            # The supervisor validated these files; one replaced since then is not what it checked.
+            if entry.fingerprint and _fingerprint(entry.cert) != entry.fingerprint:
+                raise ValueError(f"certificate file {entry.cert} changed after the config was "
+                                 "validated; reload again")
+            loaded.append((entry, load_pair(entry.cert, entry.key)))
+        for entry, ctx in loaded:
+            for sni in entry.snis:
+                if sni.startswith("*."):
+                    self.wildcard.setdefault(sni[2:], ctx)
+                else:
+                    self.exact.setdefault(sni, ctx)
+        self.default = next((ctx for entry, ctx in loaded if not entry.snis),
+                            loaded[0][1] if loaded else None)
+
+    def select(self, server_name: str | None) -> ssl.SSLContext | None:
+        if server_name:
+            name = server_name.lower()
+            ctx = self.exact.get(name)
+            if ctx is not None:
+                return ctx
+            ctx = self.wildcard.get(name.partition(".")[2])
+            if ctx is not None:
+                return ctx
+        return self.default
+
+
+class EdgeTLS:
+    """One worker's TLS listeners: their base contexts and the certificate store they share.
+
+    Each TLS listener has one base context (no certificate of its own) whose SNI callback
+    switches the connection to the chosen certificate's context. The session cache and ticket
+    keys stay those of the base context, which lives as long as the worker: sessions survive
+    reloads. A reload swaps the store (prepare, then commit): handshakes already done keep
+    their certificate, new ones get the new store's.
+    """
+
+    def __init__(self, certificates: tuple = ()):
+        self.store = CertificateStore(certificates)
+        self.pending: dict[str, CertificateStore] = {}
+
+    def listener_context(self) -> ssl.SSLContext:
+        ctx = server_context()
+        ctx.sni_callback = self._on_sni
+        return ctx
+
+    def _on_sni(self, ssl_object, server_name, base):
+        ctx = self.store.select(server_name)
+        if ctx is None:
+            return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+        ssl_object.context = ctx
+        return None
+
+    def prepare(self, version: str, certificates: tuple) -> None:
+        """Load the certificates of config `version`; raises (ssl.SSLError, OSError, ...)."""
+        if tuple(certificates) == self.store.certificates:
+            store = self.store
+        else:
+            store = CertificateStore(certificates)
+        self.pending = {version: store}
+
+    def commit(self, version: str) -> None:
+        store = self.pending.pop(version, None)
+        self.pending = {}
+        if store is not None:
+            self.store = store
+
+    def abort(self, version: str) -> None:
+        self.pending.pop(version, None)

@@ -213,7 +213,7 @@ def test_service_needs_url_or_host():
     ("http://u@a", "invalid URL 'http://u@a': user info is not allowed"),
     ("http://a/p?q=1", "invalid URL 'http://a/p?q=1': a query string or fragment is not allowed"),
     ("http://::1/", "invalid URL 'http://::1/': IPv6 addresses must be written in brackets"),
-    ("https://a", "protocol 'https' is not supported yet (TLS arrives with the TLS issue)"),
+    ("ftp://a", "invalid URL 'ftp://a': scheme must be http or https"),
 ])
 def test_bad_urls_are_explained(url, message):
     found = data_issues(one_service(url=url))
@@ -232,10 +232,9 @@ def test_urls_are_split(url, parts):
     assert (service.host, service.port, service.path) == parts
 
 
-def test_https_protocol_field_is_not_supported_yet():
-    found = data_issues(one_service(host="h", protocol="https"))
-    assert found == {"services[0].protocol":
-                     ["protocol 'https' is not supported yet (TLS arrives with the TLS issue)"]}
+def test_protocol_field_is_http_or_https():
+    found = data_issues(one_service(host="h", protocol="ftp"))
+    assert found == {"services[0].protocol": ["protocol must be http or https, found 'ftp'"]}
 
 
 @pytest.mark.parametrize("field, value, message", [

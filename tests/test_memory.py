@@ -35,6 +35,7 @@ NOT_IN_IDLE_GATEWAY = (
     "encodings.idna",                # uvloop's getaddrinfo for listen addresses
     "fastmesh.accesslog",            # access_log: off
     "ctypes",                        # malloc_trim: for big configs (or without bytecode)
+    "fastmesh.streams", "fastmesh.sni",   # L4 streams: only when the config has some
 )
 
 

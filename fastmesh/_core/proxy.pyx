@@ -153,6 +153,10 @@ cdef inline double mono() noexcept nogil:
     return now_ns() * 1e-9
 
 
+class HandshakeTimeout(ConnectionError):
+    """A TLS upstream's handshake did not finish within the connect timeout."""
+
+
 class PeerRejected(ConnectionError):
     """A TLS upstream's verified certificate is not the identity the route expects."""
 
@@ -306,7 +310,9 @@ cdef class RouteTarget:
         self.pool = pool
         if ":" in upstream_host and not upstream_host.startswith("["):
             upstream_host = f"[{upstream_host}]"
-        self.host_header = (upstream_host if upstream_port == 80 else f"{upstream_host}:{upstream_port}").encode()
+        default_port = 443 if pool is not None and pool.ssl is not None else 80
+        self.host_header = (upstream_host if upstream_port == default_port
+                            else f"{upstream_host}:{upstream_port}").encode()
         self.upstream_label = f"{upstream_host}:{upstream_port}" if balancer is None else upstream_host
         self.balancer = balancer
         self.hash_on = hash_on
@@ -1004,6 +1010,10 @@ cdef class DownstreamProtocol:
         self.up = None
         self.pending_out = None
         if self._connect_failed_retry():
+            return
+        if isinstance(exc, HandshakeTimeout):
+            self.close_after = True
+            self._fail(504, "upstream TLS handshake timed out")
             return
         if isinstance(exc, ConnectionRefusedError):
             msg = "upstream refused the connection"
@@ -1772,6 +1782,8 @@ cdef class UpstreamProtocol(PooledConnection):
             self.state = U_CLOSED
             if down is not None:
                 self.pool.discard(self)
+                if isinstance(exc, ConnectionAbortedError) and self.pool.ssl is not None:
+                    exc = HandshakeTimeout()     # uvloop's ssl_handshake_timeout ran out
                 down._upstream_connect_failed(exc)
             return
 

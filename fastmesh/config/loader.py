@@ -31,24 +31,27 @@ from fastmesh.config.model import (
 from fastmesh.config.operations import access_log_target, read_admin, read_tracing
 from fastmesh.config.upstreams import read_upstreams, upstreams_version
 from fastmesh.config.plugins import plugins_version, read_consumers, read_plugins
+from fastmesh.config.tls import read_route_protocols, read_tls, tls_version
+from fastmesh.config.streams import read_streams, streams_version
+from fastmesh.upstream_tls import TLS_FIELDS, check_upstream_tls, read_service_tls
 from fastmesh.config.schema import (
     Fields, Invalid, Issues, address_host, boolean, child, describe, duration, host, integer,
     ip_literal, hostname, listen_address, name, port_number, size, split_host_port, string, token,
 )
 
-HTTPS_NOT_YET = "protocol 'https' is not supported yet (TLS arrives with the TLS issue)"
-
-TOP_FIELDS = ("_format_version", "gateway", "services", "routes", "upstreams", "targets")
+TOP_FIELDS = ("_format_version", "gateway", "services", "routes", "upstreams", "targets",
+              "listeners", "certificates", "streams")
 NOT_YET_SUPPORTED: tuple[str, ...] = ()
 PLUGIN_ENTITIES = ("plugins", "consumers")   # read by fastmesh.config.plugins
 GATEWAY_FIELDS = ("listen", "server_timing", "limits", "upstream_keepalive", "admin",
                   "access_log", "request_id", "tracing")
 SERVICE_FIELDS = ("name", "url", "protocol", "host", "port", "path", "connect_timeout",
                   "read_timeout", "write_timeout", "retries", "retry_on", "per_try_timeout",
-                  "server_timing", "routes", "plugins")
+                  "server_timing", "routes", "plugins") + TLS_FIELDS
 URL_PARTS = ("protocol", "host", "port", "path")
 ROUTE_FIELDS = ("name", "service", "hosts", "paths", "methods", "headers", "strip_path",
-                "preserve_host", "priority", "max_body_size", "plugins")
+                "preserve_host", "priority", "max_body_size", "plugins", "protocols",
+                "https_redirect_status_code")
 MATCH_CRITERIA = ("hosts", "paths", "methods", "headers")
 
 LIMIT_PARSERS = {
@@ -94,15 +97,19 @@ def load_config_data(data: object, source: str = "<config>") -> Config:
     gateway = read_gateway(top.section("gateway", GATEWAY_FIELDS))
     services, nested = read_services(top)
     upstreams, services = read_upstreams(top, services)
+    check_upstream_tls(top, services)
     routes = read_routes(top, nested, list(dict.fromkeys(s.name for s in services if s.name)))
     plugins, consumers = read_plugins(top), read_consumers(top)
+    listeners, certificates = read_tls(top, gateway.listen)
+    streams = read_streams(top, upstreams, gateway)
     if issues:
         raise ConfigError(issues.items)
     return Config(source=source, services=tuple(services), routes=tuple(routes), gateway=gateway,
-                  version=plugins_version(
+                  version=streams_version(tls_version(plugins_version(
                       upstreams_version(config_version(gateway, services, routes), upstreams),
-                      plugins, consumers),
-                  upstreams=tuple(upstreams), plugins=plugins, consumers=consumers)
+                      plugins, consumers), listeners, certificates), streams),
+                  upstreams=tuple(upstreams), plugins=plugins, consumers=consumers,
+                  listeners=listeners, certificates=certificates, streams=streams)
 
 
 def read_document(path: str) -> object:
@@ -233,7 +240,8 @@ def read_service(fields: Fields) -> Service:
     if fields.has("retry_on"):
         tuning["retry_on"] = fields.values("retry_on", retry_condition, "list of strings")
     return Service(name=fields.value("name", name, required=True), protocol=protocol,
-                   host=host_name, port=port, path=path, **tuning)
+                   host=host_name, port=port, path=path, **tuning,
+                   **read_service_tls(fields, protocol))
 
 
 RETRY_CONDITIONS = ("connect-failure", "timeout", "reset", "5xx")
@@ -257,9 +265,10 @@ def read_upstream_address(fields: Fields) -> tuple[str, str, int, str]:
         return fields.value("url", service_url, ("http", "", 80, ""))
     if not fields.has("host"):
         fields.issues.add(fields.path, "missing required field 'url' (or 'host')")
-    return (fields.value("protocol", protocol_name, "http"),
+    protocol = fields.value("protocol", protocol_name, "http")
+    return (protocol,
             fields.value("host", host, ""),
-            fields.value("port", integer(1, 65535, "port"), 80),
+            fields.value("port", integer(1, 65535, "port"), 443 if protocol == "https" else 80),
             fields.value("path", service_path, ""))
 
 
@@ -269,10 +278,8 @@ def _quoted(keys: list[str]) -> str:
 
 def protocol_name(value: object) -> str:
     text = string(value).lower()
-    if text == "https":
-        raise Invalid(HTTPS_NOT_YET)
-    if text != "http":
-        raise Invalid(f"protocol must be http, found {value!r}")
+    if text not in ("http", "https"):
+        raise Invalid(f"protocol must be http or https, found {value!r}")
     return text
 
 
@@ -295,22 +302,20 @@ def service_path(value: object) -> str:
 
 
 def service_url(value: object) -> tuple[str, str, int, str]:
-    """`http://host[:port][/path]` -> (protocol, host, port, path); every problem names the URL."""
+    """`http[s]://host[:port][/path]` -> (protocol, host, port, path); every problem names the
+    URL. The port defaults to 80, or 443 for https."""
     text = string(value)
     try:
         return _split_url(text)
     except Invalid as problem:
-        if problem.message == HTTPS_NOT_YET:
-            raise
         raise Invalid(f"invalid URL {text!r}: {problem.message}") from None
 
 
 def _split_url(text: str) -> tuple[str, str, int, str]:
     scheme, sep, rest = text.partition("://")
-    if not sep or scheme.lower() != "http":
-        if sep and scheme.lower() == "https":
-            raise Invalid(HTTPS_NOT_YET)
-        raise Invalid("scheme must be http")
+    scheme = scheme.lower()
+    if not sep or scheme not in ("http", "https"):
+        raise Invalid("scheme must be http or https")
     authority, slash, path = rest.partition("/")
     if "?" in text or "#" in text:
         raise Invalid("a query string or fragment is not allowed")
@@ -321,8 +326,8 @@ def _split_url(text: str) -> tuple[str, str, int, str]:
     host_part, port_part = split_host_port(authority)
     if not host_part:
         raise Invalid("missing host")
-    port = port_number(port_part) if port_part is not None else 80
-    return "http", address_host(host_part), port, service_path(slash + path) if slash else ""
+    port = port_number(port_part) if port_part is not None else 443 if scheme == "https" else 80
+    return scheme, address_host(host_part), port, service_path(slash + path) if slash else ""
 
 
 # --- routes -----------------------------------------------------------------------------------
@@ -358,6 +363,7 @@ def read_route(fields: Fields, index: int, parent: str | None, known: list[str])
         preserve_host=fields.value("preserve_host", boolean, False),
         priority=fields.value("priority", integer(-2**31, 2**31 - 1, "priority"), 0),
         max_body_size=fields.value("max_body_size", size(0, "max_body_size")),
+        **read_route_protocols(fields),
     )
 
 

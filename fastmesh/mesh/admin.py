@@ -8,7 +8,7 @@ Served by fastmesh.admin's connection handling (`AdminProtocol`) with this reque
 | GET | /ready | 200 when both listeners are up and the registry view was loaded, else 503 |
 | GET | /status | the instance, both listeners (requests, statuses, upstream health), registry |
 | GET | /registry | the registry view: every service and its instances |
-| GET | /metrics | Prometheus text: requests per (source, destination, status class), histograms |
+| GET | /metrics | Prometheus text: requests per (source, destination, status class), histograms; mTLS handshakes, certificate expiry, authorization decisions |
 | GET | /stats | the same as JSON, histograms with their log-linear buckets (mergeable) |
 
 East-west metrics come from the listeners' per-route counters (fastmesh.metrics), which the
@@ -73,7 +73,8 @@ class SidecarAdmin:
         return Answer(200, registry.state() if registry is not None else {})
 
     def metrics(self) -> Answer:
-        return Answer(200, render_pairs(service_pairs(self.sidecar)), content_type=PROMETHEUS)
+        return Answer(200, render_pairs(service_pairs(self.sidecar))
+                      + render_security(self.sidecar), content_type=PROMETHEUS)
 
     def stats(self) -> Answer:
         sidecar = self.sidecar
@@ -148,3 +149,41 @@ def render_pairs(pairs: list) -> str:
             w.sample(f"{name}_count", count, **labels)
             w.sample(f"{name}_sum", total, **labels)
     return w.text()
+
+
+def render_security(sidecar) -> str:
+    """mTLS handshakes by outcome, the certificate's expiry, authorization decisions."""
+    w = _Writer()
+    tls = sidecar.tls
+    service = sidecar.options.service
+    if tls is not None:
+        counts = tls.counts
+        w.family("fastmesh_mesh_inbound_connections_total", "counter",
+                 "Inbound connections by outcome: tls and plaintext accepted, refused by reason "
+                 "(no_client_cert, unknown_ca, expired, bad_protocol_version, plaintext, "
+                 "timeout, other).")
+        w.sample("fastmesh_mesh_inbound_connections_total", counts.tls, outcome="tls",
+                 reason="")
+        w.sample("fastmesh_mesh_inbound_connections_total", counts.plaintext,
+                 outcome="plaintext", reason="")
+        for reason, n in counts.refused.items():
+            w.sample("fastmesh_mesh_inbound_connections_total", n, outcome="refused",
+                     reason=reason)
+        cert = tls.source.status()
+        w.family("fastmesh_mesh_certificate_expiry_seconds", "gauge",
+                 "Seconds until this sidecar's workload certificate expires (negative: expired).")
+        w.sample("fastmesh_mesh_certificate_expiry_seconds", cert.get("seconds_left") or 0,
+                 identity=str(tls.identity), state=str(cert.get("state")))
+        w.family("fastmesh_mesh_certificate_rotations_total", "counter",
+                 "Certificates loaded after the first one (rotation).")
+        w.sample("fastmesh_mesh_certificate_rotations_total", tls.rotations)
+    if sidecar.tls is not None or sidecar.authz is not None:
+        from fastmesh.plugins.mesh_authorization import decisions
+        found = decisions(service)
+        w.family("fastmesh_mesh_authorization_decisions_total", "counter",
+                 "Inbound requests checked against the authorization policy, by decision.")
+        w.sample("fastmesh_mesh_authorization_decisions_total", found.allowed,
+                 destination=service, decision="allowed")
+        w.sample("fastmesh_mesh_authorization_decisions_total", found.denied,
+                 destination=service, decision="denied")
+    return w.text() if w.lines else ""

@@ -9,6 +9,11 @@ from fastmesh.config.schema import Invalid, integer, listen_address
 ENV_REGISTRY = "FASTMESH_REGISTRY"
 ENV_SERVICE = "FASTMESH_SERVICE"         # the container image passes settings this way
 ENV_APP_PORT = "FASTMESH_APP_PORT"
+ENV_MTLS = "FASTMESH_MTLS"
+ENV_TLS_DIR = "FASTMESH_TLS_DIR"
+ENV_CA_URL = "FASTMESH_CA_URL"
+ENV_CA_TOKEN = "FASTMESH_CA_TOKEN"       # env rather than the flag: not in `ps` output
+ENV_POLICY = "FASTMESH_POLICY"
 
 
 def _checked(parse, what: str):
@@ -79,6 +84,19 @@ def _admin(value: str) -> str:
     return "off" if value.lower() == "off" else listen_address(value)
 
 
+def _mtls(value: str) -> str:
+    from fastmesh.mesh.mtls import MODES
+    if value not in MODES:
+        raise Invalid(f"expected one of {', '.join(MODES)}, found {value!r}")
+    return value
+
+
+def _ca_url(value: str) -> str:
+    if not value.startswith(("http://", "https://")):
+        raise Invalid(f"expected http://HOST:PORT or https://HOST:PORT, found {value!r}")
+    return value.rstrip("/")
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "sidecar", help="run a service-mesh sidecar beside one service instance",
@@ -127,6 +145,28 @@ def add_parser(sub) -> None:
                    help="accept connections redirected by 'fastmesh mesh-init': HTTP for the "
                         "mesh is routed, other TCP relayed to its original destination "
                         "(SO_ORIGINAL_DST); run the sidecar under the excluded uid/gid")
+    p.add_argument("--mtls", default=os.environ.get(ENV_MTLS), type=_checked(_mtls, "mode"),
+                   metavar="strict|permissive|disabled",
+                   help="sidecar-to-sidecar mutual TLS on the inbound listener (strict: mTLS "
+                        "only; permissive: mTLS or plaintext) and to destinations that take it "
+                        f"(default: ${ENV_MTLS}, else permissive with a certificate source, "
+                        "disabled without)")
+    p.add_argument("--tls-dir", default=os.environ.get(ENV_TLS_DIR), metavar="DIR",
+                   help="this workload's certificate: DIR/cert.pem, key.pem, ca.pem from "
+                        "'fastmesh ca issue' (watched, reloaded when replaced); with --ca-url, "
+                        f"where the issued files are written (default: ${ENV_TLS_DIR})")
+    p.add_argument("--ca-url", default=os.environ.get(ENV_CA_URL), type=_checked(_ca_url, "url"),
+                   metavar="URL", help="get the certificate from 'fastmesh ca serve' (a CSR; the "
+                                       f"key never leaves this process) (default: ${ENV_CA_URL})")
+    p.add_argument("--ca-token", default=os.environ.get(ENV_CA_TOKEN), metavar="TOKEN",
+                   help="bootstrap token for --ca-url ('fastmesh ca token --service NAME'; "
+                        f"default: ${ENV_CA_TOKEN}, which keeps it out of the process list)")
+    p.add_argument("--policy", default=os.environ.get(ENV_POLICY), metavar="FILE",
+                   help="the mesh policy (YAML/JSON): authorization rules (authorization: "
+                        "[{to, from, methods, paths}]) and per-destination settings and plugins "
+                        "(services: [{name, timeouts, retries, plugins}], plugins, consumers); "
+                        "re-read when it changes; see docs/mesh.md "
+                        f"(default: ${ENV_POLICY})")
     from fastmesh.mesh.status import add_parser as add_status_parser
     add_status_parser(sub)
 
@@ -155,5 +195,8 @@ def main(args) -> int:
         zone=args.zone, version=args.instance_version, weight=args.weight,
         metadata=tuple(sorted(metadata.items())), instance_id=args.instance_id,
         admin=None if admin == "off" else admin, admin_explicit=args.admin is not None,
-        ttl=args.ttl, drain_timeout=args.drain_timeout, intercept=args.intercept)
+        ttl=args.ttl, drain_timeout=args.drain_timeout, intercept=args.intercept,
+        mtls=args.mtls or ("permissive" if args.tls_dir or args.ca_url else "disabled"),
+        tls_dir=args.tls_dir, ca_url=args.ca_url, ca_token=args.ca_token,
+        authz_file=args.policy)
     return run_sidecar(options)

@@ -5,7 +5,9 @@
   passive health: 5xx, failures and timeouts eject an instance for a while) and a route by host
   name: the service's, and its instances' hosts (a call to `http://10.0.0.5:8080/`, redirected
   by interception, is balanced over that instance's service); plus a catch-all route whose
-  plugin answers 503 naming the unknown service.
+  plugin answers 503 naming the unknown service. With mTLS on (fastmesh.mesh.mtls), services
+  whose instances all take mTLS are `protocol: https` with this workload's certificate, the mesh
+  root as trust, and the destination's SPIFFE id as the identity its certificate must carry.
 
 Generating configs, rather than a separate data path, means the mesh gets the gateway's router,
 balancers, retries, pools and outlier ejection unchanged; a registry change is applied like a
@@ -43,9 +45,16 @@ def _gateway(limits: dict | None = None) -> dict:
 
 
 def inbound_config(service: str, app_host: str, app_port: int,
-                   connect_timeout: float = 2.0, read_timeout: float = 60.0) -> Config:
-    """Everything arriving at the inbound listener goes to the local app, Host unchanged."""
+                   connect_timeout: float = 2.0, read_timeout: float = 60.0,
+                   authorization: list | None = None) -> Config:
+    """Everything arriving at the inbound listener goes to the local app, Host unchanged.
+
+    With `authorization` (this service's rules of the mesh policy, maybe none), the route runs
+    the mesh-authorization plugin: it drops a client-sent X-Forwarded-Client-Cert and, when
+    there are rules, answers 403 to what they do not allow."""
     app = f"[{app_host}]" if ":" in app_host else app_host
+    plugins = [] if authorization is None else [{
+        "name": "mesh-authorization", "config": {"service": service, "rules": authorization}}]
     return load_config_data({
         "_format_version": "1",
         "gateway": _gateway(),
@@ -56,7 +65,8 @@ def inbound_config(service: str, app_host: str, app_port: int,
             # The app is one process behind one address: a retry would hit it again.
             "retries": 0,
             "routes": [{"name": f"{service}-inbound", "paths": ["/"],
-                        "strip_path": False, "preserve_host": True}],
+                        "strip_path": False, "preserve_host": True,
+                        **({"plugins": plugins} if plugins else {})}],
         }],
     }, source="<sidecar inbound>")
 
@@ -95,11 +105,43 @@ def mesh_hosts(view: View) -> frozenset[str]:
     return frozenset(view).union(*instance_hosts(view).values())
 
 
-def outbound_document(view: View, policy: MeshPolicy = MeshPolicy()) -> dict:
+@dataclass(frozen=True)
+class MeshTLSFiles:
+    """What the outbound side presents and trusts when this sidecar has mTLS on."""
+
+    trust_domain: str
+    ca: str                         # the mesh root (trust bundle)
+    cert: str                       # this workload's certificate and key
+    key: str
+
+
+MTLS_KEY = "fastmesh.mtls"          # instance metadata: its inbound mTLS mode (absent: disabled)
+MTLS_MODES = ("strict", "permissive")
+
+
+def use_mtls(instances) -> tuple[bool, tuple]:
+    """(mTLS?, the instances to balance over) for one destination, when this sidecar has mTLS:
+    mTLS when every instance takes it; else plaintext over those that accept plaintext (not
+    strict), or, if none does, mTLS over all of them."""
+    modes = [dict(i.metadata).get(MTLS_KEY) for i in instances]
+    if all(mode in MTLS_MODES for mode in modes):
+        return True, tuple(instances)
+    plain = tuple(i for i, mode in zip(instances, modes) if mode != "strict")
+    return (False, plain) if plain else (True, tuple(instances))
+
+
+def outbound_document(view: View, policy: MeshPolicy = MeshPolicy(),
+                      tls: MeshTLSFiles | None = None, outbound=None) -> dict:
+    """`outbound` (fastmesh.mesh.policy.Outbound, the policy file's part) overlays each named
+    destination's settings and adds global plugins and consumers."""
     services = []
+    overlays = outbound.services if outbound is not None else {}
     upstreams = []
     by_instance = instance_hosts(view)
     for name, instances in view.items():
+        secure = False
+        if tls is not None and instances:
+            secure, instances = use_mtls(instances)
         # Two registrations of one address (a restarted instance under a new id, before the
         # old key expires) are one target: the first by id keeps it.
         targets = {}
@@ -117,14 +159,22 @@ def outbound_document(view: View, policy: MeshPolicy = MeshPolicy()) -> dict:
                               "timeouts": policy.eject_timeouts},
                 "ejection_time": f"{int(policy.ejection_time * 1000)}ms"}},
         })
+        transport = {"protocol": "http"}
+        if secure:
+            # The peer must be the service meant: its certificate's SPIFFE id is checked (a
+            # URI SAN; the certificates carry no DNS name), the name sent as SNI is the service.
+            transport = {"protocol": "https", "tls_ca": tls.ca, "tls_client_cert": tls.cert,
+                         "tls_client_key": tls.key, "tls_server_name": name,
+                         "tls_peer_identity": f"spiffe://{tls.trust_domain}/svc/{name}"}
         services.append({
-            "name": name, "host": name, "protocol": "http",
+            "name": name, "host": name, **transport,
             "connect_timeout": f"{int(policy.connect_timeout * 1000)}ms",
             "read_timeout": f"{int(policy.read_timeout * 1000)}ms",
             "retries": policy.retries, "retry_on": list(policy.retry_on),
             "routes": [{"name": name, "hosts": [name, *by_instance.get(name, ())],
                         "strip_path": False,
                         "preserve_host": False}],
+            **overlays.get(name, {}),
         })
     services.append({
         "name": UNKNOWN, "url": "http://127.0.0.1:9",     # never contacted: the plugin answers
@@ -135,9 +185,11 @@ def outbound_document(view: View, policy: MeshPolicy = MeshPolicy()) -> dict:
                                  "module": "fastmesh.mesh.unknown_service"}]}],
     })
     return {"_format_version": "1", "gateway": _gateway(), "upstreams": upstreams,
-            "services": services}
+            "services": services, **(outbound.document_parts() if outbound is not None else {})}
 
 
-def outbound_config(view: View, policy: MeshPolicy = MeshPolicy()) -> Config:
+def outbound_config(view: View, policy: MeshPolicy = MeshPolicy(),
+                    tls: MeshTLSFiles | None = None, outbound=None) -> Config:
     """The outbound listener's config for the registry view `view`."""
-    return load_config_data(outbound_document(view, policy), source="<sidecar outbound>")
+    return load_config_data(outbound_document(view, policy, tls, outbound),
+                            source="<sidecar outbound>")

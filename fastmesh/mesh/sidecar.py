@@ -15,6 +15,14 @@ With `intercept` (pods whose TCP `fastmesh mesh-init` redirects), each listener 
 connections through a fastmesh.mesh.transparent.Detector first: HTTP for the mesh is handed to
 the listener's Gateway, other TCP is relayed to where it was going (SO_ORIGINAL_DST).
 
+With mTLS (`--mtls strict|permissive`, fastmesh.mesh.mtls), the inbound listener accepts through
+an MtlsListener (TLS with a client certificate from the mesh root; plaintext too when
+permissive), the caller's verified SPIFFE id reaches the app in X-Fastmesh-Peer, and outbound
+calls to destinations that take mTLS present this workload's certificate and check the peer's.
+`--policy FILE` (fastmesh.mesh.policy) restricts who may call this service and sets what the
+app's calls to each destination get (timeouts, retries, plugins); the file is re-read when it
+changes (a broken change keeps the rules in force).
+
 Lifecycle: ready (admin `GET /ready`) when both listeners are up and the registry view was loaded
 once. The instance is registered (address: --advertise, else the inbound listener's address)
 with a TTL heartbeat. SIGTERM/SIGINT: deregister first (callers stop picking this instance),
@@ -36,12 +44,15 @@ from dataclasses import dataclass, field
 from fastmesh import __version__
 from fastmesh.config import ConfigError
 from fastmesh.mesh.registry import Instance, Registry, open_registry
-from fastmesh.mesh.routes import MeshPolicy, inbound_config, mesh_hosts, outbound_config
+from fastmesh.mesh.routes import (
+    MTLS_KEY, MeshPolicy, MeshTLSFiles, inbound_config, mesh_hosts, outbound_config,
+)
 from fastmesh.server import DRAIN_TIMEOUT, Worker, format_url, parse_listen, start_server
 
 INITIAL_WAIT = 3.0              # at start, wait this long at most for the first registry view
 DEREGISTER_TIMEOUT = 3.0
 DEFAULT_TTL = 10.0
+POLICY_POLL = 1.0               # the --policy file is checked for changes this often
 
 
 @dataclass
@@ -64,6 +75,11 @@ class SidecarOptions:
     drain_timeout: float = DRAIN_TIMEOUT
     policy: MeshPolicy = field(default_factory=MeshPolicy)
     intercept: bool = False     # accept connections redirected by `fastmesh mesh-init`
+    mtls: str = "disabled"      # strict | permissive | disabled (fastmesh.mesh.mtls)
+    tls_dir: str | None = None  # certificate files (`fastmesh ca issue`), or where --ca-url's go
+    ca_url: str | None = None   # the signing service (`fastmesh ca serve`)
+    ca_token: str | None = None
+    authz_file: str | None = None   # --policy: the mesh policy file (fastmesh.mesh.policy)
 
 
 def say(message: str, err: bool = False) -> None:
@@ -108,6 +124,13 @@ class Sidecar:
         self.stopping = False
         self.hosts: frozenset[str] = frozenset()     # what the outbound routes match (intercept)
         self.relays: set = set()                     # open opaque TCP relays (intercept)
+        self.tls = None                              # a fastmesh.mesh.mtls.MeshTLS when on
+        self.authz: dict | None = None               # the policy file: service -> rules
+        self.outbound_policy = None                  # ... and its part for the app's calls
+        self.authz_stamp = None
+        self.authz_error: str | None = None
+        self.authz_loads = 0
+        self.authz_watch: asyncio.Task | None = None
 
     @property
     def ready(self) -> bool:
@@ -117,6 +140,9 @@ class Sidecar:
 
     async def start(self) -> None:
         opts = self.options
+        if opts.authz_file is not None:
+            self._read_authz(initial=True)          # ValueError: the sidecar does not start
+        await self._start_tls()
         self.registry = open_registry(opts.registry, self._view_changed, opts.ttl)
         await self.registry.start(INITIAL_WAIT)
         in_host, in_port = parse_listen(opts.inbound)
@@ -124,25 +150,129 @@ class Sidecar:
         in_port = check_free(in_host, in_port)
         out_port = check_free(out_host, out_port)
         self.inbound = Worker(0)
-        await self.inbound.start(inbound_config(opts.service, opts.app_host, opts.app_port,
-                                                opts.policy.connect_timeout,
-                                                opts.policy.read_timeout), in_host, in_port)
+        await self.inbound.start(self._inbound_config(), in_host, in_port)
+        from fastmesh.mesh.mtls import PEER_HEADER, identify
+        # Always: a caller's own X-Fastmesh-Peer never reaches the app, mTLS or not.
+        self.inbound.gateway.set_peer_identity(PEER_HEADER, identify)
         self.outbound = Worker(1)
-        await self.outbound.start(outbound_config(self.registry.view(), opts.policy),
+        await self.outbound.start(outbound_config(self.registry.view(), opts.policy,
+                                                  self._tls_files(), self.outbound_policy),
                                   out_host, out_port)
         if opts.intercept:
             self.hosts = mesh_hosts(self.registry.view())
-            await self._intercept(self.inbound, self._inbound_target)
+            if self.tls is None:
+                await self._intercept(self.inbound, self._inbound_target)
             await self._intercept(self.outbound, self._outbound_target)
+        if self.tls is not None:
+            self._listen_mtls()
         host, port = opts.advertise or (self._advertised_host(self.inbound.address[0]),
                                         self.inbound.address[1])
         ident = opts.instance_id or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
+        metadata = opts.metadata
+        if self.tls is not None:
+            metadata = tuple(sorted(dict(metadata, **{MTLS_KEY: self.tls.mode}).items()))
         self.instance = Instance(opts.service, ident, host, port, opts.zone, opts.version,
-                                 opts.weight, opts.metadata)
+                                 opts.weight, metadata)
         await self.registry.register(self.instance)
         if opts.admin is not None:
             await self._start_admin(opts.admin, opts.admin_explicit)
+        if opts.authz_file is not None:
+            self.authz_watch = self.loop.create_task(self._watch_authz())
         self._apply()           # the view may have moved while the listeners started
+
+    # -- mTLS and authorization -----------------------------------------------------------------
+    async def _start_tls(self) -> None:
+        if self.options.mtls == "disabled":
+            return
+        from fastmesh.mesh.ca import service_of
+        from fastmesh.mesh.mtls import MeshTLS
+        from fastmesh.mesh.workload_cert import CertificateError
+        opts = self.options
+        try:
+            self.tls = MeshTLS.from_options(opts.mtls, opts.service, opts.tls_dir, opts.ca_url,
+                                            opts.ca_token)
+            if self.tls is None:
+                return
+            await self.tls.start()
+        except CertificateError as exc:
+            raise ValueError(f"mTLS: {exc}") from None
+        identity = self.tls.identity
+        if service_of(identity) != opts.service:
+            raise ValueError(f"the workload certificate is for {identity or 'no SPIFFE id'}, "
+                             f"not for service '{opts.service}'")
+
+    def _tls_files(self) -> MeshTLSFiles | None:
+        if self.tls is None:
+            return None
+        identity = self.tls.identity                # spiffe://<trust domain>/svc/<service>
+        files = self.tls.outbound()
+        return MeshTLSFiles(identity[len("spiffe://"):].split("/", 1)[0], files["tls_ca"],
+                            files["tls_client_cert"], files["tls_client_key"])
+
+    def _listen_mtls(self) -> None:
+        """The inbound listener's connections go through the mTLS accept path (and, plaintext
+        ones in permissive mode, through interception's Detector when it is on)."""
+        gateway = self.inbound.gateway
+        plain = gateway.protocol_factory
+        if self.options.intercept:
+            from fastmesh.mesh.transparent import Detector
+            plain = lambda: Detector(gateway, self._inbound_target, self.relays)  # noqa: E731
+        self.inbound.server = self.tls.listen(self.loop, self.inbound.server,
+                                              gateway.protocol_factory, plain)
+
+    def _inbound_config(self):
+        opts = self.options
+        rules = None
+        if self.tls is not None or self.authz is not None:
+            rules = (self.authz or {}).get(opts.service, [])
+        return inbound_config(opts.service, opts.app_host, opts.app_port,
+                              opts.policy.connect_timeout, opts.policy.read_timeout, rules)
+
+    def _read_authz(self, initial: bool = False) -> bool:
+        """(Re-)read the policy file; a broken one raises at start, later keeps the old rules.
+        True when this service's rules changed; a change of the outbound part is applied here."""
+        from fastmesh.osutil import file_stamp
+        from fastmesh.mesh.policy import read_policy_file
+        path = self.options.authz_file
+        self.authz_stamp = file_stamp(path)
+        try:
+            policy_file = read_policy_file(path)
+        except ValueError as exc:
+            if initial:
+                raise ValueError(f"--policy: {exc}") from None
+            self.authz_error = str(exc)
+            say(f"policy file not applied, the previous rules stay in force:\n{exc}", err=True)
+            return False
+        self.authz_error = None
+        policy = policy_file.authorization
+        changed = self.authz is None or policy.get(self.options.service) != \
+            self.authz.get(self.options.service)
+        self.authz = policy
+        if policy_file.outbound != self.outbound_policy:
+            self.outbound_policy = policy_file.outbound
+            if not initial:
+                self._view_changed()        # recompile the outbound Plan with the new settings
+        self.authz_loads += 1
+        return changed
+
+    async def _watch_authz(self) -> None:
+        from fastmesh.osutil import file_stamp
+        while True:
+            await asyncio.sleep(POLICY_POLL)
+            if file_stamp(self.options.authz_file) == self.authz_stamp:
+                continue
+            if not self._read_authz() or self.inbound is None or self.inbound.stopped:
+                continue
+            config = self._inbound_config()
+            problem = self.inbound.prepare(config)
+            if problem:
+                self.authz_error = problem
+                say(problem, err=True)
+                continue
+            self.inbound.commit(config.version)
+            rules = self.authz.get(self.options.service, [])
+            say(f"authorization policy: {len(rules)} rule(s) for '{self.options.service}'"
+                f"{'' if rules else ' (open to any caller)'}")
 
     # -- transparent interception ---------------------------------------------------------------
     async def _intercept(self, worker: Worker, target) -> None:
@@ -222,7 +352,8 @@ class Sidecar:
             return              # not started yet (start applies the view itself) or stopping
         view = self.registry.view()
         try:
-            config = outbound_config(view, self.options.policy)
+            config = outbound_config(view, self.options.policy, self._tls_files(),
+                                     self.outbound_policy)
         except ConfigError as exc:            # an instance the loader refuses: keep the old Plan
             say(f"registry view refused, outbound routes unchanged:\n{exc}", err=True)
             return
@@ -253,7 +384,17 @@ class Sidecar:
             "destinations": sorted(self.registry.view()) if self.registry else [],
             "registry": {k: v for k, v in self.registry.state().items() if k != "services"}
             if self.registry else None,
+            "mtls": self.tls.status() if self.tls is not None else {"mode": "disabled"},
+            "authorization": self.authz_status(),
         }
+
+    def authz_status(self) -> dict:
+        from fastmesh.plugins.mesh_authorization import decisions
+        opts = self.options
+        rules = (self.authz or {}).get(opts.service, [])
+        return {"file": opts.authz_file, "rules": len(rules), "enforced": bool(rules),
+                "loads": self.authz_loads, "error": self.authz_error,
+                "decisions": decisions(opts.service).as_dict()}
 
     @staticmethod
     def _listener(worker: Worker | None) -> dict | None:
@@ -267,6 +408,8 @@ class Sidecar:
     # -- shutdown -------------------------------------------------------------------------------
     async def stop(self, drain: float) -> None:
         self.stopping = True
+        if self.authz_watch is not None:
+            self.authz_watch.cancel()
         if self.instance is not None and self.registry is not None and self.registry.writable:
             try:
                 await asyncio.wait_for(self.registry.deregister(self.instance), DEREGISTER_TIMEOUT)
@@ -286,6 +429,8 @@ class Sidecar:
             self.admin_server.close()
         if self.registry is not None:
             await self.registry.stop()
+        if self.tls is not None:
+            await self.tls.stop()
 
 
 async def serve_sidecar(options: SidecarOptions) -> int:
@@ -313,7 +458,9 @@ async def serve_sidecar(options: SidecarOptions) -> int:
           f"advertised {inst.address}): inbound {format_url(*sidecar.inbound.address)} -> app "
           f"{options.app_host}:{options.app_port}, outbound "
           f"{format_url(*sidecar.outbound.address)}{admin}; registry {sidecar.registry.kind} "
-          f"({len(sidecar.registry.view())} service(s)); 1 worker, pid {os.getpid()}", flush=True)
+          f"({len(sidecar.registry.view())} service(s)); mTLS "
+          f"{sidecar.tls.mode + ' as ' + str(sidecar.tls.identity) if sidecar.tls else 'disabled'}"
+          f"; 1 worker, pid {os.getpid()}", flush=True)
     await stop.wait()
     await sidecar.stop(options.drain_timeout)
     print("fastmesh sidecar: stopped", flush=True)

@@ -8,8 +8,9 @@ pods' at the inbound one, redirected by iptables. A `Detector` takes each new co
 - HTTP for the mesh goes to the listener's Gateway (the Cython data path): the transport is
   handed over with the bytes read so far, so the Gateway serves it exactly as if it had
   accepted it; nothing in Python stays on the request path afterwards;
-- anything else is relayed as opaque TCP (`Pipe`) to the original destination (outbound) or to
-  the app's port that was asked for (inbound).
+- anything else is relayed as opaque TCP to the original destination (outbound) or to the app's
+  port that was asked for (inbound), by the project's one TCP relay (fastmesh.streams.Relay:
+  flow control and half-close as for `streams`; no idle timeout here).
 
 On the outbound side, "HTTP for the mesh" means that the Host header (or the absolute-form
 target) names a service or an instance host of the registry view (the sidecar decides, see
@@ -25,11 +26,12 @@ import struct
 import sys
 from typing import Callable
 
+from fastmesh.streams import Relay, close_all
+
 SO_ORIGINAL_DST = 80                # linux/netfilter_ipv4.h, level SOL_IP
 DETECT_TIMEOUT = 0.5                # no first byte within this: a server-first protocol, opaque
 DETECT_MAX = 16384                  # look at most this far for the end of the request head
 CONNECT_TIMEOUT = 2.0
-HIGH_WATER = 256 * 1024             # a Pipe pauses the reading side above this
 
 _connecting: set = set()            # relays waiting for their upstream connection
 
@@ -68,40 +70,6 @@ def request_host(head: bytes) -> str | None:
     if text.startswith("["):
         return text[:text.find("]") + 1] if "]" in text else text
     return text.partition(":")[0].rstrip(".") or None
-
-
-class Pipe(asyncio.Protocol):
-    """One direction's reader of an opaque relay: what it reads, the peer transport writes."""
-
-    def __init__(self, peer: asyncio.Transport, relays: set):
-        self.peer = peer
-        self.transport: asyncio.Transport | None = None
-        self.relays = relays
-
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-        transport.set_write_buffer_limits(HIGH_WATER)
-        self.relays.add(transport)
-
-    def data_received(self, data: bytes) -> None:
-        self.peer.write(data)
-
-    def eof_received(self):
-        if self.peer.can_write_eof() and not self.peer.is_closing():
-            self.peer.write_eof()
-        return True                     # half-close: the other direction goes on
-
-    def connection_lost(self, exc) -> None:
-        self.relays.discard(self.transport)
-        if not self.peer.is_closing():
-            self.peer.close()
-
-    # our writes back up: stop reading the peer until they drain
-    def pause_writing(self) -> None:
-        self.peer.pause_reading()
-
-    def resume_writing(self) -> None:
-        self.peer.resume_reading()
 
 
 class Detector(asyncio.Protocol):
@@ -178,12 +146,10 @@ class Detector(asyncio.Protocol):
             protocol.eof_received()
 
     async def _relay(self, target: tuple[str, int], http: bool) -> None:
-        loop = asyncio.get_running_loop()
         downstream = self.transport
-        back = Pipe(downstream, self.relays)      # the server may speak first: ready at once
+        relay = Relay(downstream, self.relays)
         try:
-            upstream, _ = await asyncio.wait_for(
-                loop.create_connection(lambda: back, *target), CONNECT_TIMEOUT)
+            await relay.connect(*target, CONNECT_TIMEOUT)
         except (OSError, asyncio.TimeoutError) as exc:
             reason = getattr(exc, "strerror", None) or "connect timed out"
             print(f"fastmesh sidecar: cannot relay to {target[0]}:{target[1]}: {reason}",
@@ -197,19 +163,11 @@ class Detector(asyncio.Protocol):
                 downstream.abort()
             return
         if downstream.is_closing():
-            upstream.close()
+            relay.server.transport.close()
             return
-        forth = Pipe(upstream, self.relays)
-        downstream.set_protocol(forth)
-        forth.connection_made(downstream)
-        if self.buffer:
-            upstream.write(bytes(self.buffer))
-        if self.eof:
-            forth.eof_received()
-        else:
-            downstream.resume_reading()
+        relay.start(bytes(self.buffer), self.eof)
 
 
 def close_relays(relays: set) -> None:
-    for transport in list(relays):
-        transport.close()
+    """Close every open relay (the sidecar's shutdown)."""
+    close_all(relays)

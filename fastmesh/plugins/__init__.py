@@ -87,6 +87,7 @@ _BUILTIN_MODULES = {
     "request-size-limiting": "fastmesh.plugins.request_size_limiting",
     "correlation-id": "fastmesh.plugins.correlation_id",
     "rate-limiting": "fastmesh.plugins.rate_limiting",
+    "mesh-authorization": "fastmesh.plugins.mesh_authorization",
 }
 BUILTINS = tuple(_BUILTIN_MODULES)
 
