@@ -400,23 +400,32 @@ def median_of(runs: list[dict], key: str) -> float | None:
     return statistics.median(vals) if vals else None
 
 
+def error_counts(t: Target, scenario_names) -> dict[str, int]:
+    """Responses with status >= 400, wrk socket errors and failed runs, summed over the runs
+    of some scenarios."""
+    errors = {"non2xx": 0, "socket": 0, "failed_runs": 0, "runs": 0}
+    for name in scenario_names:
+        for r in t.runs.get(name, []):
+            errors["runs"] += 1
+            if "error" in r:
+                errors["failed_runs"] += 1
+            else:
+                errors["non2xx"] += int(r["non2xx"])
+                errors["socket"] += int(r["socket_errors"])
+    return errors
+
+
 def summarize(rows: list[Target], scenario_names: list[str]) -> dict[str, dict]:
     out = {}
     for t in rows:
         s = {"failed": t.failed, "mem_idle": t.mem_idle, "mem_after": t.mem_after}
-        errors = {"non2xx": 0, "socket": 0, "failed_runs": 0, "runs": 0}
         for name in scenario_names:
             runs = t.runs.get(name, [])
             s[name] = {k: median_of(runs, k) for k in ("rps", "p50", "p99", "p999")}
             for r in runs:
-                errors["runs"] += 1
                 if "error" in r:
-                    errors["failed_runs"] += 1
                     s.setdefault("run_errors", []).append(r["error"])
-                else:
-                    errors["non2xx"] += int(r["non2xx"])
-                    errors["socket"] += int(r["socket_errors"])
-        s["errors"] = errors
+        s["errors"] = error_counts(t, scenario_names)
         out[t.name] = s
     return out
 
@@ -445,25 +454,52 @@ def _sigterm(signum, frame):
     raise KeyboardInterrupt
 
 
+def workdir(prefix: str) -> Path:
+    """A temp dir for the run's configs and logs, readable by nginx workers (they may run as
+    another user); end_workdir removes it."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    os.chmod(tmp, 0o755)
+    return tmp
+
+
+def end_workdir(tmp: Path, keep: bool) -> None:
+    """Remove the run's temp dir, or with `keep` (--keep-tmp) say where it stays."""
+    if keep:
+        print(f"configs and logs kept in {tmp}", file=sys.stderr)
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def start_upstream(tmp: Path, tools, ready_timeout: float,
+                   workers: int = 1) -> servers.Server | None:
+    """The nginx every row proxies to (`return 200 "ok"`, plain HTTP), started; None (said on
+    stderr) when it does not become ready."""
+    port = servers.free_port()
+    upstream = servers.nginx_server("upstream", servers.nginx_upstream_conf(tmp, port, workers),
+                                    port, tmp, tools["nginx"])
+    try:
+        upstream.start(ready_timeout)
+    except servers.StartError as e:             # start() has stopped it
+        print(f"the upstream nginx did not start: {e}", file=sys.stderr)
+        return None
+    except BaseException:                       # interrupted: not left running
+        upstream.stop()
+        raise
+    return upstream
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _sigterm)
     tools = ensure_tools(args.no_install)
     info = machine_info(tools)
     note = system_nginx_on_80()
-    tmp = Path(tempfile.mkdtemp(prefix="fastmesh-bench-"))
-    os.chmod(tmp, 0o755)          # nginx workers may run as another user
+    tmp = workdir("fastmesh-bench-")
     rows: list[Target] = []
     upstream = None
     try:
-        up_port = servers.free_port()
-        upstream = servers.nginx_server(
-            "upstream", servers.nginx_upstream_conf(tmp, up_port, args.upstream_workers),
-            up_port, tmp, tools["nginx"])
-        try:
-            upstream.start(args.ready_timeout)
-        except servers.StartError as e:
-            print(f"the upstream nginx did not start: {e}", file=sys.stderr)
+        upstream = start_upstream(tmp, tools, args.ready_timeout, args.upstream_workers)
+        if upstream is None:
             return 1
         if args.scenario == "compare":
             rows = compare_targets(args, tools, tmp, upstream)
@@ -498,10 +534,7 @@ def main(argv=None) -> int:
                 t.server.stop()
         if upstream is not None:
             upstream.stop()
-        if args.keep_tmp:
-            print(f"configs and logs kept in {tmp}", file=sys.stderr)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        end_workdir(tmp, args.keep_tmp)
 
 
 def write_json(path, args, info, rows, summary, commands) -> None:

@@ -50,7 +50,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import shutil
 import time
 import urllib.request
@@ -226,22 +225,7 @@ def haproxy_sidecar_conf(tmp: Path, name: str, pod: Pod, pods: list[Pod]) -> str
 backend svc_{service(j)}
     server {service(j)} {p.host}:{p.inbound}
 """ for j, p in enumerate(pods))
-    return f"""
-global
-    nbthread 1
-    maxconn 8192
-    pidfile {tmp}/{name}.pid
-
-defaults
-    mode http
-    option http-keep-alive
-    http-reuse always
-    timeout connect 5s
-    timeout client 30s
-    timeout server 30s
-    timeout http-keep-alive 30s
-    timeout http-request 10s
-
+    return servers.haproxy_common(tmp, name) + f"""
 frontend in
     bind {pod.bind}:{pod.inbound}
     default_backend app
@@ -654,8 +638,7 @@ def main(argv=None) -> int:
         if not shutil.which("curl"):
             print("--netns: curl is needed to probe the pods", file=sys.stderr)
             return 2
-    tmp = Path(tempfile.mkdtemp(prefix="fastmesh-chain-"))
-    os.chmod(tmp, 0o755)
+    tmp = compare.workdir("fastmesh-chain-")
     layouts: list[Layout] = []
     try:
         for name in args.layout_names:
@@ -702,10 +685,7 @@ def main(argv=None) -> int:
                 server.stop()
         for net in networks:
             net.close()
-        if args.keep_tmp:
-            print(f"configs and logs kept in {tmp}", file=sys.stderr)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        compare.end_workdir(tmp, args.keep_tmp)
 
 
 if __name__ == "__main__":

@@ -75,11 +75,12 @@ http {{{_nginx_http_common(tmp, "upstream")}
 
 
 def nginx_proxy_conf(tmp: Path, port: int, upstream_port: int, workers: int = 1,
-                     name: str = "proxy") -> str:
+                     name: str = "proxy", tls: str = "") -> str:
     """nginx as a reverse proxy with pooled keep-alive upstream connections (per worker).
 
     With several workers they share one listening socket (nginx's default: no `reuseport`,
-    accept_mutex off), as a stock nginx.conf does."""
+    accept_mutex off), as a stock nginx.conf does. `tls`: server lines (certificate, protocol)
+    that make it terminate TLS on `port` (nginx_tls_proxy_conf)."""
     return _nginx_common(tmp, name, workers) + f"""
 http {{{_nginx_http_common(tmp, name)}
     upstream backend {{
@@ -89,7 +90,7 @@ http {{{_nginx_http_common(tmp, name)}
         keepalive_timeout 60s;
     }}
     server {{
-        listen 127.0.0.1:{port} backlog=4096;
+        listen 127.0.0.1:{port}{' ssl' if tls else ''} backlog=4096;{tls}
         location / {{
             proxy_pass http://backend;
             proxy_http_version 1.1;
@@ -100,15 +101,16 @@ http {{{_nginx_http_common(tmp, name)}
 """
 
 
-def haproxy_conf(tmp: Path, port: int, upstream_port: int, threads: int = 1) -> str:
-    """HAProxy, `threads` threads (one process), HTTP mode, always reusing idle server
-    connections."""
+def haproxy_common(tmp: Path, name: str, threads: int = 1, settings: str = "") -> str:
+    """The global and defaults sections every HAProxy of the benches shares: `threads` threads
+    (one process), pidfile {tmp}/{name}.pid, HTTP mode, keep-alive, always reusing idle server
+    connections; `settings`: more global lines, each ending in a newline."""
     return f"""
 global
     nbthread {threads}
     maxconn 8192
-    pidfile {tmp}/haproxy.pid
-
+    pidfile {tmp}/{name}.pid
+{settings}
 defaults
     mode http
     option http-keep-alive
@@ -118,7 +120,13 @@ defaults
     timeout server 30s
     timeout http-keep-alive 30s
     timeout http-request 10s
+"""
 
+
+def haproxy_conf(tmp: Path, port: int, upstream_port: int, threads: int = 1) -> str:
+    """HAProxy, `threads` threads (one process), HTTP mode, always reusing idle server
+    connections."""
+    return haproxy_common(tmp, "haproxy", threads) + f"""
 frontend fe
     bind 127.0.0.1:{port}
     default_backend be
@@ -408,30 +416,13 @@ def nginx_tls_proxy_conf(tmp: Path, port: int, upstream_port: int, cert: Path, k
     cache = name.replace("-", "_")
     session = (f"ssl_session_cache shared:{cache}:10m; ssl_session_tickets on;" if resumption
                else "ssl_session_cache off; ssl_session_tickets off;")
-    return _nginx_common(tmp, name, 1) + f"""
-http {{{_nginx_http_common(tmp, name)}
-    upstream backend {{
-        server 127.0.0.1:{upstream_port};
-        keepalive 64;
-        keepalive_requests 1000000;
-        keepalive_timeout 60s;
-    }}
-    server {{
-        listen 127.0.0.1:{port} ssl backlog=4096;
+    return nginx_proxy_conf(tmp, port, upstream_port, 1, name, tls=f"""
         ssl_certificate {cert};
         ssl_certificate_key {key};
         ssl_protocols {TLS_PROTOCOL};
         ssl_conf_command Ciphersuites {TLS_SUITE};
         ssl_ecdh_curve {TLS_GROUP};
-        {session}
-        location / {{
-            proxy_pass http://backend;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-        }}
-    }}
-}}
-"""
+        {session}""")
 
 
 def haproxy_tls_conf(tmp: Path, port: int, upstream_port: int, chain: Path,
@@ -439,27 +430,13 @@ def haproxy_tls_conf(tmp: Path, port: int, upstream_port: int, chain: Path,
     """haproxy_conf's proxy (one thread, http-reuse always) terminating TLS on `port`;
     `chain` is the leaf and its key in one PEM file; `show info` on {tmp}/{name}.sock."""
     options = f"ssl-min-ver {TLS_PROTOCOL}" + ("" if resumption else " no-tls-tickets")
-    return f"""
-global
-    nbthread 1
-    maxconn 8192
-    pidfile {tmp}/{name}.pid
+    return haproxy_common(tmp, name, 1, f"""\
     stats socket {tmp}/{name}.sock
     ssl-default-bind-ciphersuites {TLS_SUITE}
     ssl-default-bind-curves {TLS_GROUP}
     ssl-default-bind-options {options}
 {'' if resumption else '    tune.ssl.cachesize 0'}
-
-defaults
-    mode http
-    option http-keep-alive
-    http-reuse always
-    timeout connect 5s
-    timeout client 30s
-    timeout server 30s
-    timeout http-keep-alive 30s
-    timeout http-request 10s
-
+""") + f"""
 frontend fe
     bind 127.0.0.1:{port} ssl crt {chain} alpn http/1.1
     default_backend be
@@ -472,17 +449,10 @@ backend be
 def fastmesh_tls_conf(upstream_port: int, tls_port: int, cert: Path, key: Path) -> str:
     """fastmesh_conf's one route, served on a TLS listener (`listeners`, `certificates`); the
     plain listener stays where --listen puts it."""
-    return f"""_format_version: "1"
-listeners:
+    return fastmesh_conf(upstream_port) + f"""listeners:
   - {{listen: "127.0.0.1:{tls_port}", tls: true}}
 certificates:
   - {{cert: {_q(str(cert))}, key: {_q(str(key))}}}
-services:
-  - name: bench
-    url: http://127.0.0.1:{upstream_port}
-    routes:
-      - name: all
-        paths: [/]
 """
 
 

@@ -40,14 +40,12 @@ import argparse
 import json
 import os
 import shlex
-import shutil
 import signal
 import socket
 import ssl
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -323,76 +321,53 @@ def summarize(rows: list[Row]) -> dict:
     return summary
 
 
-def scenario_errors(row: Row, scenarios) -> dict:
-    """compare.summarize's error counts, for some scenarios only."""
-    errors = {"non2xx": 0, "socket": 0, "failed_runs": 0, "runs": 0}
-    for scenario in scenarios:
-        for r in row.runs.get(scenario, []):
-            errors["runs"] += 1
-            if "error" in r:
-                errors["failed_runs"] += 1
-            else:
-                errors["non2xx"] += int(r["non2xx"])
-                errors["socket"] += int(r["socket_errors"])
-    return errors
-
-
-def _header(head: list[str]) -> list[str]:
-    return ["| " + " | ".join(head) + " |",
-            "|" + "|".join(["---"] + ["---:"] * (len(head) - 2) + ["---"]) + "|"]
-
-
-def _failed(row: Row, s: dict, width: int) -> str | None:
-    if s["failed"]:
-        return f"| {row.name} | {_cell(s['failed'])} |" + " |" * (width - 2)
-    return None
+def _table(rows: list[Row], summary: dict, head: list[str], cells) -> list[str]:
+    """A markdown table, a line a row: `cells(row, its summary)`, or for a row that did not
+    start, why not."""
+    out = ["| " + " | ".join(head) + " |",
+           "|" + "|".join(["---"] + ["---:"] * (len(head) - 2) + ["---"]) + "|"]
+    for row in rows:
+        s = summary[row.name]
+        if s["failed"]:
+            out.append(f"| {row.name} | {_cell(s['failed'])} |" + " |" * (len(head) - 2))
+        else:
+            out.append("| " + " | ".join(cells(row, s)) + " |")
+    return out
 
 
 def keepalive_table(rows: list[Row], summary: dict, conns: int) -> list[str]:
     head = ["target", f"req/s (-c{conns})", "vs nginx", "vs direct", "CPU µs/req",
             "-c1 p50 µs", "-c1 p99 µs", "added p50 µs", "added p99 µs",
             "added p50 vs nginx µs", "errors"]
-    out = _header(head)
-    for row in rows:
-        s = summary[row.name]
-        failed = _failed(row, s, len(head))
-        if failed:
-            out.append(failed)
-            continue
+
+    def cells(row: Row, s: dict) -> list[str]:
         tp, lat = s.get("throughput") or {}, s.get("latency") or {}
         direct = row.name == "direct"
-        out.append("| " + " | ".join([
-            row.name + (" (plain HTTP)" if direct else " (HTTPS)"),
-            _num(tp.get("rps")), _ratio(s["vs_baseline"]), _ratio(s["vs_direct"]),
-            _num(tp.get("cpu_us"), "{:,.1f}"), _num(lat.get("p50")), _num(lat.get("p99")),
-            DASH if direct else _signed(s["added_p50"]),
-            DASH if direct else _signed(s["added_p99"]),
-            DASH if direct else _signed(s["added_p50_vs_nginx"]),
-            _errors(scenario_errors(row, ("throughput", "latency")))]) + " |")
-    return out
+        return [row.name + (" (plain HTTP)" if direct else " (HTTPS)"),
+                _num(tp.get("rps")), _ratio(s["vs_baseline"]), _ratio(s["vs_direct"]),
+                _num(tp.get("cpu_us"), "{:,.1f}"), _num(lat.get("p50")), _num(lat.get("p99")),
+                DASH if direct else _signed(s["added_p50"]),
+                DASH if direct else _signed(s["added_p99"]),
+                DASH if direct else _signed(s["added_p50_vs_nginx"]),
+                _errors(compare.error_counts(row, ("throughput", "latency")))]
+    return _table(rows, summary, head, cells)
 
 
 def handshake_table(rows: list[Row], summary: dict, conns: int) -> list[str]:
     head = ["target", f"full handshakes/s (-c{conns})", "vs nginx", "CPU µs/handshake",
             "resumed handshakes/s", "vs nginx", "CPU µs/resumed", "errors"]
-    out = _header(head)
-    for row in rows:
-        s = summary[row.name]
-        failed = _failed(row, s, len(head))
-        if failed:
-            out.append(failed)
-            continue
+
+    def cells(row: Row, s: dict) -> list[str]:
         hs, rs = s.get("handshake") or {}, s.get("resumed") or {}
         if row.name == "direct":
-            cells = ["direct (plain HTTP: new TCP connections)", _num(hs.get("rps")), DASH,
-                     _num(hs.get("cpu_us"), "{:,.1f}"), DASH, DASH, DASH]
+            values = ["direct (plain HTTP: new TCP connections)", _num(hs.get("rps")), DASH,
+                      _num(hs.get("cpu_us"), "{:,.1f}"), DASH, DASH, DASH]
         else:
-            cells = [f"{row.name} (HTTPS)", _num(hs.get("rps")), _ratio(s["handshake_vs_nginx"]),
-                     _num(hs.get("cpu_us"), "{:,.1f}"), _num(rs.get("rps")),
-                     _ratio(s["resumed_vs_nginx"]), _num(rs.get("cpu_us"), "{:,.1f}")]
-        out.append("| " + " | ".join(
-            cells + [_errors(scenario_errors(row, ("handshake", "resumed")))]) + " |")
-    return out
+            values = [f"{row.name} (HTTPS)", _num(hs.get("rps")), _ratio(s["handshake_vs_nginx"]),
+                      _num(hs.get("cpu_us"), "{:,.1f}"), _num(rs.get("rps")),
+                      _ratio(s["resumed_vs_nginx"]), _num(rs.get("cpu_us"), "{:,.1f}")]
+        return values + [_errors(compare.error_counts(row, ("handshake", "resumed")))]
+    return _table(rows, summary, head, cells)
 
 
 def checks_table(rows: list[Row], summary: dict) -> list[str]:
@@ -484,19 +459,13 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, compare._sigterm)
     tools = compare.ensure_tools(args.no_install)
     info = compare.machine_info(tools)
-    tmp = Path(tempfile.mkdtemp(prefix="fastmesh-tls-bench-"))
-    os.chmod(tmp, 0o755)                  # nginx workers may run as another user
+    tmp = compare.workdir("fastmesh-tls-bench-")
     rows: list[Row] = []
     upstream = None
     try:
         cert = certs.make(tmp)
-        up_port = servers.free_port()
-        upstream = servers.nginx_server("upstream", servers.nginx_upstream_conf(tmp, up_port),
-                                        up_port, tmp, tools["nginx"])
-        try:
-            upstream.start(args.ready_timeout)
-        except servers.StartError as exc:
-            print(f"the upstream nginx did not start: {exc}", file=sys.stderr)
+        upstream = compare.start_upstream(tmp, tools, args.ready_timeout)
+        if upstream is None:
             return 1
         rows = start_rows(args, tools, tmp, cert, upstream)
         for row in rows:
@@ -527,10 +496,7 @@ def main(argv=None) -> int:
                     server.stop()
         if upstream is not None:
             upstream.stop()
-        if args.keep_tmp:
-            print(f"configs and logs kept in {tmp}", file=sys.stderr)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        compare.end_workdir(tmp, args.keep_tmp)
 
 
 if __name__ == "__main__":

@@ -378,6 +378,18 @@ def read_request_head(conn: socket.socket) -> bytes:
     return buf
 
 
+def next_request_head(conn: socket.socket, buf: bytes) -> tuple[bytes, bytes] | None:
+    """For keep-alive upstreams: the next request head on `conn`, `buf` being what was read
+    after the previous one; (head without CRLFCRLF, the bytes after it), or None at EOF."""
+    while b"\r\n\r\n" not in buf:
+        data = conn.recv(65536)
+        if not data:
+            return None
+        buf += data
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    return head, rest
+
+
 @pytest.fixture
 def scripted():
     """Factory: scripted(handler) starts a ScriptedUpstream, stopped at teardown."""

@@ -16,14 +16,16 @@ import subprocess
 import threading
 import time
 import warnings
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 
 from conftest import Proc, fastmesh_cmd, free_port, wait_until
-from test_mesh_sidecar import Mesh, admin_get, file_mesh, mesh  # noqa: F401  (fixtures)
+from test_mesh_sidecar import (  # noqa: F401  (mesh, file_mesh: fixtures)
+    Mesh, ThreadedApp, admin_get, answer_json, file_mesh, mesh, outbound_call,
+)
 
 TD = "example.org"
 
@@ -66,7 +68,7 @@ def serial_of(path: Path) -> int:
 
 # -- apps that say what reached them ------------------------------------------------------------
 
-class PeerApp:
+class PeerApp(ThreadedApp):
     """Answers {"service", "method", "path", "host", "peer", "xfcc", "proto"} to any method; with
     `calls` = (service, outbound port) it first calls that service through its sidecar and
     nests the answer under "next"."""
@@ -90,37 +92,15 @@ class PeerApp:
                 status = 200
                 if app.calls is not None:
                     name, port = app.calls
-                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-                    try:
-                        conn.request("GET", self.path, headers={"Host": name})
-                        resp = conn.getresponse()
-                        status = resp.status
-                        answer["next"] = json.loads(resp.read())
-                    finally:
-                        conn.close()
-                data = json.dumps(answer).encode()
-                self.wfile.write(b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\n"
-                                 b"Content-Length: %d\r\n\r\n%s" % (status, len(data), data))
+                    status, answer["next"] = outbound_call(port, name, self.path)
+                answer_json(self, status, answer)
 
             do_GET = do_POST = do_DELETE = do_PUT = _answer
 
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever,
-                                       kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
-        self.stopped = False
-
-    def stop(self) -> None:
-        if not self.stopped:
-            self.stopped = True
-            self.server.shutdown()
-            self.server.server_close()
-            self.thread.join(timeout=5)
+        self.serve(Handler)
 
 
 def pod(mesh_: Mesh, service: str, *extra: str, calls=None, outbound=None, **kw):
@@ -197,16 +177,6 @@ def plain_request(port: int, path: str = "/", headers: dict | None = None) -> by
 
 def handshakes(sidecar) -> dict:
     return sidecar.status()["mtls"]["handshakes"]
-
-
-def outbound_call(port: int, service: str, path: str = "/") -> tuple[int, dict]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        conn.request("GET", path, headers={"Host": service})
-        resp = conn.getresponse()
-        return resp.status, json.loads(resp.read())
-    finally:
-        conn.close()
 
 
 # -- the chain -----------------------------------------------------------------------------------
@@ -312,12 +282,8 @@ def test_outbound_refuses_an_instance_that_is_not_the_service_meant(file_mesh, c
     file_mesh.path.write_text(json.dumps({"services": {"b": [{
         "address": f"127.0.0.1:{impostor.inbound}", "metadata": {"fastmesh.mtls": "strict"}}]}}))
     wait_until(lambda: "b" in a.status()["destinations"], 5, "a never saw b")
-    conn = http.client.HTTPConnection("127.0.0.1", a.outbound, timeout=10)
-    conn.request("GET", "/", headers={"Host": "b"})
-    resp = conn.getresponse()
-    body = json.loads(resp.read())
-    conn.close()
-    assert resp.status == 502
+    status, body = outbound_call(a.outbound, "b")
+    assert status == 502
     assert "identity rejected" in body["message"] and spiffe("b") in body["message"]
     assert handshakes(impostor)["tls"] >= 1             # the handshake itself was fine
 

@@ -26,7 +26,48 @@ TTL = "3"                   # registration TTL of the test sidecars (heartbeat e
 
 # -- the pods ------------------------------------------------------------------------------------
 
-class App:
+class ThreadedApp:
+    """What every test app shares: `serve(Handler)` answers on a free loopback port from daemon
+    threads of this process until stop() (idempotent)."""
+
+    def serve(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever,
+                                       kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+        self.stopped = False
+
+    def stop(self) -> None:
+        if not self.stopped:
+            self.stopped = True
+            self.server.shutdown()
+            self.server.server_close()
+            self.thread.join(timeout=5)
+
+
+def outbound_call(port: int, service: str, path: str = "/") -> tuple[int, dict]:
+    """GET `path` from `service` through a sidecar's outbound listener on `port`, as an app
+    does: (status, JSON answer)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path, headers={"Host": service})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def answer_json(handler: BaseHTTPRequestHandler, status: int, answer: dict) -> None:
+    """Head and body in one write, as most servers do for a small response: a pod killed
+    mid-response is a truncated response no retry can repair."""
+    data = json.dumps(answer).encode()
+    handler.wfile.write(b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: %d\r\n\r\n%s" % (status, len(data), data))
+
+
+class App(ThreadedApp):
     """A tiny app: answers {"service", "instance", "host", "path"}; with `calls` set to
     (service, outbound port) it first calls that service through the sidecar and nests the
     answer under "next" (with its status)."""
@@ -50,37 +91,13 @@ class App:
                 status = 200
                 if app.calls is not None:
                     name, port = app.calls
-                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-                    try:
-                        conn.request("GET", self.path, headers={"Host": name})
-                        resp = conn.getresponse()
-                        status = resp.status
-                        answer["next"] = json.loads(resp.read())
-                    finally:
-                        conn.close()
-                data = json.dumps(answer).encode()
-                # Head and body in one write, as most servers do for a small response: a pod
-                # killed mid-response is a truncated response no retry can repair.
-                self.wfile.write(b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\n"
-                                 b"Content-Length: %d\r\n\r\n%s" % (status, len(data), data))
+                    status, answer["next"] = outbound_call(port, name, self.path)
+                answer_json(self, status, answer)
 
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever,
-                                       kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
-        self.stopped = False
-
-    def stop(self) -> None:
-        if not self.stopped:
-            self.stopped = True
-            self.server.shutdown()
-            self.server.server_close()
-            self.thread.join(timeout=5)
+        self.serve(Handler)
 
 
 class Sidecar:

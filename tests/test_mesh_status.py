@@ -13,7 +13,7 @@ import signal
 import subprocess
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 import yaml
@@ -21,11 +21,11 @@ import yaml
 from conftest import fastmesh_cmd, free_port, get
 from fastmesh.mesh import status
 from test_mesh_sidecar import (  # noqa: F401  (mesh, file_mesh: the same fixtures)
-    admin_get, file_mesh, instance_key, mesh, wait_until,
+    ThreadedApp, admin_get, file_mesh, instance_key, mesh, wait_until,
 )
 
 
-class StatusApp:
+class StatusApp(ThreadedApp):
     """An app that answers GET /status/NNN with status NNN (anything else: 200), body `{}`."""
 
     def __init__(self):
@@ -40,17 +40,7 @@ class StatusApp:
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever,
-                                       kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
+        self.serve(Handler)
 
 
 @pytest.fixture

@@ -61,6 +61,12 @@ def start(gateway, cfg: dict, *extra: str):
     return proc
 
 
+def reload(proc, cfg: dict) -> None:
+    """Write `cfg` over the gateway's config file and signal it to reload (SIGHUP)."""
+    proc.config_path.write_text(yaml.safe_dump(cfg))
+    os.kill(proc.pid, signal.SIGHUP)
+
+
 def connect(port: int) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT)
     sock.settimeout(IO_TIMEOUT)
@@ -492,16 +498,14 @@ def test_reload_adds_a_stream_and_keeps_the_unchanged_one(gateway, scripted):
         assert kept.recv(100) == b"E:before"
         cfg["streams"].append({"name": "two", "listen": f"127.0.0.1:{second}",
                                "address": f"127.0.0.1:{up.port}"})
-        proc.config_path.write_text(yaml.safe_dump(cfg))
-        os.kill(proc.pid, signal.SIGHUP)
+        reload(proc, cfg)
         wait_for_port(second, proc.proc)
         assert exchange(second, b"new") == b"E:new"
         kept.sendall(b"after")                        # the unchanged stream kept its connection
         assert kept.recv(100) == b"E:after"
     assert exchange(first, b"still") == b"E:still"
     del cfg["streams"][0]                             # removing a stream closes its listener
-    proc.config_path.write_text(yaml.safe_dump(cfg))
-    os.kill(proc.pid, signal.SIGHUP)
+    reload(proc, cfg)
 
     def refused() -> bool:
         try:
@@ -558,8 +562,7 @@ def test_reload_changing_a_destination_keeps_the_listener_and_its_connections(ga
         kept.sendall(b"a")
         assert kept.recv(10) == b"O:a"
         cfg["streams"][0]["address"] = f"127.0.0.1:{new.port}"
-        proc.config_path.write_text(yaml.safe_dump(cfg))
-        os.kill(proc.pid, signal.SIGHUP)
+        reload(proc, cfg)
         wait_until(lambda: exchange(port, b"b") == b"N:b", 10, "new connections never moved")
         kept.sendall(b"c")                            # the open one stays where it was
         assert kept.recv(10) == b"O:c"

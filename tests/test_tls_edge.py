@@ -492,27 +492,3 @@ def test_certificate_paths_are_relative_to_the_config_file(pki, tmp_path):
     shutil.copyfile(pki.issue("api-v2", "api.example.com")[0], tmp_path / "certs" / "api.pem")
     shutil.copyfile(pki.files["api-v2"][1], tmp_path / "certs" / "api.key")
     assert load_config(str(path)).version != loaded.version
-
-
-# --- measured, not asserted -------------------------------------------------------------------
-
-def test_full_handshake_time_is_reported(tls_gateway, pki, capsys):
-    gw = tls_gateway()
-    ctx = pki.client()
-    rounds = 50
-    started = time.perf_counter()
-    for _ in range(rounds):
-        with TLSClient(gw.tls_port, ctx):
-            pass
-    full = (time.perf_counter() - started) / rounds
-    with TLSClient(gw.tls_port, ctx) as first:
-        first.request()
-        session = first.sock.session
-    started = time.perf_counter()
-    for _ in range(rounds):
-        with TLSClient(gw.tls_port, ctx, session=session) as c:
-            assert c.sock.session_reused
-    resumed = (time.perf_counter() - started) / rounds
-    with capsys.disabled():
-        print(f"\nTLS 1.3 handshake incl. TCP connect (client and gateway on this machine): "
-              f"full {full * 1e3:.2f} ms, resumed {resumed * 1e3:.2f} ms")

@@ -20,7 +20,10 @@ import time
 import pytest
 import yaml
 
-from conftest import ROOT, RawClient, config, fastmesh_cmd, get, service, wait_until
+from conftest import (
+    ROOT, RawClient, ScriptedUpstream, config, fastmesh_cmd, get, next_request_head, service,
+    wait_until,
+)
 from test_supervisor import ops  # noqa: F401  (fixture: a gateway with its own admin port)
 
 trustme = pytest.importorskip("trustme")
@@ -34,7 +37,7 @@ FAST = {"connect_timeout": "5s", "read_timeout": "5s"}
 
 # --- a real TLS upstream ----------------------------------------------------------------------
 
-class TLSUpstream:
+class TLSUpstream(ScriptedUpstream):
     """A TLS HTTP/1.1 upstream in threads. Every request gets 200 and JSON with what it saw:
     path, SNI name, the client certificate's SANs, the connection's index and the request's
     index on it. Keep-alive unless the request says `Connection: close`."""
@@ -49,92 +52,63 @@ class TLSUpstream:
         ctx.sni_callback = self._sni
         self.ctx = ctx
         self.sni: dict[int, str | None] = {}           # id(ssl socket) -> name sent
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
-        self.connections = 0        # TCP connections accepted
         self.handshakes = 0         # TLS handshakes completed
         self.failed_handshakes: list[str] = []
         self.seen: list[dict] = []  # one per request
         self.lock = threading.Lock()
         self.open: list[socket.socket] = []
-        self.threads: list[threading.Thread] = []
-        self.stopped = threading.Event()
-        self.accepter = threading.Thread(target=self._accept, daemon=True)
-        self.accepter.start()
+        super().__init__(self._serve)      # counts the TCP connections it accepts
 
     def _sni(self, sslobj, name, ctx):
         self.sni[id(sslobj)] = name
 
-    def _accept(self):
-        while not self.stopped.is_set():
-            try:
-                raw, _ = self.sock.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            with self.lock:
-                index = self.connections
-                self.connections += 1
-                self.open.append(raw)
-            t = threading.Thread(target=self._serve, args=(raw, index), daemon=True)
-            t.start()
-            self.threads.append(t)
-
     def _serve(self, raw: socket.socket, index: int):
-        raw.settimeout(10)
+        with self.lock:
+            self.open.append(raw)
         try:
-            try:
-                conn = self.ctx.wrap_socket(raw, server_side=True)
-            except (ssl.SSLError, OSError) as exc:
-                with self.lock:
-                    self.failed_handshakes.append(str(exc))
-                return
+            conn = self.ctx.wrap_socket(raw, server_side=True)
+        except (ssl.SSLError, OSError) as exc:
             with self.lock:
-                self.handshakes += 1
-            sni = self.sni.get(id(conn))
-            peer = conn.getpeercert() or {}
-            client_san = [list(pair) for pair in peer.get("subjectAltName", ())]
-            buf, request = b"", 0
-            while True:
-                while b"\r\n\r\n" not in buf:
-                    data = conn.recv(65536)
-                    if not data:
-                        return
-                    buf += data
-                head, _, buf = buf.partition(b"\r\n\r\n")
-                lines = head.decode("latin-1").split("\r\n")
-                headers = {k.strip().lower(): v.strip() for k, _, v in
-                           (line.partition(":") for line in lines[1:])}
-                length = int(headers.get("content-length", "0"))
-                while len(buf) < length:
-                    data = conn.recv(65536)
-                    if not data:
-                        return
-                    buf += data
-                buf = buf[length:]
-                seen = {"path": lines[0].split(" ")[1], "sni": sni, "client_san": client_san,
-                        "connection": index, "request": request,
-                        "host": headers.get("host"), "proto": headers.get("x-forwarded-proto")}
-                with self.lock:
-                    self.seen.append(seen)
-                request += 1
-                body = json.dumps(seen).encode()
-                close = headers.get("connection", "").lower() == "close"
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                             b"Content-Length: %d\r\n%s\r\n%s"
-                             % (len(body), b"Connection: close\r\n" if close else b"", body))
-                if close:
+                self.failed_handshakes.append(str(exc))
+            return
+        with self.lock:
+            self.handshakes += 1
+        sni = self.sni.get(id(conn))
+        peer = conn.getpeercert() or {}
+        client_san = [list(pair) for pair in peer.get("subjectAltName", ())]
+        buf, request = b"", 0
+        while True:
+            found = next_request_head(conn, buf)
+            if found is None:
+                return
+            head, buf = found
+            lines = head.decode("latin-1").split("\r\n")
+            headers = {k.strip().lower(): v.strip() for k, _, v in
+                       (line.partition(":") for line in lines[1:])}
+            length = int(headers.get("content-length", "0"))
+            while len(buf) < length:
+                data = conn.recv(65536)
+                if not data:
                     return
-        except OSError:
-            pass
-        finally:
-            raw.close()
+                buf += data
+            buf = buf[length:]
+            seen = {"path": lines[0].split(" ")[1], "sni": sni, "client_san": client_san,
+                    "connection": index, "request": request,
+                    "host": headers.get("host"), "proto": headers.get("x-forwarded-proto")}
+            with self.lock:
+                self.seen.append(seen)
+            request += 1
+            body = json.dumps(seen).encode()
+            close = headers.get("connection", "").lower() == "close"
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n%s\r\n%s"
+                         % (len(body), b"Connection: close\r\n" if close else b"", body))
+            if close:
+                return
 
     def stop(self):
+        """Stop accepting, then end the connections still open (the gateway's pooled ones),
+        so no serving thread waits out its read timeout."""
         self.stopped.set()
         self.sock.close()
         self.accepter.join(timeout=2)
@@ -144,8 +118,7 @@ class TLSUpstream:
                     raw.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
-        for t in self.threads:
-            t.join(timeout=2)
+        super().stop()
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ from fastmesh.config.model import (
 from fastmesh.config.operations import access_log_target, read_admin, read_tracing
 from fastmesh.config.upstreams import read_upstreams, upstreams_version
 from fastmesh.config.plugins import plugins_version, read_consumers, read_plugins
-from fastmesh.config.tls import read_route_protocols, read_tls, tls_version
+from fastmesh.config.tls import read_route_protocols, read_tls, tls_version, wildcard_name
 from fastmesh.config.streams import read_streams, streams_version
 from fastmesh.upstream_tls import TLS_FIELDS, check_upstream_tls, read_service_tls
 from fastmesh.config.schema import (
@@ -398,11 +398,9 @@ def check_unique(fields: Fields, entity_name: str | None, first_seen: dict[str, 
 def route_host(value: object) -> str:
     """A Host to match: name or "*.name" wildcard (leading label only) or IP literal; no port."""
     text = string(value)
-    if text.startswith("*."):
-        return "*." + hostname(text[2:])
-    if "*" in text:
-        raise Invalid("a wildcard is allowed only as the leading label, as in '*.example.com', "
-                      f"found {text!r}")
+    wildcard = wildcard_name(text)
+    if wildcard is not None:
+        return wildcard
     if not text:
         raise Invalid("host must not be empty")
     address = ip_literal(text[1:-1] if text.startswith("[") and text.endswith("]") else text)

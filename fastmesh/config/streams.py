@@ -222,7 +222,8 @@ def read_destination(fields: Fields, known: list[str],
 
 
 def connect_address(value: object) -> tuple[str, int]:
-    """'host:port' or '[v6]:port' to connect to -> (host without brackets, port)."""
+    """'host:port' or '[v6]:port' to connect to -> (host without brackets, port); also a
+    registry instance's address (fastmesh.mesh.registry.instance_address)."""
     text = string(value)
     host_part, port_part = split_host_port(text)
     if not host_part or port_part is None:

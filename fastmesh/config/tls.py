@@ -183,14 +183,23 @@ def pem_path(base: str):
     return parse
 
 
-def sni_name(value: object) -> str:
-    """A host name or a `*.name` wildcard (the leading label only), lower-cased."""
-    text = string(value)
+def wildcard_name(text: str) -> str | None:
+    """`*.name` checked and lower-cased (a wildcard is the whole leading label, as certificates
+    and route hosts both have it); None for a name without one."""
     if text.startswith("*."):
         return "*." + hostname(text[2:])
     if "*" in text:
         raise Invalid("a wildcard is allowed only as the leading label, as in '*.example.com', "
                       f"found {text!r}")
+    return None
+
+
+def sni_name(value: object) -> str:
+    """A host name or a `*.name` wildcard (the leading label only), lower-cased."""
+    text = string(value)
+    wildcard = wildcard_name(text)
+    if wildcard is not None:
+        return wildcard
     if not text:
         raise Invalid("SNI must not be empty")
     return hostname(text)

@@ -374,27 +374,9 @@ class CA:
         if not_after <= now:
             raise CAError(f"the CA's root expired at {_utc(self.not_after).isoformat()}")
         cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fastmesh"),
-                                     x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME,
-                                                        self.trust_domain)]))
-            .issuer_name(self.cert.subject)
-            .public_key(public_key)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(_utc(now - CLOCK_SKEW))
-            .not_valid_after(_utc(not_after))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
-                                                  ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity)]),
-                           critical=False)
+            self._below_root(public_key, now, not_after, [x509.UniformResourceIdentifier(identity)],
+                             [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
-                self._key.public_key()), critical=False)
             .sign(self._key, hashes.SHA256()))
         return cert.public_bytes(serialization.Encoding.PEM)
 
@@ -412,27 +394,35 @@ class CA:
                 sans.append(x509.DNSName(name))
         now = time.time()
         cert = (
+            self._below_root(key.public_key(), now, min(now + _ttl(ttl), self.not_after), sans,
+                             [ExtendedKeyUsageOID.SERVER_AUTH])
+            .sign(self._key, hashes.SHA256()))
+        return cert.public_bytes(serialization.Encoding.PEM), private_key_pem(key)
+
+    def _below_root(self, public_key, now: float, not_after: float, sans: list,
+                    usages: list) -> x509.CertificateBuilder:
+        """What every leaf this CA signs has: subject O=fastmesh, OU=<trust domain>, a
+        random serial, valid from CLOCK_SKEW before `now`, no CA rights, a signature-only key,
+        these names and extended key usages, and the root's key id."""
+        return (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fastmesh"),
                                      x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME,
                                                         self.trust_domain)]))
             .issuer_name(self.cert.subject)
-            .public_key(key.public_key())
+            .public_key(public_key)
             .serial_number(x509.random_serial_number())
             .not_valid_before(_utc(now - CLOCK_SKEW))
-            .not_valid_after(_utc(min(now + _ttl(ttl), self.not_after)))
+            .not_valid_after(_utc(not_after))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.KeyUsage(
                 digital_signature=True, content_commitment=False, key_encipherment=False,
                 data_encipherment=False, key_agreement=False, key_cert_sign=False,
                 crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
-                           critical=False)
+            .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
-                self._key.public_key()), critical=False)
-            .sign(self._key, hashes.SHA256()))
-        return cert.public_bytes(serialization.Encoding.PEM), private_key_pem(key)
+                self._key.public_key()), critical=False))
 
     # --- bootstrap tokens ---
 

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 from fastmesh.config.schema import (
-    Fields, Invalid, Issues, address_host, hostname, integer, port_number, split_host_port, string,
+    Fields, Invalid, Issues, hostname, integer, string,
 )
+from fastmesh.config.streams import connect_address
 
 INSTANCE_FIELDS = ("service", "id", "address", "zone", "version", "weight", "metadata")
 DEFAULT_WEIGHT = 100
@@ -75,13 +76,9 @@ def instance_id(value: object) -> str:
     return text
 
 
-def instance_address(value: object) -> tuple[str, int]:
-    """'10.0.0.5:15006', '[fd00::5]:15006' or 'pod-b.local:15006' -> (host, port)."""
-    text = string(value)
-    host_part, port_part = split_host_port(text)
-    if not host_part or port_part is None:
-        raise Invalid(f"expected 'host:port' or '[ipv6]:port', found {text!r}")
-    return address_host(host_part), port_number(port_part)
+# An instance's address ('10.0.0.5:15006', '[fd00::5]:15006', 'pod-b.local:15006') is read as a
+# stream's: instance_address(value) -> (host, port).
+instance_address = connect_address
 
 
 def _label(value: object) -> str:
