@@ -23,6 +23,21 @@ from fastmesh.config.model import ConfigIssue
 Parser = Callable[[Any], Any]
 
 
+def entities_version(base: str, **entities: tuple) -> str:
+    """The config version `base` extended with lists of entity dataclasses (upstreams, streams,
+    listeners, ...): `base` itself when every list is empty, so a config without them keeps its
+    version; else 12 hex digits of a SHA-256 over a canonical JSON of everything."""
+    if not any(entities.values()):
+        return base
+    import dataclasses
+    import hashlib
+    import json
+    canonical = json.dumps({"base": base, **{kind: [dataclasses.asdict(e) for e in values]
+                                             for kind, values in entities.items()}},
+                           sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
 class Invalid(Exception):
     """One bad value; `message` says what was expected and what was found."""
 

@@ -29,14 +29,11 @@ Semantics the rest of the code relies on (fastmesh.streams):
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass
 
 from fastmesh.config.schema import (
-    Fields, Invalid, address_host, duration, listen_address, name, port_number, split_host_port,
-    string,
+    Fields, Invalid, address_host, duration, entities_version, listen_address, name, port_number,
+    split_host_port, string,
 )
 from fastmesh.config.tls import bind_address, overlaps, sni_name
 
@@ -112,11 +109,7 @@ def read_streams(top: Fields, upstreams: list, gateway) -> tuple[Stream, ...]:
 
 def streams_version(base: str, streams: tuple[Stream, ...]) -> str:
     """The config version including streams; unchanged when there are none."""
-    if not streams:
-        return base
-    canonical = json.dumps({"base": base, "streams": [dataclasses.asdict(s) for s in streams]},
-                           sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+    return entities_version(base, streams=streams)
 
 
 def _taken_addresses(top: Fields, gateway) -> list[tuple[tuple[str, int], str]]:

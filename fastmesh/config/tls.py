@@ -27,15 +27,13 @@ Semantics the rest of the code relies on:
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import ipaddress
-import json
 import os
 from dataclasses import dataclass
 
 from fastmesh.config.schema import (
-    Fields, Invalid, boolean, hostname, listen_address, split_host_port, string,
+    Fields, Invalid, boolean, entities_version, hostname, listen_address, split_host_port, string,
 )
 
 LISTENER_FIELDS = ("listen", "tls")
@@ -62,13 +60,7 @@ class Certificate:
 
 def tls_version(base: str, listeners: tuple, certificates: tuple) -> str:
     """The config version including listeners and certificates; unchanged when there are none."""
-    if not listeners and not certificates:
-        return base
-    canonical = json.dumps({"base": base,
-                            "listeners": [dataclasses.asdict(x) for x in listeners],
-                            "certificates": [dataclasses.asdict(c) for c in certificates]},
-                           sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+    return entities_version(base, listeners=listeners, certificates=certificates)
 
 
 def first_tls_port(listeners: tuple) -> int:

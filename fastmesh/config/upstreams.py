@@ -36,16 +36,14 @@ Semantics the rest of the code relies on:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastmesh.config.schema import (
-    Fields, Invalid, address_host, duration, hostname, integer, name, port_number,
-    split_host_port, string, token,
+    Fields, Invalid, address_host, duration, entities_version, hostname, integer, name,
+    port_number, split_host_port, string, token,
 )
 
 ALGORITHMS = ("round-robin", "least-connections", "consistent-hashing", "p2c-ewma")
@@ -173,11 +171,7 @@ def link_services(services: list, upstreams: list[Upstream]) -> list:
 
 def upstreams_version(base: str, upstreams: list[Upstream]) -> str:
     """The config version including upstreams; unchanged when there are none."""
-    if not upstreams:
-        return base
-    canonical = json.dumps({"base": base, "upstreams": [dataclasses.asdict(u) for u in upstreams]},
-                           sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+    return entities_version(base, upstreams=upstreams)
 
 
 # --- one upstream -----------------------------------------------------------------------------
