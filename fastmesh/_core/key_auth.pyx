@@ -1,27 +1,49 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
 """The key-auth plugin's data path (native): key lookup and identity headers without Python calls
-beyond one SHA-256 and one dict lookup.
+beyond one dict lookup for a key seen before (one SHA-256 and two lookups the first time).
 
 Config parsing, consumers and the anonymous fallback stay in fastmesh/plugins/key_auth.py and
 fastmesh/plugins/identity.py; `compile()` hands this class the tables it needs. The identity
-headers a consumer gets are precomputed per credential, so authenticating a request is: find the
-key header, hash, look up, drop any client copies of the identity headers, append ours.
+headers a consumer gets are precomputed per credential as one block of header lines, so
+authenticating a request is: find the key header, look up, drop any client copies of the
+identity headers, append ours.
+
+**Why a cache of presented keys, and why it is safe.** Hashing the key with SHA-256 on every
+request was the largest part of key-auth's cost (a hashlib object, a digest object, ~0.5 µs).
+The stored credentials stay hashed (`keys`: SHA-256 digest -> consumer). A key that *matched*
+is remembered in `recent` (presented bytes -> the same entry), so a client that repeats its key
+(every keep-alive request) costs one dict lookup. What this changes:
+- Only keys that matched a credential are cached, so a client cannot fill the cache with
+  guesses, and only in the form they are stored in (no surrounding blanks, at most
+  `RECENT_KEY_MAX` bytes), so one valid key cannot be padded into many entries: at most one
+  entry per credential, `RECENT_MAX` entries (emptied when full), in one plugin instance,
+  which a reload replaces (credentials removed by a reload are forgotten with it).
+- Timing: a lookup in `recent` hashes the presented bytes with the interpreter's keyed SipHash
+  (a per-process random key) and compares bytes only when the 64-bit hashes match, so a wrong
+  key's time does not depend on how much of a cached key it shares (as with the digest lookup
+  before it). A hit is faster than a miss, but a hit is a valid key: the answer (200 vs 401)
+  says as much already.
+- Memory: the keys of recently active clients are held in clear in the worker, as their
+  requests' buffers hold them anyway while they are read.
 """
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 
-from fastmesh._core.plugin cimport NativePlugin, Request
+from libc.stdint cimport uint64_t
+
+from fastmesh._core.plugin cimport NativePlugin, Request, name_lens
 
 import hashlib
 
 from fastmesh._core.plugin import Response
 
 cdef object _sha256 = hashlib.sha256
-cdef str ANONYMOUS_KEY = "fastmesh.anonymous"
-cdef str CREDENTIAL_KEY = "fastmesh.credential"
+DEF RECENT_MAX = 4096           # cached keys per plugin instance
+DEF RECENT_KEY_MAX = 256        # longer keys are not cached
 
 
 cdef class KeyAuthFilter(NativePlugin):
-    cdef dict keys              # SHA-256(key) -> (username, credential id, header lines)
+    cdef dict keys              # SHA-256(key) -> (username, credential id, header block)
+    cdef dict recent            # presented key (bytes) -> the same tuple: keys that matched
     cdef tuple header_names     # lower-case bytes
     cdef tuple query_names      # str, for the query fallback
     cdef bint in_header
@@ -30,6 +52,7 @@ cdef class KeyAuthFilter(NativePlugin):
     cdef object anonymous       # the Consumer for the fallback, or None
     cdef object on_anonymous    # identity.anonymous
     cdef frozenset identity_names   # lower-case names we set or remove (client copies dropped)
+    cdef uint64_t identity_lens     # name_lens(identity_names)
     cdef object missing         # the 401 answers (immutable, shared)
     cdef object invalid
 
@@ -40,7 +63,10 @@ cdef class KeyAuthFilter(NativePlugin):
     def compile(self, dict keys, tuple header_names, tuple query_names, bint in_header,
                 bint in_query, bint hide, anonymous, on_anonymous, frozenset identity_names,
                 missing, invalid):
-        self.keys = keys
+        self.keys = {digest: (username, credential, b"".join(
+                         name + b": " + value + b"\r\n" for name, value in lines))
+                     for digest, (username, credential, lines) in keys.items()}
+        self.recent = {}
         self.header_names = header_names
         self.query_names = query_names
         self.in_header = in_header
@@ -49,6 +75,7 @@ cdef class KeyAuthFilter(NativePlugin):
         self.anonymous = anonymous
         self.on_anonymous = on_anonymous
         self.identity_names = identity_names
+        self.identity_lens = name_lens(identity_names)
         self.missing = missing
         self.invalid = invalid
 
@@ -56,8 +83,7 @@ cdef class KeyAuthFilter(NativePlugin):
         cdef bytes name
         cdef object key = None
         cdef object found
-        if self.anonymous is not None and req.consumer is not None and req.ctx is not None \
-                and not req.ctx.get(ANONYMOUS_KEY, False):
+        if self.anonymous is not None and req.consumer is not None and req.authenticated_c():
             return None                  # Kong's OR: an earlier plugin authenticated already
         if self.in_header:
             for name in self.header_names:
@@ -74,17 +100,21 @@ cdef class KeyAuthFilter(NativePlugin):
                     break
         if key is None:
             return self._fail(req, self.missing)
-        found = self.keys.get(_sha256((<bytes>key).strip()).digest())
+        found = self.recent.get(key)
         if found is None:
-            return self._fail(req, self.invalid)
-        username, credential, lines = <tuple>found
+            stripped = (<bytes>key).strip()
+            found = self.keys.get(_sha256(stripped).digest())
+            if found is None:
+                return self._fail(req, self.invalid)
+            # One cached form per credential: as stored (no blanks around it), not too long
+            if PyBytes_GET_SIZE(stripped) == PyBytes_GET_SIZE(key) <= RECENT_KEY_MAX:
+                if len(self.recent) >= RECENT_MAX:
+                    self.recent.clear()
+                self.recent[key] = found
+        username, credential, block = <tuple>found
         req.consumer = username
-        if req.ctx is None:
-            req.ctx = {ANONYMOUS_KEY: False, CREDENTIAL_KEY: credential}
-        else:
-            req.ctx[ANONYMOUS_KEY] = False
-            req.ctx[CREDENTIAL_KEY] = credential
-        req.replace_c(self.identity_names, lines)
+        req.set_auth(credential, False)
+        req.replace_block(self.identity_names, self.identity_lens, <bytes>block)
         return None
 
     cdef object _fail(self, Request req, object answer):

@@ -10,6 +10,12 @@ Lifetimes: a Request is `live` (its header accessors read the client's buffer) d
 rewrite and access phases. Afterwards the data path calls `detach(keep)`: with `keep`
 (some Python plugin has a response or log phase) the request line and headers are copied
 first, so those phases still see them; natives copy what they need in `access_c`.
+
+Per-request cost of a native chain (the edge's key-auth + rate-limiting + cors): natives keep
+their state in C fields of the Request (auth outcome, quota, a memo for the response phase)
+rather than in a ctx dict, add header lines as prepared blocks held in three slots (no list,
+no tuples), and, when a chain has no Python phase at all (`Chain.reuse`), the data path keeps
+one Request and one ResponseHead per connection and resets them instead of allocating.
 """
 import logging
 import sys
@@ -29,6 +35,10 @@ DEFAULT_BODY_MAX = 1 << 20
 # Framing and hop-by-hop headers stay the gateway's business: a plugin cannot add or remove them.
 RESERVED = frozenset({b"host", b"content-length", b"transfer-encoding", b"connection", b"upgrade",
                       b"te", b"trailer", b"keep-alive", b"proxy-connection"})
+
+# The ctx keys of fastmesh.plugins.identity (Request.set_auth records the same facts).
+cdef str ANONYMOUS_KEY = "fastmesh.anonymous"
+cdef str CREDENTIAL_KEY = "fastmesh.credential"
 
 cdef bytes _TOKEN_CHARS = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 cdef set _TOKEN_SET = set(_TOKEN_CHARS)
@@ -98,35 +108,130 @@ cdef object _find_in(list headers, bytes lower):
     return found
 
 
+cdef list _split_block(bytes block):
+    """A native plugin's block of "Name: value\r\n" lines as (name, value) pairs."""
+    cdef list out = []
+    for line in block.split(b"\r\n"):
+        if line:
+            name, _, value = line.partition(b": ")
+            out.append((name, value))
+    return out
+
+
+cdef list _without(list add, object lower):
+    """`add` minus the lines named in `lower` (lower-case); blocks are split to filter them."""
+    cdef list out = []
+    for entry in add:
+        if type(entry) is bytes:
+            out.extend(kv for kv in _split_block(<bytes>entry) if kv[0].lower() not in lower)
+        elif (<tuple>entry)[0].lower() not in lower:
+            out.append(entry)
+    return out
+
+
+cdef uint64_t name_lens(object names) except? 0:
+    cdef uint64_t lens = 0
+    cdef Py_ssize_t n
+    for name in names:
+        n = len(name)
+        lens |= (<uint64_t>1) << (n if n < 63 else 63)
+    return lens
+
+
 cdef class HeaderEdits:
-    """Header changes a phase asks for; the data path applies them while writing the head."""
+    """Header changes a phase asks for; the data path applies them while writing the head.
+
+    `add` and `drop` change only through these methods (`drop_lens` must follow `drop`)."""
+
+    cdef int _own_drop(self) except -1:
+        """`drop` may be a native plugin's shared frozenset: make it a set of our own first."""
+        if self.drop is None:
+            self.drop = set()
+        elif type(self.drop) is not set:
+            self.drop = set(self.drop)
+        return 0
 
     cdef int replace_c(self, frozenset lower, object lines) except -1:
         """set_header for several trusted lines at once (no per-call validation)."""
+        return self._replace(lower, name_lens(lower), lines, None)
+
+    cdef int replace_block(self, frozenset lower, uint64_t lens, bytes block) except -1:
+        return self._replace(lower, lens, None, block)
+
+    cdef int _replace(self, frozenset lower, uint64_t lens, object lines, bytes block) except -1:
         if self.drop is None:
-            self.drop = set(lower)
+            self.drop = lower
         else:
-            self.drop.update(lower)
+            self._own_drop()
+            (<set>self.drop).update(lower)
+        self.drop_lens |= lens
+        if block is not None and self.nblocks == 0 and not self.add:
+            self.block0 = block          # nothing added before: nothing to replace
+            self.nblocks = 1
+            return 0
+        self._to_list()
         if self.add:
-            self.add = [(k, v) for k, v in self.add if k.lower() not in lower]
-            self.add.extend(lines)
+            self.add = _without(self.add, lower)
+        if block is not None:
+            self.add.append(block)
         else:
-            self.add = list(lines)
+            self.add.extend(lines)
         return 0
+
+    cdef int add_block(self, bytes block) except -1:
+        if not self.add and self.nblocks < 3:
+            if self.nblocks == 0:
+                self.block0 = block
+            elif self.nblocks == 1:
+                self.block1 = block
+            else:
+                self.block2 = block
+            self.nblocks += 1
+            return 0
+        self._to_list()
+        self.add.append(block)
+        return 0
+
+    cdef int _to_list(self) except -1:
+        """Move the native blocks into `add` (they come first: `add` was empty meanwhile)."""
+        cdef list out
+        if self.nblocks:
+            out = [self.block0]
+            if self.nblocks > 1:
+                out.append(self.block1)
+            if self.nblocks > 2:
+                out.append(self.block2)
+            if self.add:
+                out.extend(self.add)
+            self.add = out
+            self.block0 = self.block1 = self.block2 = None
+            self.nblocks = 0
+        elif self.add is None:
+            self.add = []
+        return 0
+
+    cdef void _clear(self):
+        """Empty for reuse."""
+        self.add = None
+        if self.nblocks:
+            self.block0 = self.block1 = self.block2 = None
+            self.nblocks = 0
+        self.drop = None
+        self.drop_lens = 0
 
     def remove_header(self, name):
         """Do not forward header `name` (also drops values added earlier)."""
         cdef bytes low = <bytes>_checked(name)[1]
-        if self.drop is None:
-            self.drop = set()
-        self.drop.add(low)
+        self._own_drop()
+        (<set>self.drop).add(low)
+        self.drop_lens |= name_lens((low,))
+        self._to_list()
         if self.add:
-            self.add = [(k, v) for k, v in self.add if k.lower() != low]
+            self.add = _without(self.add, (low,))
 
     def add_header(self, name, value):
         """Add a header line."""
-        if self.add is None:
-            self.add = []
+        self._to_list()
         self.add.append((_name(name), _clean(value)))
 
     def set_header(self, name, value):
@@ -148,6 +253,66 @@ cdef class Request(HeaderEdits):
         self.client_ip = client_ip
         self.route = route
         self.service = service
+
+    cdef void reset(self):
+        self._clear()
+        self.live = False
+        self.b = NULL
+        self.h = NULL
+        self.peer = None
+        self.consumer = None
+        self.credential = None
+        self._ctx = None
+        self.auth_state = 0
+        self.auth_credential = None
+        self.quota.n = 0
+        self.memo_owner = None
+        self.memo = None
+        self.new_path = None
+        self.new_query = None
+        self.routed_path = None
+        self.rewriting = False
+        self.body_limit = -1
+        self.body = None
+        self.chain = None
+        self._method = self._path = self._query = self._headers = None
+
+    @property
+    def ctx(self):
+        """Free per-request dict for plugins (None until someone sets it)."""
+        if self._ctx is None and self.auth_state:
+            self._ctx = {ANONYMOUS_KEY: self.auth_state == 2, CREDENTIAL_KEY: self.auth_credential}
+            self.auth_state = 0
+            self.auth_credential = None
+        return self._ctx
+
+    @ctx.setter
+    def ctx(self, value):
+        self._ctx = value
+        self.auth_state = 0
+        self.auth_credential = None
+
+    cdef int set_auth(self, object credential, bint anonymous) except -1:
+        """What fastmesh.plugins.identity records in ctx, without a dict unless one exists."""
+        if self._ctx is not None:
+            self._ctx[ANONYMOUS_KEY] = anonymous
+            self._ctx[CREDENTIAL_KEY] = credential
+        else:
+            self.auth_state = 2 if anonymous else 1
+            self.auth_credential = credential
+        return 0
+
+    cdef bint authenticated_c(self) except -1:
+        """ctx is not None and not ctx.get("fastmesh.anonymous"): someone recorded a real consumer
+        (or a Python plugin made ctx for its own use, as before)."""
+        if self._ctx is not None:
+            return not self._ctx.get(ANONYMOUS_KEY, False)
+        return self.auth_state == 1
+
+    cdef object credential_c(self):
+        if self._ctx is not None:
+            return self._ctx.get(CREDENTIAL_KEY)
+        return self.auth_credential if self.auth_state else None
 
     cdef int detach(self, bint keep, tuple names) except -1:
         """The client's buffer is about to go: copy what later phases read (see Chain)."""
@@ -283,6 +448,13 @@ cdef class ResponseHead(HeaderEdits):
             return None
         return _find_in(self._headers, PyBytes_FromStringAndSize(lower, n))
 
+    cdef void reset(self):
+        self._clear()
+        self._headers = None
+        self.live = False
+        self.b = NULL
+        self.h = NULL
+
     @property
     def headers(self):
         if self._headers is None:
@@ -293,6 +465,20 @@ cdef class ResponseHead(HeaderEdits):
         cdef bytes low = _b(name).lower()
         return self.header_c(PyBytes_AS_STRING(low), PyBytes_GET_SIZE(low))
 
+
+
+class Reroute:
+    """What an access phase returns to have the request routed again, under the Plan that is
+    active now (it changed meanwhile: e.g. the sidecar compiled in the destination asked for).
+    Once per request; the request then runs the new route's plugins from the start."""
+
+    __slots__ = ()
+
+    def __repr__(self):
+        return "REROUTE"
+
+
+REROUTE = Reroute()
 
 
 class Response:
@@ -319,7 +505,7 @@ class Response:
                             f"not {type(body).__name__}")
         else:
             ctype = b"application/octet-stream"
-        lines = [b"HTTP/1.1 %d %s\r\n" % (self.status, _REASONS.get(self.status, b"Status"))]
+        lines = [b"HTTP/1.1 %d %s\r\n" % (self.status, REASONS.get(self.status, b"Status"))]
         names = set()
         for name, value in self.headers:
             name, value = _b(name), _clean(value)
@@ -333,11 +519,18 @@ class Response:
         return b"".join(lines) + (body if self.status != 204 else b"")
 
 
-_REASONS = {200: b"OK", 204: b"No Content", 400: b"Bad Request", 401: b"Unauthorized",
-            403: b"Forbidden", 404: b"Not Found", 405: b"Method Not Allowed",
-            411: b"Length Required", 413: b"Content Too Large", 429: b"Too Many Requests",
-            500: b"Internal Server Error", 502: b"Bad Gateway", 503: b"Service Unavailable",
-            504: b"Gateway Timeout"}
+# Reason phrases of every status fastmesh answers itself (plugins and the data path).
+REASONS = {
+    200: b"OK", 204: b"No Content",
+    301: b"Moved Permanently", 302: b"Found", 307: b"Temporary Redirect", 308: b"Permanent Redirect",
+    400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden", 404: b"Not Found",
+    405: b"Method Not Allowed", 408: b"Request Timeout", 411: b"Length Required",
+    413: b"Content Too Large", 414: b"URI Too Long", 426: b"Upgrade Required",
+    429: b"Too Many Requests", 431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error", 501: b"Not Implemented", 502: b"Bad Gateway",
+    503: b"Service Unavailable", 504: b"Gateway Timeout", 505: b"HTTP Version Not Supported",
+    508: b"Loop Detected",
+}
 
 
 cdef class NativePlugin:
@@ -408,21 +601,26 @@ cdef class Chain:
     def __init__(self, plugins, dict by_consumer=None):
         cdef list acc = [], resp = [], logs = [], rewrites = []
         cdef bint keep = False
+        cdef bint reuse = True
         cdef NativePlugin nat
         cdef list names = []
         self.plugins = tuple(plugins or ())
         for p in self.plugins:
             rewrites.append(_phase(p, "rewrite"))
+            reuse = reuse and rewrites[len(rewrites) - 1] is None
             if isinstance(p, NativePlugin):
                 nat = <NativePlugin>p
                 acc.append(p if nat.native_access else None)
                 resp.append(p if nat.native_response else None)
-                if nat.native_response and nat.response_headers:
+                # a memo needs its own access phase to have run: it has, if it is in this chain
+                if nat.native_response and nat.response_headers and not nat.response_memo:
                     names.extend(n for n in nat.response_headers if n not in names)
                 fn = _phase(p, "log")
                 logs.append(fn)
                 keep = keep or fn is not None
+                reuse = reuse and fn is None and not nat.holds_request
             else:
+                reuse = False
                 acc.append(_phase(p, "access"))
                 fn = _phase(p, "response")
                 resp.append(fn)
@@ -443,6 +641,7 @@ cdef class Chain:
         self.has_response = any(f is not None for f in resp)
         self.has_log = any(f is not None for f in logs)
         self.keep_request = keep
+        self.reuse = reuse and self.body_max < 0
         self.by_consumer = None
         if by_consumer:
             self.by_consumer = {name: (c if isinstance(c, Chain) else Chain(c))
@@ -453,7 +652,15 @@ cdef class Chain:
                 self.has_response = self.has_response or (<Chain>c).has_response
                 self.has_log = self.has_log or (<Chain>c).has_log
                 self.keep_request = self.keep_request or (<Chain>c).keep_request
+                self.reuse = self.reuse and (<Chain>c).reuse
                 names.extend(n for n in (<Chain>c).keep_names if n not in names)
+                # After a switch, the consumer's chain runs only the plugins after the auth
+                # plugin: one that sorts before it left a memo only if it also ran in this chain.
+                for p in (<Chain>c).plugins:
+                    if isinstance(p, NativePlugin) and (<NativePlugin>p).native_response \
+                            and (<NativePlugin>p).response_memo and (<NativePlugin>p).response_headers \
+                            and not any(q is p for q in self.plugins):
+                        names.extend(n for n in (<NativePlugin>p).response_headers if n not in names)
                 self.body_max = max(self.body_max, (<Chain>c).body_max)
         self.keep_names = tuple(names)
 
@@ -483,7 +690,7 @@ cdef class Chain:
                 _report(self.plugins[i], "access", req.route)
                 return internal_error(self.plugins[i])
             if answer is not None:
-                if isinstance(answer, Response):
+                if isinstance(answer, Response) or answer is REROUTE:
                     return answer
                 if hasattr(answer, "__await__"):
                     return Pending(answer, self, i + 1, getattr(self.plugins[i], "name", "?"))

@@ -136,8 +136,12 @@ cdef class DownstreamProtocol:
     cdef bytes request_id
     cdef char traceparent[56]        # the traceparent sent upstream (55 chars + NUL)
     cdef bint traced                 # traceparent above is set for this request
+    cdef bint rerouted               # an access phase had it routed again (REROUTE): once only
+    cdef Py_ssize_t rerouted_n       # bytes used by that second routing
     cdef bint trace_drop_state       # the client's traceparent was invalid: drop its tracestate
     cdef Request preq                # plugins: the request view (routes with a chain only)
+    cdef Request spare_req           # a finished one, reused when its chain allows (Chain.reuse)
+    cdef ResponseHead spare_resp
     cdef bytes routed_path           # the path a rewrite phase set: routed and sent upstream
     cdef bytes held                  # the request's bytes while an access phase waits
     cdef Py_ssize_t held_consumed
@@ -151,6 +155,9 @@ cdef class DownstreamProtocol:
     cdef int _parse_error(self, Py_ssize_t code) except -1
     cdef int _process_buffered(self) except -1
     cdef Py_ssize_t _on_head(self, const char* b, Py_ssize_t consumed, Py_ssize_t avail) except -1
+    cdef Py_ssize_t _route(self, const char* b, Py_ssize_t consumed, Py_ssize_t avail,
+                           const char* path, Py_ssize_t path_len) except -1
+    cdef int _reroute(self, const char* b, Py_ssize_t consumed, Py_ssize_t avail) except -1
     cdef int _request_complete(self) except -1
     cdef void _await_progress(self)
     cdef int _abort_request(self, int status, str message) except -1

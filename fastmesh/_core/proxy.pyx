@@ -39,9 +39,15 @@ from fastmesh._core.balancer cimport (
 )
 from fastmesh._core.includes.clock cimport now_ns
 from fastmesh._core.balancer import request_hash_key
-from fastmesh._core.plugin cimport Chain, Pending, Request, ResponseHead
+from fastmesh._core.plugin cimport Chain, HeaderEdits, Pending, Request, ResponseHead
+from cpython.object cimport PyObject
+
+cdef extern from "Python.h":
+    # the set iteration CPython's own set code uses (borrowed references, no iterator object)
+    int _PySet_NextEntry(object s, Py_ssize_t* pos, PyObject** key, Py_hash_t* hash)
 from fastmesh._core.plugin import (
-    Response, answer_payload as plugin_answer_payload, internal_error, plugin_failed,
+    REASONS, REROUTE, Response, answer_payload as plugin_answer_payload, internal_error,
+    plugin_failed,
 )
 
 import asyncio
@@ -74,6 +80,7 @@ cdef enum:
     ACCESS_GO_ON = 0
     ACCESS_ANSWERED = 1
     ACCESS_HELD = 2      # an awaitable: the request waits in D_PLUGIN
+    ACCESS_REROUTED = 3  # routed again (REROUTE): self.rerouted_n bytes were used
 
 # How long an access phase may wait (its awaitable) before the request gets a 504.
 cdef double PLUGIN_WAIT_MAX = 10.0
@@ -115,13 +122,6 @@ cdef double SWEEP_INTERVAL = 0.1
 
 cdef bytes VIA_TOKEN = b"fastmesh"
 
-_REASONS = {
-    301: "Moved Permanently", 302: "Found", 307: "Temporary Redirect", 308: "Permanent Redirect",
-    400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
-    413: "Content Too Large", 426: "Upgrade Required", 414: "URI Too Long", 431: "Request Header Fields Too Large",
-    500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway",
-    503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported",
-}
 
 _PARSE_ERRORS = {
     ERR_BAD_REQUEST: (400, "malformed request"),
@@ -174,7 +174,7 @@ def error_response(int status, str message, bint close) -> bytes:
     """A complete JSON error response: {"message": ...}."""
     body = orjson.dumps({"message": message})
     head = (
-        f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
+        f"HTTP/1.1 {status} {REASONS.get(status, b'Error').decode()}\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
         f"{'Connection: close' if close else 'Connection: keep-alive'}\r\n\r\n"
     ).encode()
@@ -230,18 +230,42 @@ cdef bint _valid_traceparent(const char* v, Py_ssize_t n) noexcept nogil:
         and _lower_hex(v + 53, 2, &nz_flags)
 
 
-cdef bint _named_in(const char* b, Span name, set names):
-    """Is the header name at b[name] (any case) one of `names` (lower-case bytes)?"""
-    cdef bytes low
-    for low in names:
-        if PyBytes_GET_SIZE(low) == name.len and span_ieq(b, name, PyBytes_AS_STRING(low), name.len):
+cdef bint _named_in(const char* b, Span name, object names, uint64_t lens):
+    """Is the header name at b[name] (any case) one of `names` (a set or frozenset of lower-case
+    bytes, `lens` their HeaderEdits.drop_lens)? Most names fail the length test; the others walk
+    the set's table in place: no iterator object per header."""
+    cdef Py_ssize_t pos = 0
+    cdef PyObject* low
+    cdef Py_hash_t hash_
+    if not (lens >> (name.len if name.len < 63 else 63)) & 1:
+        return False
+    while _PySet_NextEntry(names, &pos, &low, &hash_):
+        if PyBytes_GET_SIZE(<object>low) == name.len \
+                and span_ieq(b, name, PyBytes_AS_STRING(<object>low), name.len):
             return True
     return False
 
 
+cdef int add_edits(Buf* w, HeaderEdits e) except -1:
+    """What plugins added to a head: the native blocks held apart, then the `add` list."""
+    if e.nblocks:
+        add_lit(w, e.block0)
+        if e.nblocks > 1:
+            add_lit(w, e.block1)
+            if e.nblocks > 2:
+                add_lit(w, e.block2)
+    if e.add:
+        add_lines(w, e.add)
+    return 0
+
+
 cdef int add_lines(Buf* w, list lines) except -1:
-    """Header lines (name, value) that plugins added."""
-    for name, value in lines:
+    """Header lines that plugins added: (name, value) pairs, or a native's block of lines."""
+    for entry in lines:
+        if type(entry) is bytes:
+            add_lit(w, <bytes>entry)
+            continue
+        name, value = entry
         add_lit(w, name)
         buf_add(w, ": ", 2)
         add_lit(w, value)
@@ -681,6 +705,7 @@ cdef class DownstreamProtocol:
                 gw.request_id_counter += 1
                 self.request_id = gw.request_id_prefix + b"%016x" % gw.request_id_counter
         self.traced = False
+        self.rerouted = False
         if gw.trace_enabled:
             self._trace_context(b, h)
         if h.method_connect:
@@ -700,6 +725,18 @@ cdef class DownstreamProtocol:
                 self.routed_path = rw.routed_path
                 path = PyBytes_AS_STRING(self.routed_path)
                 path_len = PyBytes_GET_SIZE(self.routed_path)
+        return self._route(b, consumed, avail, path, path_len)
+
+    cdef Py_ssize_t _route(self, const char* b, Py_ssize_t consumed, Py_ssize_t avail,
+                           const char* path, Py_ssize_t path_len) except -1:
+        """Route the parsed request, run the route's access phases, forward it; like _on_head."""
+        cdef Gateway gw = self.gw
+        cdef Head* h = &self.head
+        cdef Py_ssize_t mlen = 0
+        cdef const char* host
+        cdef Py_ssize_t host_len
+        cdef RouteTarget rt
+        cdef int r
         if h.absolute_form:
             host = b + h.authority.off
             host_len = h.authority.len
@@ -736,6 +773,8 @@ cdef class DownstreamProtocol:
                 return avail if h.body_kind != BODY_NONE else consumed
             if r == ACCESS_HELD:
                 return avail
+            if r == ACCESS_REROUTED:
+                return self.rerouted_n
         return self._forward(b, consumed, avail, mlen)
 
     cdef Py_ssize_t _forward(self, const char* b, Py_ssize_t consumed, Py_ssize_t avail,
@@ -752,7 +791,7 @@ cdef class DownstreamProtocol:
         cdef object out
         if self.preq is not None:
             if rt.plugins is not None:
-                self.preq.detach(rt.plugins.keep_request, rt.plugins.keep_names)
+                self.preq.detach((<Chain>rt.plugins).keep_request, (<Chain>rt.plugins).keep_names)
             else:
                 self.preq.detach(False, None)
             if self.preq.body_limit >= 0 and (self.body_limit < 0 or self.preq.body_limit < self.body_limit):
@@ -1073,7 +1112,7 @@ cdef class DownstreamProtocol:
                 continue
             if self.request_id is not None and hd.name.len == 12 and span_ieq(b, hd.name, "x-request-id", 12):
                 continue
-            if drop is not None and _named_in(b, hd.name, drop):
+            if drop is not None and _named_in(b, hd.name, drop, self.preq.drop_lens):
                 continue
             if gw.peer_header is not None and hd.name.len == PyBytes_GET_SIZE(gw.peer_header) \
                     and span_ieq(b, hd.name, PyBytes_AS_STRING(gw.peer_header_lower), hd.name.len):
@@ -1083,8 +1122,8 @@ cdef class DownstreamProtocol:
                                 and span_ieq(b, hd.name, "tracestate", 10)):
                 continue
             add_header(w, b, hd)
-        if self.preq is not None and self.preq.add:
-            add_lines(w, self.preq.add)
+        if self.preq is not None:
+            add_edits(w, self.preq)
         if self.traced:
             buf_add(w, "traceparent: ", 13)
             buf_add(w, self.traceparent, 55)
@@ -1174,11 +1213,11 @@ cdef class DownstreamProtocol:
                 continue
             if self.http10 and hd.kind == H_TRANSFER_ENCODING:
                 continue       # RFC 9112 §6.1: never a Transfer-Encoding to an HTTP/1.0 client
-            if resp is not None and resp.drop is not None and _named_in(b, hd.name, resp.drop):
+            if resp is not None and resp.drop is not None and _named_in(b, hd.name, resp.drop, resp.drop_lens):
                 continue
             add_header(w, b, hd)
-        if resp is not None and resp.add:
-            add_lines(w, resp.add)
+        if resp is not None:
+            add_edits(w, resp)
         buf_add(w, "Via: ", 5)
         add_values_of(w, b, h, H_VIA)
         buf_add(w, "1.0 fastmesh\r\n" if h.version_minor == 0 else "1.1 fastmesh\r\n", 14)
@@ -1403,7 +1442,14 @@ cdef class DownstreamProtocol:
                             Py_ssize_t mlen) except -1:
         """Run the route's access phases: ACCESS_GO_ON, ACCESS_ANSWERED or ACCESS_HELD."""
         cdef RouteTarget rt = self.route
-        cdef Request req = self.preq if self.preq is not None else Request.__new__(Request)
+        cdef Request req = self.preq             # set when a rewrite phase ran
+        if req is None:
+            req = self.spare_req
+            if req is not None and (<Chain>rt.plugins).reuse:
+                self.spare_req = None
+                req.reset()
+            else:
+                req = Request.__new__(Request)
         req.attach(b, h, self.client_ip, rt.name, rt.service)
         req.peer = self.peer
         self.preq = req
@@ -1418,8 +1464,30 @@ cdef class DownstreamProtocol:
                 self._hold(b, consumed, avail, mlen)
             self._wait_for_plugin(<Pending>answer)
             return ACCESS_HELD
+        if answer is REROUTE:
+            if not self.rerouted:
+                self._reroute(b, consumed, avail)
+                return ACCESS_REROUTED
+            answer = Response(508, {"message": "the request was routed again more than once"})
         self._plugin_answer(answer)
         return ACCESS_ANSWERED
+
+    cdef int _reroute(self, const char* b, Py_ssize_t consumed, Py_ssize_t avail) except -1:
+        """An access phase asked for the request to be routed again under the active Plan."""
+        cdef Head* h = &self.head
+        self.rerouted = True
+        self.preq.detach(False, None)
+        self.preq = None
+        self.held = None                # a caller holding the old copy keeps `b` alive
+        self.route = None
+        self.state = D_HEAD
+        self.body_limit = -1
+        if self.routed_path is not None:
+            self.rerouted_n = self._route(b, consumed, avail, PyBytes_AS_STRING(self.routed_path),
+                                          PyBytes_GET_SIZE(self.routed_path))
+        else:
+            self.rerouted_n = self._route(b, consumed, avail, b + h.path.off, h.path.len)
+        return 0
 
     cdef int _plugin_answer(self, object answer) except -1:
         """A plugin answers: like a local response (a request body is not read: close)."""
@@ -1428,7 +1496,7 @@ cdef class DownstreamProtocol:
         cdef RouteTarget rt = self.route          # None: a rewrite phase answered before routing
         status, payload = plugin_answer_payload(answer, close, rt.name if rt is not None else None)
         if rt is not None:
-            self.preq.detach(rt.plugins.keep_request, rt.plugins.keep_names)
+            self.preq.detach((<Chain>rt.plugins).keep_request, (<Chain>rt.plugins).keep_names)
         else:
             self.preq.detach(False, None)
             self.preq = None
@@ -1486,7 +1554,7 @@ cdef class DownstreamProtocol:
         else:
             if answer is None:
                 answer = pending.chain.run_access(self.preq, pending.index)
-            elif not isinstance(answer, Response):
+            elif not isinstance(answer, Response) and answer is not REROUTE:
                 answer = internal_error(plugin)
         self._release(answer)
 
@@ -1499,9 +1567,13 @@ cdef class DownstreamProtocol:
         r = self._access_result(answer, b, self.held_consumed, PyBytes_GET_SIZE(held), self.held_mlen)
         if r == ACCESS_HELD:
             return 0
+        if r == ACCESS_REROUTED and (self.state == D_PLUGIN or self.state == D_BUFFER):
+            return 0                    # the new route's plugins hold it in turn (a new copy)
         self.held = None
         if r == ACCESS_ANSWERED:
             n = PyBytes_GET_SIZE(held) if self.head.body_kind != BODY_NONE else self.held_consumed
+        elif r == ACCESS_REROUTED:
+            n = self.rerouted_n
         else:
             self.state = D_HEAD
             n = self._forward(b, self.held_consumed, PyBytes_GET_SIZE(held), self.held_mlen)
@@ -1586,7 +1658,13 @@ cdef class DownstreamProtocol:
 
     cdef ResponseHead _plugin_response(self, const char* b, Head* h):
         """Run the response phases over the upstream head (read in place, no copies)."""
-        cdef ResponseHead resp = ResponseHead.__new__(ResponseHead)
+        cdef ResponseHead resp = self.spare_resp
+        if resp is not None and self.preq.chain.reuse:
+            resp.reset()
+        else:
+            resp = ResponseHead.__new__(ResponseHead)
+            if self.preq.chain.reuse:
+                self.spare_resp = resp           # used by the caller only: reused next time
         resp.b = b
         resp.h = h
         resp.live = True
@@ -1601,10 +1679,14 @@ cdef class DownstreamProtocol:
         """Schedule the log phases after this response (loop.call_soon: off the client's path)."""
         cdef RouteTarget rt = self.route
         cdef Request req = self.preq
-        cdef int64_t end = now_ns()
+        cdef int64_t end
         self.preq = None
+        if rt.plugins is not None and (<Chain>rt.plugins).reuse and self.gw.rewrite is None:
+            self.spare_req = req                 # no Python code saw it: the next one reuses it
+            return
         if not rt.plugins_log or req.chain is None or not req.chain.has_log:
             return
+        end = now_ns()
         timings = {"total_ms": (end - self.t_start) / 1e6,
                    "upstream_ms": (end - self.t_up_start) / 1e6 if self.t_up_start else None}
         try:
@@ -1666,7 +1748,7 @@ cdef class DownstreamProtocol:
                                  "location": location.decode("latin-1")})
             extra = b"Location: " + location + b"\r\nConnection: " + conn
         payload = b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n" \
-            b"%s\r\n\r\n%s" % (status, _REASONS.get(status, "Error").encode(), len(body), extra, body)
+            b"%s\r\n\r\n%s" % (status, REASONS.get(status, b"Error"), len(body), extra, body)
         self.resp_bytes = len(payload)
         if gw.log_enabled:
             self._log(status)

@@ -30,7 +30,6 @@ from fastmesh.plugins import Field, Response
 
 PERIODS = (("second", 1000), ("minute", 60_000), ("hour", 3_600_000), ("day", 86_400_000))
 LIMIT_BY = ("consumer", "credential", "ip", "header", "service", "route")
-CTX_KEY = "rate-limiting"
 TABLE_PREFIX = "fastmesh-ratelimit-"
 
 
@@ -291,8 +290,5 @@ class RateLimiting(RateLimitFilter):
             return self.refuse(limit, reset, retry)
         if not self.hide:
             tightest = min(verdicts, key=lambda v: v[2])
-            ctx = request.ctx
-            if ctx is None:
-                ctx = request.ctx = {}
-            ctx[CTX_KEY] = (tightest[1], tightest[2], tightest[3], [v[2] for v in verdicts])
+            self.record_quota(request, tightest[1], tightest[2], tightest[3], [v[2] for v in verdicts])
         return None
