@@ -2,7 +2,7 @@
 import os
 
 from fastmesh.config.schema import string
-from fastmesh.plugins import Field, Plugin, Response
+from fastmesh.plugins import REROUTE, Field, Plugin, Response
 
 
 class Stamp(Plugin):
@@ -89,3 +89,19 @@ class BodyCheck(Plugin):
         if b"forbidden" in request.body:
             return Response(403, {"message": "forbidden body"})
         request.set_header("X-Body-Len", str(len(request.body)))
+
+
+class Again(Plugin):
+    """Asks for the request to be routed again, every time (at once, or after `X-Wait`): under
+    an unchanged Plan the request comes back here, and the second ask is refused (508)."""
+    name = "again"
+
+    async def _later(self, delay):
+        import asyncio
+        await asyncio.sleep(delay)
+        return REROUTE
+
+    def access(self, request):
+        wait = request.get_header("x-wait")
+        return REROUTE if wait is None else self._later(float(wait))
+

@@ -190,3 +190,21 @@ def test_a_body_reading_plugin_answers_expect_100_continue(echo, gateway):
         while final.status == 100:           # the upstream may send its own 100 too
             final = c.read_response()
         assert final.status == 200 and final.json()["body"] == "data"
+
+
+def test_a_request_is_routed_again_once_only(echo, gateway):
+    gw = gateway(config(service("s", echo.url, [
+        {"name": "again", "paths": ["/again"], "plugins": [{"name": "again", "module": "tests.plugins_example"}]},
+        {"name": "plain", "paths": ["/plain"]},
+    ])))
+    with RawClient(gw.port) as c:
+        # at once, and from a waiting access phase (a held request), with a request after it
+        c.send(b"GET /again HTTP/1.1\r\nHost: a\r\n\r\n"
+               b"GET /again HTTP/1.1\r\nHost: a\r\nX-Wait: 0.05\r\n\r\n"
+               b"GET /plain?n=3 HTTP/1.1\r\nHost: a\r\n\r\n")
+        first, second, third = c.read_response(), c.read_response(), c.read_response()
+    for resp in (first, second):
+        assert resp.status == 508
+        assert resp.json() == {"message": "the request was routed again more than once"}
+    assert third.status == 200 and third.json()["query"] == "n=3"
+

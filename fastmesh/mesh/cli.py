@@ -141,6 +141,13 @@ def add_parser(sub) -> None:
     p.add_argument("--drain-timeout", type=_checked(_drain, "drain timeout"), default=10.0,
                    metavar="SECONDS", help="on SIGTERM, how long in-flight requests may take "
                                            "(default: 10)")
+    p.add_argument("--destinations", choices=("called", "all"), default="called",
+                   help="compile only the destinations the app calls (on first call, dropped "
+                        "when idle) or every service of the registry (default: called)")
+    p.add_argument("--destinations-idle", type=_checked(_positive_seconds, "idle time"),
+                   default=300.0, metavar="SECONDS",
+                   help="with --destinations called: drop a destination unused this long "
+                        "(default: 300)")
     p.add_argument("--intercept", action="store_true",
                    help="accept connections redirected by 'fastmesh mesh-init': HTTP for the "
                         "mesh is routed, other TCP relayed to its original destination "
@@ -196,6 +203,7 @@ def main(args) -> int:
         metadata=tuple(sorted(metadata.items())), instance_id=args.instance_id,
         admin=None if admin == "off" else admin, admin_explicit=args.admin is not None,
         ttl=args.ttl, drain_timeout=args.drain_timeout, intercept=args.intercept,
+        destinations=args.destinations, destinations_idle=args.destinations_idle,
         mtls=args.mtls or ("permissive" if args.tls_dir or args.ca_url else "disabled"),
         tls_dir=args.tls_dir, ca_url=args.ca_url, ca_token=args.ca_token,
         authz_file=args.policy)

@@ -131,14 +131,18 @@ def use_mtls(instances) -> tuple[bool, tuple]:
 
 
 def outbound_document(view: View, policy: MeshPolicy = MeshPolicy(),
-                      tls: MeshTLSFiles | None = None, outbound=None) -> dict:
+                      tls: MeshTLSFiles | None = None, outbound=None,
+                      only: frozenset[str] | None = None) -> dict:
     """`outbound` (fastmesh.mesh.policy.Outbound, the policy file's part) overlays each named
-    destination's settings and adds global plugins and consumers."""
+    destination's settings and adds global plugins and consumers; `only`: compile just these
+    services of the view (fastmesh.mesh.destinations; None: all)."""
     services = []
     overlays = outbound.services if outbound is not None else {}
     upstreams = []
     by_instance = instance_hosts(view)
     for name, instances in view.items():
+        if only is not None and name not in only:
+            continue
         secure = False
         if tls is not None and instances:
             secure, instances = use_mtls(instances)
@@ -189,7 +193,21 @@ def outbound_document(view: View, policy: MeshPolicy = MeshPolicy(),
 
 
 def outbound_config(view: View, policy: MeshPolicy = MeshPolicy(),
-                    tls: MeshTLSFiles | None = None, outbound=None) -> Config:
+                    tls: MeshTLSFiles | None = None, outbound=None,
+                    only: frozenset[str] | None = None) -> Config:
     """The outbound listener's config for the registry view `view`."""
-    return load_config_data(outbound_document(view, policy, tls, outbound),
+    return load_config_data(outbound_document(view, policy, tls, outbound, only),
                             source="<sidecar outbound>")
+
+
+def destination_of(view: View, host: str | None) -> str | None:
+    """The service a call addressed to `host` is for: a service name, or an instance host that
+    names one service only (as the outbound routes match them); None when none."""
+    if not host:
+        return None
+    if host in view:
+        return host
+    for name, hosts in instance_hosts(view).items():
+        if host in hosts:
+            return name
+    return None

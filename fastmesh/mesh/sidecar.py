@@ -45,8 +45,10 @@ from fastmesh import __version__
 from fastmesh.config import ConfigError
 from fastmesh.mesh.registry import Instance, Registry, open_registry
 from fastmesh.mesh.routes import (
-    MTLS_KEY, MeshPolicy, MeshTLSFiles, inbound_config, mesh_hosts, outbound_config,
+    MTLS_KEY, MeshPolicy, MeshTLSFiles, destination_of, inbound_config, mesh_hosts,
+    outbound_config,
 )
+from fastmesh.mesh.destinations import DEFAULT_IDLE, SWEEPS_PER_IDLE, Destinations
 from fastmesh.server import DRAIN_TIMEOUT, Worker, format_url, parse_listen, start_server
 
 INITIAL_WAIT = 3.0              # at start, wait this long at most for the first registry view
@@ -75,6 +77,8 @@ class SidecarOptions:
     drain_timeout: float = DRAIN_TIMEOUT
     policy: MeshPolicy = field(default_factory=MeshPolicy)
     intercept: bool = False     # accept connections redirected by `fastmesh mesh-init`
+    destinations: str = "called"    # compile only the destinations the app calls, or "all"
+    destinations_idle: float = DEFAULT_IDLE
     mtls: str = "disabled"      # strict | permissive | disabled (fastmesh.mesh.mtls)
     tls_dir: str | None = None  # certificate files (`fastmesh ca issue`), or where --ca-url's go
     ca_url: str | None = None   # the signing service (`fastmesh ca serve`)
@@ -127,6 +131,8 @@ class Sidecar:
         self.tls = None                              # a fastmesh.mesh.mtls.MeshTLS when on
         self.authz: dict | None = None               # the policy file: service -> rules
         self.outbound_policy = None                  # ... and its part for the app's calls
+        self.destinations = Destinations(options.destinations, options.destinations_idle)
+        self.destinations_sweep: asyncio.Task | None = None
         self.authz_stamp = None
         self.authz_error: str | None = None
         self.authz_loads = 0
@@ -155,9 +161,9 @@ class Sidecar:
         # Always: a caller's own X-Fastmesh-Peer never reaches the app, mTLS or not.
         self.inbound.gateway.set_peer_identity(PEER_HEADER, identify)
         self.outbound = Worker(1)
-        await self.outbound.start(outbound_config(self.registry.view(), opts.policy,
-                                                  self._tls_files(), self.outbound_policy),
-                                  out_host, out_port)
+        await self.outbound.start(self._outbound_config(self.registry.view()), out_host, out_port)
+        from fastmesh.mesh import unknown_service
+        unknown_service.serve(self)         # the catch-all asks `activate` for known services
         if opts.intercept:
             self.hosts = mesh_hosts(self.registry.view())
             if self.tls is None:
@@ -178,6 +184,8 @@ class Sidecar:
             await self._start_admin(opts.admin, opts.admin_explicit)
         if opts.authz_file is not None:
             self.authz_watch = self.loop.create_task(self._watch_authz())
+        if self.destinations.lazy:
+            self.destinations_sweep = self.loop.create_task(self._sweep_destinations())
         self._apply()           # the view may have moved while the listeners started
 
     # -- mTLS and authorization -----------------------------------------------------------------
@@ -352,8 +360,7 @@ class Sidecar:
             return              # not started yet (start applies the view itself) or stopping
         view = self.registry.view()
         try:
-            config = outbound_config(view, self.options.policy, self._tls_files(),
-                                     self.outbound_policy)
+            config = self._outbound_config(view)
         except ConfigError as exc:            # an instance the loader refuses: keep the old Plan
             say(f"registry view refused, outbound routes unchanged:\n{exc}", err=True)
             return
@@ -370,6 +377,40 @@ class Sidecar:
         say(f"outbound routes: {len(view)} service(s), "
             f"{sum(map(len, view.values()))} instance(s) (config {config.version})")
 
+    def _outbound_config(self, view):
+        return outbound_config(view, self.options.policy, self._tls_files(), self.outbound_policy,
+                               self.destinations.chosen(view))
+
+    # -- destinations held on demand (fastmesh.mesh.destinations) -------------------------------
+    def destination_for(self, host: str | None) -> str | None:
+        """The registry service a call to `host` is for, when the sidecar could route it."""
+        return destination_of(self.registry.view(), host) if self.registry else None
+
+    def activate(self, name: str) -> bool:
+        """Compile `name` into the outbound Plan now; True when the Plan routes it."""
+        if self.outbound is None or self.outbound.stopped or not self.destinations.lazy:
+            return False
+        if self.destinations.add(name):
+            self._apply()
+        return name in self.destinations.chosen(self.registry.view()) and \
+            any(t.name == name for t in self.outbound.gateway.plan.targets)
+
+    async def _sweep_destinations(self) -> None:
+        every = self.destinations.idle / SWEEPS_PER_IDLE
+        while True:
+            await asyncio.sleep(every)
+            if self.outbound is None or self.outbound.stopped:
+                return
+            requests = {}
+            for route, _service, acc in self.outbound.route_stats.snapshot(
+                    self.outbound.gateway.plan):
+                requests[route] = requests.get(route, 0) + sum(acc.get("counts", {}).values())
+            dropped = self.destinations.sweep(requests)
+            if dropped:
+                say(f"outbound destinations idle for {self.destinations.idle:g}s, dropped: "
+                    f"{', '.join(dropped)}")
+                self._apply()
+
     # -- views for the admin API ----------------------------------------------------------------
     def status(self) -> dict:
         opts = self.options
@@ -382,6 +423,7 @@ class Sidecar:
             "inbound": self._listener(self.inbound), "outbound": self._listener(self.outbound),
             "outbound_changes": self.changes,
             "destinations": sorted(self.registry.view()) if self.registry else [],
+            "held_destinations": self.destinations.status(),
             "registry": {k: v for k, v in self.registry.state().items() if k != "services"}
             if self.registry else None,
             "mtls": self.tls.status() if self.tls is not None else {"mode": "disabled"},
@@ -410,6 +452,8 @@ class Sidecar:
         self.stopping = True
         if self.authz_watch is not None:
             self.authz_watch.cancel()
+        if self.destinations_sweep is not None:
+            self.destinations_sweep.cancel()
         if self.instance is not None and self.registry is not None and self.registry.writable:
             try:
                 await asyncio.wait_for(self.registry.deregister(self.instance), DEREGISTER_TIMEOUT)

@@ -49,7 +49,7 @@ class Field:
 # The views and the answer type live in the Cython data path (fastmesh._core.plugin) so that
 # native plugins and the chain runner use them without Python calls; re-exported here.
 from fastmesh._core.plugin import (  # noqa: E402
-    RESERVED, Chain, NativePlugin, Request, Response, ResponseHead, answer_payload,
+    REROUTE, RESERVED, Chain, NativePlugin, Request, Response, ResponseHead, answer_payload,
 )
 
 
