@@ -20,13 +20,43 @@ TLS12_CIPHERS = ":".join((
     "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305",
 ))
 ALPN_HTTP1 = ["http/1.1"]
+RECORD_MAX = 16384                  # the most plaintext one TLS record carries (RFC 8446 5.1)
+
+
+class SSLObject(ssl.SSLObject):
+    """The per-connection TLS object uvloop drives, made cheaper on its hot path.
+
+    uvloop's SSL transport reads with `read(256 KiB)` for protocols that are not buffered
+    (fastmesh's are not): the ssl module allocates a 256 KiB bytes object for every record and
+    shrinks it after. While glibc's mmap threshold is below that size (it starts at 128 KiB and
+    rises only when such a block is freed whole: it depends on the process's history), each
+    read costs an mmap, an mremap and an munmap plus page faults: +57 µs CPU per request on a
+    TLS upstream hop (benches/tls_profile.py). A read returns one record's plaintext at most
+    (16 KiB) and the transports (uvloop's, asyncio's) read again while bytes are pending, so
+    asking for at most RECORD_MAX returns the same bytes, from the heap; a caller's buffer is
+    used as given. write and pending are the C object's own methods (no Python frame).
+    """
+
+    @classmethod
+    def _create(cls, *args, **kwargs):
+        self = super()._create(*args, **kwargs)
+        self.write = self._sslobj.write
+        self.pending = self._sslobj.pending
+        return self
+
+    def read(self, len=1024, buffer=None):
+        if buffer is not None:
+            return self._sslobj.read(len, buffer)
+        return self._sslobj.read(len if len < RECORD_MAX else RECORD_MAX)
 
 
 def harden(ctx: ssl.SSLContext) -> ssl.SSLContext:
-    """Apply the shared policy to a new context (server or client side); returns it."""
+    """Apply the shared policy to a new context (server or client side); returns it.
+    Its connections get fastmesh's SSLObject (see there)."""
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers(TLS12_CIPHERS)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    ctx.sslobject_class = SSLObject
     return ctx
 
 

@@ -10,6 +10,7 @@ self-signed one) are made with `cryptography` and signed by the trustme CA's key
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import socket
 import ssl
@@ -21,8 +22,8 @@ import pytest
 import yaml
 
 from conftest import (
-    ROOT, RawClient, ScriptedUpstream, config, fastmesh_cmd, get, next_request_head, service,
-    wait_until,
+    ROOT, RawClient, ScriptedUpstream, config, fastmesh_cmd, free_port, get, next_request_head,
+    service, wait_until,
 )
 from test_supervisor import ops  # noqa: F401  (fixture: a gateway with its own admin port)
 
@@ -91,14 +92,17 @@ class TLSUpstream(ScriptedUpstream):
                 if not data:
                     return
                 buf += data
-            buf = buf[length:]
+            received, buf = buf[:length], buf[length:]
             seen = {"path": lines[0].split(" ")[1], "sni": sni, "client_san": client_san,
                     "connection": index, "request": request,
-                    "host": headers.get("host"), "proto": headers.get("x-forwarded-proto")}
+                    "host": headers.get("host"), "proto": headers.get("x-forwarded-proto"),
+                    "body_sha256": hashlib.sha256(received).hexdigest()}
             with self.lock:
                 self.seen.append(seen)
             request += 1
             body = json.dumps(seen).encode()
+            if seen["path"].startswith("/big/"):     # /big/N: N bytes of a known pattern
+                body = big_body(int(seen["path"][5:]))
             close = headers.get("connection", "").lower() == "close"
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                          b"Content-Length: %d\r\n%s\r\n%s"
@@ -119,6 +123,10 @@ class TLSUpstream(ScriptedUpstream):
                 except OSError:
                     pass
         super().stop()
+
+
+def big_body(size: int) -> bytes:
+    return (b"0123456789abcdef" * (size // 16 + 1))[:size]
 
 
 @pytest.fixture
@@ -586,3 +594,42 @@ def test_fastmesh_check_names_the_file_and_path(tmp_path):
     assert done.returncode == 1, done
     assert f"{path}: services[0].tls_client_key: cannot read key file {tmp_path}/k.pem" \
         in done.stdout + done.stderr
+
+
+def test_large_bodies_cross_tls_on_both_sides_intact(certs, tls_upstream, gateway):
+    """Megabytes both ways, TLS client -> gateway -> TLS upstream, on one keep-alive connection:
+    many TLS records per message on every side (fastmesh.tls.SSLObject reads a record at most)."""
+    up = tls_upstream(*certs.leaf("up", "localhost"))
+    edge_cert, edge_key = certs.leaf("edge", "localhost")
+    tls_port = free_port()
+    cfg = config(https_service(f"https://localhost:{up.port}", tls_ca=certs.ca_file))
+    cfg["listeners"] = [{"listen": f"127.0.0.1:{tls_port}", "tls": True}]
+    cfg["certificates"] = [{"cert": edge_cert, "key": edge_key}]
+    gateway(cfg)
+    client = ssl.create_default_context(cafile=certs.ca_file)
+    size = 3 * 1024 * 1024
+    with socket.create_connection(("127.0.0.1", tls_port), timeout=10) as raw, \
+            client.wrap_socket(raw, server_hostname="localhost") as conn:
+        reader = conn.makefile("rb")
+        for _ in range(3):
+            upload = big_body(size)[::-1]
+            conn.sendall(b"POST /upload HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n"
+                         % len(upload) + upload)
+            status, headers = read_head(reader)
+            answer = json.loads(reader.read(int(headers["content-length"])))
+            assert status == 200 and answer["body_sha256"] == hashlib.sha256(upload).hexdigest()
+            conn.sendall(b"GET /big/%d HTTP/1.1\r\nHost: localhost\r\n\r\n" % size)
+            status, headers = read_head(reader)
+            assert status == 200
+            assert reader.read(int(headers["content-length"])) == big_body(size)
+    assert up.handshakes == 1          # one pooled upstream connection carried it all
+
+
+def read_head(reader) -> tuple[int, dict]:
+    status = int(reader.readline().split()[1])
+    headers = {}
+    while (line := reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers
+
