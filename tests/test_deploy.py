@@ -458,6 +458,53 @@ RUNTIME_ONLY = (
     "/opt/fastmesh/bin/python -c "
     "'import fastmesh._core.proxy, uvloop, redis; print(\"imports ok\")'")
 
+# What the runtime uses of an image, beyond the smoke test (which runs `run` and a request,
+# `health`, the sidecar and mesh-init): the commands that load the rest of fastmesh, every fastmesh
+# module and the dependencies' lazily imported parts importing (what the local base leaves out:
+# iconv modules, CPython's tests, pydoc_data, turtle, must not be among them), the bytecode kept,
+# and the system CA bundle that HTTPS upstreams verify against by default, loaded by Python's
+# default context.
+IMPORT_ALL = (
+    "import importlib, pkgutil, ssl, fastmesh; "
+    "names = [m.name for m in pkgutil.walk_packages(fastmesh.__path__, \"fastmesh.\") "
+    "if m.name != \"fastmesh.__main__\"]; "
+    "[importlib.import_module(n) for n in names + [\"dns.asyncresolver\", \"dns.resolver\", "
+    "\"jwt\", \"cryptography.x509\", \"cryptography.hazmat.primitives.asymmetric.ec\", "
+    "\"redis.asyncio\", \"hiredis\", \"msgpack\", \"yaml\", \"orjson\", \"uvloop\"]]; "
+    "print(\"modules\", len(names)); "
+    "print(\"ca\", ssl.create_default_context().cert_store_stats()[\"x509_ca\"])")
+RUNTIME_USES = (
+    "set -e; cd /tmp; fastmesh --version; "
+    "printf 'services:\\n  - name: echo\\n    url: http://127.0.0.1:9000\\n"
+    "    routes:\\n      - name: echo\\n        paths: [/]\\n' > check.yaml; "
+    "fastmesh check --config check.yaml; "
+    "fastmesh sidecar --help > help.txt; head -n 1 help.txt; "
+    "{ CA_HELP; } ; "
+    "ls /opt/fastmesh/lib/python3*/site-packages/fastmesh/__pycache__/cli.*.pyc >/dev/null; "
+    "echo bytecode kept; "
+    "test -s /etc/ssl/certs/ca-certificates.crt; echo bundle present; "
+    f"/opt/fastmesh/bin/python -c '{IMPORT_ALL}'")
+
+
+def check_runtime_uses(tag: str) -> None:
+    # `fastmesh ca` where this tree has it (the mesh CA): then the image must have it too.
+    has_ca = run_cli("ca", "--help").returncode == 0
+    ca_help = "fastmesh ca --help > ca.txt; head -n 1 ca.txt" if has_ca else "true"
+    script = RUNTIME_USES.replace("CA_HELP", ca_help)
+    probe = run_in_image(tag, script)
+    out = probe.stdout
+    assert probe.returncode == 0, out + probe.stderr
+    lines = out.splitlines()
+    assert lines[0] == f"fastmesh {__version__}", out
+    assert "check.yaml: OK (1 service(s), 1 route(s)" in lines[1], out
+    assert lines[2].startswith("usage: fastmesh sidecar "), out
+    if has_ca:
+        assert any(line.startswith("usage: fastmesh ca ") for line in lines), out
+    assert "bytecode kept" in lines and "bundle present" in lines, out
+    modules = int(measured(out, "modules ", "\n"))
+    assert modules >= 50, out               # the whole package, not a stray subset
+    assert int(measured(out, "ca ", "\n")) >= 100, out   # Debian's bundle: ~140 roots
+
 
 @pytest.fixture
 def built_images():
@@ -504,11 +551,14 @@ def test_the_images_build_and_pass_their_smoke_tests(built_images):
     first_200 = measured(result.stdout, "container start to first proxied 200: ", "s")
     sidecar_first_200 = measured(result.stdout,
                                  "sidecar start to first 200 through its inbound listener: ", "s")
-    # Issue 10's goals are <= 150 MB and <= 1 s; measured 154.2 MB (sidecar: + iptables, 157.5 MB)
-    # and 0.30-1.04 s (README). These bounds catch a regression without failing on a loaded
-    # 2-core machine.
-    assert size <= 160, f"image is {size} MB (154.2 MB when measured for the README)"
-    assert sidecar_size <= 165, f"sidecar image is {sidecar_size} MB (157.5 MB in the README)"
+    # Issue 10's goals are <= 150 MB and <= 1 s. On the local base that scripts/build-image makes
+    # both images meet the size goal (README: 144.2 MB, sidecar 147.4 MB); the official base was
+    # not measured here, so it gets only a bound against a gross regression. The start-time
+    # bounds do not fail on a loaded 2-core machine (README: 0.3-0.5 s quiet, about 1 s loaded).
+    local_base = "base image: localhost/fastmesh-base:" in result.stdout
+    limit = 150 if local_base else 175
+    assert size <= limit, f"image is {size} MB (144.2 MB on the local base in the README)"
+    assert sidecar_size <= limit, f"sidecar image is {sidecar_size} MB (147.4 MB in the README)"
     assert first_200 <= 5, f"first proxied 200 after {first_200}s"
     assert sidecar_first_200 <= 5, f"sidecar: first 200 after {sidecar_first_200}s"
     if which != "buildah":
@@ -557,3 +607,5 @@ def test_the_images_build_and_pass_their_smoke_tests(built_images):
     probe = run_in_image(sidecar_tag, RUNTIME_ONLY + "; for p in iptables iptables-legacy; do command -v $p; done")
     assert probe.stdout.split() == ["imports", "ok", "/usr/sbin/iptables", "/usr/sbin/iptables-legacy"], \
         probe.stdout + probe.stderr
+    check_runtime_uses(tag)
+    check_runtime_uses(sidecar_tag)
