@@ -242,6 +242,20 @@ def test_call_chain_through_interception_by_name_and_by_instance_address(mesh):
             resp = conn.getresponse()
             assert (resp.status, json.loads(resp.read())["path"]) == (200, path)
 
+    # HTTP/1.0 without Host, to an instance's address: routed by where it was sent (a's
+    # outbound sidecar, then c1's inbound one), not relayed around the mesh.
+    before = mesh.admin(a, "/status")[1]["outbound"]["requests"]
+    with net.connect(a, (c.address, APP_PORT)) as sock:
+        sock.sendall(b"GET /no-host HTTP/1.0\r\n\r\n")
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    head, _, payload = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.") and b" 200 " in head.split(b"\r\n")[0], reply
+    answer = json.loads(payload)
+    assert (answer["service"], answer["path"], answer["peer"]) == ("c", "/no-host", "127.0.0.1")
+    assert mesh.admin(a, "/status")[1]["outbound"]["requests"] == before + 1
+
     # HTTP for a host outside the mesh goes where it was going, unchanged (here: a server in
     # the bridge namespace); the pod's own address is the source, as without a sidecar.
     outside = net.listen(net.bridge, (net.bridge.address, 8088))

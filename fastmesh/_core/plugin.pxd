@@ -53,6 +53,7 @@ cdef class Request(HeaderEdits):
     cdef bint live
     cdef readonly bytes client_ip    # TCP peer address (text)
     cdef public bytes peer           # the client's verified TLS identity (mesh mTLS), or None
+    cdef public bytes default_host   # what a request without Host was routed by, or None
     cdef public str route
     cdef public str service
     cdef public object consumer      # username of the authenticated consumer (auth plugins)

@@ -93,6 +93,7 @@ cdef class DownstreamProtocol:
     cdef bytes local_port
     cdef bint tls                    # the client connection is TLS (X-Forwarded-Proto: https)
     cdef bytes peer                  # the client's verified identity (Gateway.identify), or None
+    cdef bytes default_host          # routes requests without Host (set_default_host), or None
     cdef DownstreamProtocol prev
     cdef DownstreamProtocol next
     cdef int state

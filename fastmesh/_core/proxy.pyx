@@ -488,6 +488,11 @@ cdef class DownstreamProtocol:
         buf_free(&self.ibuf)
         buf_free(&self.wbuf)
 
+    def set_default_host(self, bytes host):
+        """Route requests without a Host header (HTTP/1.0) as if they named `host`: for a
+        connection redirected by interception, the address the client dialled."""
+        self.default_host = host
+
     # -- asyncio protocol ----------------------------------------------------------------
     def connection_made(self, transport):
         self.transport = transport
@@ -743,6 +748,9 @@ cdef class DownstreamProtocol:
         elif h.host_index >= 0:
             host = b + h.headers[h.host_index].value.off
             host_len = h.headers[h.host_index].value.len
+        elif self.default_host is not None:   # no Host (HTTP/1.0): where the client connected
+            host = PyBytes_AS_STRING(self.default_host)
+            host_len = PyBytes_GET_SIZE(self.default_host)
         else:
             host = b""
             host_len = 0
@@ -1452,6 +1460,7 @@ cdef class DownstreamProtocol:
                 req = Request.__new__(Request)
         req.attach(b, h, self.client_ip, rt.name, rt.service)
         req.peer = self.peer
+        req.default_host = self.default_host
         self.preq = req
         return self._access_result((<Chain>rt.plugins).run_access(req, 0), b, consumed, avail, mlen)
 

@@ -316,8 +316,11 @@ class Sidecar:
             host = request_host(head)
             # The Gateway routes by Host. A single-label name (`http://payments/`) is a service
             # name even when the registry does not know it (yet): answered 503 naming it, at
-            # once. Other hosts, and requests without one, go where they were sent (the data
-            # path cannot route by the original destination yet).
+            # once. A request without Host (HTTP/1.0) is routed by the address it was sent to
+            # when that is an instance of the mesh. Other hosts go where they were sent.
+            if host is None:
+                dialled = original[0].lower()
+                host = f"[{dialled}]" if ":" in dialled else dialled
             if host in self.hosts or (host and "." not in host and not host.startswith("[")):
                 return None
         return original

@@ -138,6 +138,11 @@ class Detector(asyncio.Protocol):
     def _to_gateway(self) -> None:
         transport = self.transport
         protocol = self.gateway.protocol_factory()
+        if self.original is not None:
+            # A request without Host (HTTP/1.0) is routed by the address it was sent to.
+            host, port = self.original
+            shown = f"[{host}]" if ":" in host else host
+            protocol.set_default_host(f"{shown}:{port}".encode())
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
         if self.buffer and not transport.is_closing():

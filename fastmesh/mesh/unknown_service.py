@@ -38,7 +38,7 @@ class UnknownService(Plugin):
     schema = {}
 
     def access(self, request):
-        service = requested_service(request.get_header("host"))
+        service = requested_service(request.get_header("host") or request.default_host)
         if service is None:
             return Response(503, {"message": "no service named: send 'Host: <service>' or an "
                                              "absolute-form request 'GET http://<service>/...'"})
