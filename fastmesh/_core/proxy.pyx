@@ -665,11 +665,6 @@ cdef class DownstreamProtocol:
         """
         cdef Gateway gw = self.gw
         cdef Head* h = &self.head
-        cdef Py_ssize_t mlen = 0
-        cdef const char* host
-        cdef Py_ssize_t host_len
-        cdef RouteTarget rt
-        cdef int r
         cdef const char* path = b + h.path.off
         cdef Py_ssize_t path_len = h.path.len
         cdef Request rw
