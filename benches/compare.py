@@ -84,6 +84,24 @@ class Target:
 
 # --- setup -----------------------------------------------------------------
 
+def add_round_options(p: argparse.ArgumentParser, warmup: str = "-c50") -> None:
+    """--rounds, --duration, --warmup: how every interleaved bench measures."""
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median reported)")
+    p.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
+    p.add_argument("--warmup", type=float, default=1.0,
+                   help=f"seconds of unmeasured {warmup} load before each throughput run (0: none)")
+
+
+def add_server_options(p: argparse.ArgumentParser) -> None:
+    """--ready-timeout, --python, --json, --no-install, --keep-tmp: the servers a bench starts."""
+    p.add_argument("--ready-timeout", type=float, default=30.0,
+                   help="seconds to wait for a server to accept connections and answer")
+    p.add_argument("--python", default=sys.executable, help="interpreter that runs fastmesh")
+    p.add_argument("--json", metavar="PATH", help="also write raw runs and summary as JSON")
+    p.add_argument("--no-install", action="store_true", help="never run apt-get")
+    p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs)")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -102,10 +120,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--wrk-threads", type=int, default=None,
                    help="wrk -t for the throughput runs (default: like --upstream-workers, at "
                         "most the usable CPUs); the -c1 latency runs always use one")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median reported)")
-    p.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
-    p.add_argument("--warmup", type=float, default=1.0,
-                   help="seconds of unmeasured -c50 load before each throughput run (0: none)")
+    add_round_options(p)
     p.add_argument("--connections", type=int, default=50, help="wrk -c for the throughput runs")
     p.add_argument("--targets", default=",".join(ALL_TARGETS),
                    help="comma-separated rows for --scenario compare (default: all)")
@@ -113,12 +128,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="number of routes for --scenario routes")
     p.add_argument("--route-position", type=float, default=0.7,
                    help="where the benchmarked route sits among --routes (fraction, not first)")
-    p.add_argument("--ready-timeout", type=float, default=30.0,
-                   help="seconds to wait for a server to accept connections and answer")
-    p.add_argument("--python", default=sys.executable, help="interpreter that runs fastmesh")
-    p.add_argument("--json", metavar="PATH", help="also write raw runs and summary as JSON")
-    p.add_argument("--no-install", action="store_true", help="never run apt-get")
-    p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs)")
+    add_server_options(p)
     args = p.parse_args(argv)
     if args.rounds < 1 or args.duration <= 0 or args.connections < 1:
         p.error("--rounds >= 1, --duration > 0 and --connections >= 1 are required")

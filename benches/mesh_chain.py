@@ -583,10 +583,7 @@ def handshake_counts(status: dict) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median reported)")
-    p.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
-    p.add_argument("--warmup", type=float, default=1.0,
-                   help="seconds of unmeasured -c50 load before each throughput run (0: none)")
+    compare.add_round_options(p)
     p.add_argument("--layouts", default=None,
                    help="comma-separated, from: " + ", ".join(ALL_LAYOUTS + (MTLS,)) +
                         f" (default: {', '.join(ALL_LAYOUTS)}; with --mtls: "
@@ -599,11 +596,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="every pod in a network namespace of its own (root, iproute2; "
                         "fastmesh.mesh.netns), wrk in the bridge namespace; default: loopback "
                         "ports of this host")
-    p.add_argument("--ready-timeout", type=float, default=30.0)
-    p.add_argument("--python", default=sys.executable, help="interpreter that runs fastmesh")
-    p.add_argument("--json", metavar="PATH", help="also write the runs and summary as JSON")
-    p.add_argument("--no-install", action="store_true", help="never run apt-get")
-    p.add_argument("--keep-tmp", action="store_true", help="keep configs and logs")
+    compare.add_server_options(p)
     args = p.parse_args(argv)
     known = ALL_LAYOUTS + (MTLS,)
     if args.layouts is None:

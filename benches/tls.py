@@ -82,10 +82,7 @@ class Row(compare.Target):
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median reported)")
-    p.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
-    p.add_argument("--warmup", type=float, default=1.0,
-                   help="seconds of unmeasured keep-alive load before each throughput run")
+    compare.add_round_options(p, warmup="keep-alive")
     p.add_argument("--connections", type=int, default=50,
                    help="wrk -c for the throughput and handshake runs")
     p.add_argument("--targets", default=",".join(ALL_TARGETS),
@@ -93,11 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--handshake-threads", type=int, default=1,
                    help="wrk -t for the handshake runs (default 1, as for the others): wrk's "
                         "own handshake work can cap these rows; see the CPU µs columns")
-    p.add_argument("--ready-timeout", type=float, default=30.0)
-    p.add_argument("--python", default=sys.executable, help="interpreter that runs fastmesh")
-    p.add_argument("--json", metavar="PATH", help="also write raw runs and summary as JSON")
-    p.add_argument("--no-install", action="store_true", help="never run apt-get")
-    p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs)")
+    compare.add_server_options(p)
     args = p.parse_args(argv)
     if args.rounds < 1 or args.duration <= 0 or args.connections < 1 or \
             args.handshake_threads < 1:
