@@ -16,6 +16,7 @@ from fastmesh._core.router import Router
 from fastmesh.config import Config, Route
 from fastmesh.config.tls import first_tls_port
 from fastmesh.upstream_tls import UpstreamTLS, pool_options, settings_for
+from fastmesh.upstream_tls import refresh as refresh_tls
 
 
 @dataclass(frozen=True)
@@ -41,12 +42,12 @@ class PoolRegistry:
     def get(self, host: str, port: int, max_idle: int, idle_timeout: float,
             tls: UpstreamTLS | None = None) -> Pool:
         key = (host, port, tls)
-        options = pool_options(tls)     # TLS: the shared context, refreshed from its files
         pool = self._pools.get(key)
         if pool is None or pool.max_idle != max_idle or pool.idle_timeout != idle_timeout:
             if pool is not None:
                 pool.close_idle()
-            pool = self._pools[key] = Pool(host, port, max_idle, idle_timeout, **options)
+            pool = self._pools[key] = Pool(host, port, max_idle, idle_timeout,
+                                           **pool_options(tls))
         return pool
 
     def sweep(self, now: float) -> None:
@@ -80,6 +81,7 @@ class Plan:
 
 def compile_plan(config: Config, pools: PoolRegistry, previous: Plan | None = None) -> Plan:
     """Compile `config`; with `previous`, balancers inherit its targets' health and EWMA."""
+    refresh_tls()       # TLS contexts pools share: certificate files changed since, reloaded
     services = {s.name: s for s in config.services}
     gateway = config.gateway
     balancers = _balancers(config, pools, previous)

@@ -241,8 +241,8 @@ _contexts: dict[tuple, _Cached] = {}
 def context(settings: UpstreamTLS) -> ssl.SSLContext:
     """The shared client context for `settings` (made on first use, then the same object).
 
-    A cached context is refreshed first (see refresh), so a config reload also picks up
-    certificate files that changed on disk.
+    Certificate files that change on disk reach it through refresh(), which every Plan compile
+    (fastmesh.plan.compile_plan: start, reload, registry change) calls first.
     """
     # A peer identity to check replaces the host name check: mesh workload certificates carry
     # a SPIFFE URI SAN and no DNS name (the chain is still verified).
@@ -250,7 +250,6 @@ def context(settings: UpstreamTLS) -> ssl.SSLContext:
     key = (settings.verify, settings.ca, settings.client_cert, settings.client_key, by_identity)
     cached = _contexts.get(key)
     if cached is not None:
-        _refresh_one(cached)
         return cached.ctx
     if settings.verify:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)      # CERT_REQUIRED, check_hostname

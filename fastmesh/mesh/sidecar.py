@@ -395,8 +395,7 @@ class Sidecar:
             return False
         if self.destinations.add(name):
             self._apply()
-        return name in self.destinations.chosen(self.registry.view()) and \
-            any(t.name == name for t in self.outbound.gateway.plan.targets)
+        return any(t.name == name for t in self.outbound.gateway.plan.targets)
 
     async def _sweep_destinations(self) -> None:
         every = self.destinations.idle / SWEEPS_PER_IDLE
