@@ -260,6 +260,7 @@ cdef class Request(HeaderEdits):
         self.b = NULL
         self.h = NULL
         self.peer = None
+        self.default_host = None
         self.consumer = None
         self.credential = None
         self._ctx = None
