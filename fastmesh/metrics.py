@@ -248,6 +248,7 @@ class Aggregate:
         self.gone_status: dict[str, int] = {}
         self.gone_targets: dict[tuple[str, str], dict[str, int]] = {}
         self.gone_upstreams: dict[str, dict[str, int]] = {}
+        self.gone_tls: dict[str, int] = {}
 
     def forget_worker(self, snapshot: dict | None) -> None:
         """A worker exited: keep its last counters so totals do not go backwards."""
@@ -264,6 +265,7 @@ class Aggregate:
             _add(self.gone_targets.setdefault((upstream, target), {}), counts)
         for upstream, counts in counters.get("upstreams") or ():
             _add(self.gone_upstreams.setdefault(upstream, {}), counts)
+        _add(self.gone_tls, snapshot.get("tls_handshakes") or {})
 
     def merge(self, snapshots: list[dict]) -> dict:
         routes: dict[tuple[str, str], _Accum] = {}
@@ -278,6 +280,7 @@ class Aggregate:
         targets = {k: dict(v) for k, v in self.gone_targets.items()}
         upstreams = {k: dict(v) for k, v in self.gone_upstreams.items()}
         healthy: dict[tuple[str, str], bool] = {}      # live workers only: healthy on every one
+        tls = tls_handshakes(snapshots, self.gone_tls)
         for snap in snapshots:
             balancing = snap.get("upstream_counters") or {}
             for upstream, target, counts in balancing.get("targets") or ():
@@ -302,7 +305,16 @@ class Aggregate:
                     mine[key] += pool.get(key, 0)
         return {"routes": routes, "pools": pools, "connections": connections,
                 "status": status, "upstream_targets": targets, "upstream_counters": upstreams,
-                "upstream_healthy": healthy, **counters}
+                "upstream_healthy": healthy, "tls_handshakes": tls, **counters}
+
+
+def tls_handshakes(snapshots: list[dict], gone: dict | None = None) -> dict[str, int]:
+    """TLS listeners' handshakes by outcome ("ok" or a fastmesh.tls.HANDSHAKE_FAILURES
+    reason), summed over workers; {} when no worker has a TLS listener."""
+    total = dict(gone or {})
+    for snap in snapshots:
+        _add(total, snap.get("tls_handshakes") or {})
+    return total
 
 
 def merge_upstream_health(snapshots: list[dict], upstream) -> dict:
@@ -531,6 +543,11 @@ def render(merged: dict, info: dict) -> str:
         for target, p in pools:
             w.sample(name, p[key], target=target)
     _render_upstreams(w, merged)
+    if merged.get("tls_handshakes"):
+        w.family("fastmesh_tls_handshakes_total", "counter",
+                 "TLS handshakes on the TLS listeners, by result: ok, or why one failed.")
+        for result, n in sorted(merged["tls_handshakes"].items()):
+            w.sample("fastmesh_tls_handshakes_total", n, result=result)
     return w.text()
 
 

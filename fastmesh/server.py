@@ -84,16 +84,14 @@ def bound_socket(host: str, port: int, reuse_port: bool = False) -> socket.socke
 
 
 async def start_server(loop, factory, host: str, port: int, *, reuse_port: bool = False,
-                       backlog: int = 100, **tls):
-    """loop.create_server on HOST:PORT (SO_REUSEADDR), bound by `bound_socket` when it can.
-
-    `tls`: ssl= and ssl_handshake_timeout= for a TLS listener."""
+                       backlog: int = 100):
+    """loop.create_server on HOST:PORT (SO_REUSEADDR), bound by `bound_socket` when it can."""
     sock = bound_socket(host, port, reuse_port)
     if sock is None:                                   # a host name: the loop resolves it
         return await loop.create_server(factory, host, port, reuse_address=True,
-                                        reuse_port=reuse_port or None, backlog=backlog, **tls)
+                                        reuse_port=reuse_port or None, backlog=backlog)
     try:
-        return await loop.create_server(factory, sock=sock, backlog=backlog, **tls)
+        return await loop.create_server(factory, sock=sock, backlog=backlog)
     except BaseException:
         sock.close()
         raise
@@ -218,10 +216,11 @@ class Worker:
         if listeners is None:
             listeners = listener_addresses(config.listeners)
         for host, port, tls in listeners:
-            extra = {"ssl": self.tls.listener_context(), "ssl_handshake_timeout": timeout} \
-                if tls else {}
-            server = await start_server(self.loop, self.gateway.protocol_factory, host, port,
-                                        reuse_port=True, backlog=4096, **extra)
+            factory = self.gateway.protocol_factory
+            if tls:
+                factory = self.tls.protocol_factory(factory, timeout)
+            server = await start_server(self.loop, factory, host, port,
+                                        reuse_port=True, backlog=4096)
             self.servers.append(server)
             bound = server.sockets[0].getsockname()
             self.listeners.append((bound[0], bound[1], bool(tls)))
@@ -314,6 +313,8 @@ class Worker:
         }
         if self.streams is not None and self.streams.listeners:
             snap["streams"] = self.streams.snapshot()
+        if any(tls for _h, _p, tls in self.listeners):
+            snap["tls_handshakes"] = dict(self.tls.handshakes)
         if full:
             snap["routes"] = self.route_stats.snapshot(gw.plan)
             snap["pools"] = self.pools.stats()

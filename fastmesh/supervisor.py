@@ -33,7 +33,7 @@ from fastmesh.config.schema import Invalid
 from fastmesh.config.tls import listen_clash, listener_addresses, listeners_change
 from fastmesh.defaults import embedded_config
 from fastmesh.ipc import Channel, ChannelClosed, encode_config
-from fastmesh.metrics import Aggregate, render
+from fastmesh.metrics import Aggregate, render, tls_handshakes
 from fastmesh.server import DRAIN_TIMEOUT, Worker, format_url, parse_listen, trim_heap
 
 START_TIMEOUT = 30.0        # a worker process must be listening within this
@@ -462,6 +462,9 @@ class Supervisor:
         if config.streams:
             from fastmesh.streams import merge_snapshots
             status["streams"] = merge_snapshots(list(snaps.values()))
+        if any(tls for _host, _port, tls in self.listeners):
+            status["tls_handshakes"] = tls_handshakes(list(snaps.values()),
+                                                      self.aggregate.gone_tls)
         return status
 
     async def metrics_text(self) -> str:

@@ -3,7 +3,8 @@
 One place decides the protocol floor and the ciphers, so the edge, the upstream side and the
 mesh cannot drift apart: TLS 1.2 and 1.3 only, forward-secret AEAD ciphers for TLS 1.2 (TLS
 1.3's suites are all AEAD and OpenSSL's defaults are kept), no compression, no renegotiation.
-The TLS itself is the standard library's ssl module (OpenSSL), run by uvloop.
+The TLS itself is the standard library's ssl module (OpenSSL); the data path's connections (edge
+listeners, HTTPS upstreams, mesh mTLS) run it through fastmesh._core.tls_transport.
 
 Edge termination lives here too: `CertificateStore` (one config's certificates, a server name
 picks one) and `EdgeTLS` (a worker's TLS listeners: base contexts whose SNI callback switches to
@@ -24,7 +25,8 @@ RECORD_MAX = 16384                  # the most plaintext one TLS record carries 
 
 
 class SSLObject(ssl.SSLObject):
-    """The per-connection TLS object uvloop drives, made cheaper on its hot path.
+    """The per-connection TLS object, made cheaper where uvloop's own SSL transport drives it
+    (health checks, the CA client; the data path uses fastmesh._core.tls_transport).
 
     uvloop's SSL transport reads with `read(256 KiB)` for protocols that are not buffered
     (fastmesh's are not): the ssl module allocates a 256 KiB bytes object for every record and
@@ -48,6 +50,45 @@ class SSLObject(ssl.SSLObject):
         if buffer is not None:
             return self._sslobj.read(len, buffer)
         return self._sslobj.read(len if len < RECORD_MAX else RECORD_MAX)
+
+
+# Why a handshake failed, in a fixed set (metric labels): edge listeners and the mesh's inbound.
+# "plaintext": HTTP sent to a TLS port; "closed": the client went away before finishing (a TCP
+# health check, a port scan), kept apart from handshakes that failed.
+HANDSHAKE_FAILURES = ("no_client_cert", "unknown_ca", "expired", "bad_protocol_version",
+                      "plaintext", "timeout", "closed", "other")
+# X509 verify codes (openssl/x509_vfy.h) that mean "not signed by a CA we trust"
+_UNKNOWN_CA_CODES = {2, 18, 19, 20, 21, 24, 27, 28, 30, 32}
+_EXPIRED_CODES = {9, 10}            # not yet valid, expired
+
+
+def classify(exc: BaseException) -> str:
+    """One of HANDSHAKE_FAILURES for the exception a failed handshake raised."""
+    if isinstance(exc, TimeoutError):   # asyncio's too, and tls_transport.HandshakeTimeout
+        return "timeout"
+    if isinstance(exc, ConnectionError) and not isinstance(exc, ssl.SSLError):
+        return "closed"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        code = exc.verify_code
+        if code in _EXPIRED_CODES:
+            return "expired"
+        if code in _UNKNOWN_CA_CODES:
+            return "unknown_ca"
+        return "other"
+    if isinstance(exc, ssl.SSLError):
+        reason = (exc.reason or "").upper()
+        if "DID_NOT_RETURN_A_CERTIFICATE" in reason or "CERTIFICATE_REQUIRED" in reason:
+            return "no_client_cert"
+        if ("PROTOCOL" in reason and "VERSION" in reason) or reason in (
+                "UNSUPPORTED_PROTOCOL", "WRONG_VERSION_NUMBER", "VERSION_TOO_LOW"):
+            return "bad_protocol_version"
+        if "UNKNOWN_CA" in reason:
+            return "unknown_ca"
+        if "EXPIRED" in reason:
+            return "expired"
+        if reason in ("HTTP_REQUEST", "HTTPS_PROXY_REQUEST"):
+            return "plaintext"
+    return "other"
 
 
 def harden(ctx: ssl.SSLContext) -> ssl.SSLContext:
@@ -142,11 +183,23 @@ class EdgeTLS:
     def __init__(self, certificates: tuple = ()):
         self.store = CertificateStore(certificates)
         self.pending: dict[str, CertificateStore] = {}
+        self.handshakes = {"ok": 0, **dict.fromkeys(HANDSHAKE_FAILURES, 0)}
 
     def listener_context(self) -> ssl.SSLContext:
         ctx = server_context()
         ctx.sni_callback = self._on_sni
         return ctx
+
+    def protocol_factory(self, app_factory, handshake_timeout: float):
+        """A listener's protocol factory: TLS (fastmesh._core.tls_transport) around one
+        `app_factory()` protocol per connection; every handshake counted by outcome."""
+        from fastmesh._core.tls_transport import TLSTransport
+        ctx = self.listener_context()
+        done = self._handshake_done
+        return lambda: TLSTransport(ctx, True, app_factory(), None, handshake_timeout, done)
+
+    def _handshake_done(self, _tls, exc) -> None:
+        self.handshakes["ok" if exc is None else classify(exc)] += 1
 
     def _on_sni(self, ssl_object, server_name, base):
         ctx = self.store.select(server_name)

@@ -256,7 +256,7 @@ def test_strict_inbound_refuses_every_bad_client_and_counts_why(mesh, ca, tmp_pa
         cases.append(("bad_protocol_version", ctx))
         offered_old.append(version)
     expected = dict.fromkeys(("no_client_cert", "unknown_ca", "expired", "bad_protocol_version",
-                              "plaintext", "timeout", "other"), 0)
+                              "plaintext", "timeout", "closed", "other"), 0)
     for reason, ctx in cases:
         assert tls_request(b.inbound, ctx)[0] is None, reason
         expected[reason] += 1

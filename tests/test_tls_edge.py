@@ -325,6 +325,37 @@ def test_a_multi_worker_tls_gateway_serves_on_every_worker(ops, pki, echo):
     assert sum(served) == 40 and all(served), served
 
 
+def test_handshakes_are_counted_by_outcome_in_status_and_metrics(ops, pki, echo):
+    gw = tls_ops(ops, pki, echo, 2)
+    for _ in range(3):
+        with TLSClient(gw.tls_port, pki.client()) as c:
+            assert c.request().status == 200
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        TLSClient(gw.tls_port, old_protocol_client(), "api.example.com")
+    with socket.create_connection(("127.0.0.1", gw.tls_port), timeout=5) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: api.example.com\r\n\r\n")   # plaintext
+        sock.settimeout(5)
+        try:
+            while sock.recv(4096):
+                pass
+        except ConnectionResetError:
+            pass
+    deadline = time.monotonic() + 5
+    while True:                     # the server side may log its failure after the client's
+        counts = gw.status()["tls_handshakes"]
+        if counts.get("plaintext") or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    # "closed": the harness's own readiness probe (a connect, then a close)
+    assert counts == {"ok": 3, "bad_protocol_version": 1, "plaintext": 1, "closed": 1,
+                      "no_client_cert": 0, "unknown_ca": 0, "expired": 0, "timeout": 0,
+                      "other": 0}, counts
+    code, text = gw.admin("GET", "/metrics")
+    assert code == 200
+    assert 'fastmesh_tls_handshakes_total{result="ok"} 3' in text
+    assert 'fastmesh_tls_handshakes_total{result="bad_protocol_version"} 1' in text
+
+
 def swap_in_new_api_certificate(pki: PKI, target: tuple[str, str]) -> None:
     """Replace the files at `target` with a fresh certificate for api.example.com."""
     cert, key = pki.issue("api-new", "api.example.com")

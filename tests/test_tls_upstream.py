@@ -23,7 +23,7 @@ import yaml
 
 from conftest import (
     ROOT, RawClient, ScriptedUpstream, config, fastmesh_cmd, free_port, get, next_request_head,
-    service, wait_until,
+    service, wait_for_port, wait_until,
 )
 from test_supervisor import ops  # noqa: F401  (fixture: a gateway with its own admin port)
 
@@ -605,7 +605,7 @@ def test_large_bodies_cross_tls_on_both_sides_intact(certs, tls_upstream, gatewa
     cfg = config(https_service(f"https://localhost:{up.port}", tls_ca=certs.ca_file))
     cfg["listeners"] = [{"listen": f"127.0.0.1:{tls_port}", "tls": True}]
     cfg["certificates"] = [{"cert": edge_cert, "key": edge_key}]
-    gateway(cfg)
+    wait_for_port(tls_port, gateway(cfg).proc)       # the TLS listener may open after `listen`
     client = ssl.create_default_context(cafile=certs.ca_file)
     size = 3 * 1024 * 1024
     with socket.create_connection(("127.0.0.1", tls_port), timeout=10) as raw, \

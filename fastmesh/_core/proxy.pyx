@@ -39,6 +39,7 @@ from fastmesh._core.balancer cimport (
 )
 from fastmesh._core.includes.clock cimport now_ns
 from fastmesh._core.balancer import request_hash_key
+from fastmesh._core.tls_transport import HandshakeTimeout, connect as tls_connect
 from fastmesh._core.plugin cimport Chain, HeaderEdits, Pending, Request, ResponseHead
 from cpython.object cimport PyObject
 
@@ -151,10 +152,6 @@ cdef bint _idempotent(const char* m, Py_ssize_t n) noexcept:
 
 cdef inline double mono() noexcept nogil:
     return now_ns() * 1e-9
-
-
-class HandshakeTimeout(ConnectionError):
-    """A TLS upstream's handshake did not finish within the connect timeout."""
 
 
 class PeerRejected(ConnectionError):
@@ -1031,9 +1028,8 @@ cdef class DownstreamProtocol:
         if pool.ssl is None:
             connecting = self.gw.loop.create_connection(lambda: up, pool.host, pool.port)
         else:
-            connecting = self.gw.loop.create_connection(
-                lambda: up, pool.host, pool.port, ssl=pool.ssl,
-                server_hostname=pool.server_hostname, ssl_handshake_timeout=rt.connect_timeout)
+            connecting = tls_connect(self.gw.loop, up, pool.host, pool.port, pool.ssl,
+                                     pool.server_hostname, rt.connect_timeout)
         task = self.gw.loop.create_task(connecting)
         up.connect_task = task
         task.add_done_callback(up._connect_done)
@@ -1868,8 +1864,6 @@ cdef class UpstreamProtocol(PooledConnection):
             self.state = U_CLOSED
             if down is not None:
                 self.pool.discard(self)
-                if isinstance(exc, ConnectionAbortedError) and self.pool.ssl is not None:
-                    exc = HandshakeTimeout()     # uvloop's ssl_handshake_timeout ran out
                 down._upstream_connect_failed(exc)
             return
 

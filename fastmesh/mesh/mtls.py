@@ -6,8 +6,8 @@ watched with `loop.add_reader`; each accepted connection is looked at before any
 it. Its first byte is peeked (`MSG_PEEK`, nothing consumed) once readable, at most
 DETECT_TIMEOUT: 0x16 (a TLS handshake record, the ClientHello) means TLS; anything else is
 plaintext, refused in strict mode and served as before in permissive mode. TLS connections are
-handed to the Gateway with `loop.connect_accepted_socket(..., ssl=context)`, which returns once
-the handshake is done, so a failed one is seen here: the connection is closed and counted under
+handed to the Gateway through fastmesh._core.tls_transport (`accept`), which returns once the
+handshake is done, so a failed one is seen here: the connection is closed and counted under
 one reason of a fixed set (REASONS). The server context requires a client certificate that
 chains to the mesh root; the verified SPIFFE id of the caller goes to the app in
 X-Fastmesh-Peer (the Gateway drops any copy a client sends, TLS or not).
@@ -25,7 +25,8 @@ import socket
 import ssl
 from typing import Callable
 
-from fastmesh.tls import ALPN_HTTP1, harden
+from fastmesh._core.tls_transport import accept as tls_accept
+from fastmesh.tls import ALPN_HTTP1, HANDSHAKE_FAILURES, classify, harden
 
 log = logging.getLogger("fastmesh")
 
@@ -35,37 +36,7 @@ DETECT_TIMEOUT = 2.0                # first byte of a new inbound connection, at
 HANDSHAKE_TIMEOUT = 5.0
 ACCEPT_BATCH = 64                   # connections accepted per readiness event, at most
 TLS_HANDSHAKE = 0x16                # first byte of a TLS record carrying a handshake (ClientHello)
-REASONS = ("no_client_cert", "unknown_ca", "expired", "bad_protocol_version", "plaintext",
-           "timeout", "other")
-
-# X509 verify codes (openssl/x509_vfy.h) that mean "not signed by a CA we trust"
-_UNKNOWN_CA_CODES = {2, 18, 19, 20, 21, 24, 27, 28, 30, 32}
-_EXPIRED_CODES = {9, 10}            # not yet valid, expired
-
-
-def classify(exc: BaseException) -> str:
-    """One of REASONS for a failed inbound handshake."""
-    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
-        return "timeout"
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        code = exc.verify_code
-        if code in _EXPIRED_CODES:
-            return "expired"
-        if code in _UNKNOWN_CA_CODES:
-            return "unknown_ca"
-        return "other"
-    if isinstance(exc, ssl.SSLError):
-        reason = (exc.reason or "").upper()
-        if "DID_NOT_RETURN_A_CERTIFICATE" in reason or "CERTIFICATE_REQUIRED" in reason:
-            return "no_client_cert"
-        if ("PROTOCOL" in reason and "VERSION" in reason) or reason in (
-                "UNSUPPORTED_PROTOCOL", "WRONG_VERSION_NUMBER", "VERSION_TOO_LOW"):
-            return "bad_protocol_version"
-        if "UNKNOWN_CA" in reason:
-            return "unknown_ca"
-        if "EXPIRED" in reason:
-            return "expired"
-    return "other"
+REASONS = HANDSHAKE_FAILURES
 
 
 def server_context(cert_file: str, key_file: str, ca_file: str) -> ssl.SSLContext:
@@ -165,9 +136,8 @@ class MtlsListener:
                 return
             if first is not None and first[0] == TLS_HANDSHAKE:
                 try:
-                    await self.loop.connect_accepted_socket(
-                        self.tls_factory, conn, ssl=self.ctx,
-                        ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
+                    await tls_accept(self.loop, self.tls_factory(), conn, self.ctx,
+                                     HANDSHAKE_TIMEOUT)
                 except (ssl.SSLError, OSError, asyncio.TimeoutError, TimeoutError) as exc:
                     self._refuse(conn, classify(exc), exc)
                     return
