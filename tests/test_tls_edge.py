@@ -332,14 +332,11 @@ def test_handshakes_are_counted_by_outcome_in_status_and_metrics(ops, pki, echo)
             assert c.request().status == 200
     with pytest.raises((ssl.SSLError, ConnectionError)):
         TLSClient(gw.tls_port, old_protocol_client(), "api.example.com")
-    with socket.create_connection(("127.0.0.1", gw.tls_port), timeout=5) as sock:
-        sock.sendall(b"GET / HTTP/1.1\r\nHost: api.example.com\r\n\r\n")   # plaintext
-        sock.settimeout(5)
-        try:
-            while sock.recv(4096):
-                pass
-        except ConnectionResetError:
-            pass
+    with RawClient(gw.tls_port) as plain:               # HTTP to the TLS port: a clear 400
+        plain.send(b"GET / HTTP/1.1\r\nHost: api.example.com\r\n\r\n")
+        answer = plain.read_response()
+        assert answer.status == 400 and b"TLS port" in answer.body
+        assert plain.is_closed()
     deadline = time.monotonic() + 5
     while True:                     # the server side may log its failure after the client's
         counts = gw.status()["tls_handshakes"]

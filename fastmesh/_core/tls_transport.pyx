@@ -102,6 +102,14 @@ cdef enum State:
     CLOSED = 3
 
 
+# What a plain HTTP request sent to a TLS port gets (as nginx does, a 400 in clear text) instead
+# of a closed connection the user cannot explain.
+_PLAIN_BODY = b'{"message":"plain HTTP request sent to a TLS port: use https://"}'
+PLAIN_HTTP_ANSWER = (b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(_PLAIN_BODY)
+                     + _PLAIN_BODY)
+
+
 class HandshakeTimeout(TimeoutError):
     """The TLS handshake did not finish in time."""
 
@@ -278,7 +286,9 @@ cdef class TLSTransport:
             return
         self.state = CLOSING
         if self.transport is not None:
-            self.transport.close()          # after the alert already written
+            if self.server_side and getattr(exc, "reason", None) == "HTTP_REQUEST":
+                self.transport_write(PLAIN_HTTP_ANSWER)
+            self.transport.close()          # after the alert (or answer) already written
         self._report(exc)
 
     cdef _report(self, exc):
