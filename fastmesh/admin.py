@@ -18,7 +18,6 @@ Requests on one connection are answered in order (keep-alive and pipelining work
 from __future__ import annotations
 
 import asyncio
-import hmac
 import re
 from urllib.parse import unquote
 
@@ -30,6 +29,7 @@ from fastmesh.entities import (
     EntityError, delete_entity, get_entity, list_entities, patch_entity, put_entity,
 )
 from fastmesh.metrics import merge_upstream_health, upstream_summaries
+from fastmesh.osutil import compare_digest
 from fastmesh.server import parse_listen, start_server
 
 MAX_BODY = 16 * 1024 * 1024
@@ -86,7 +86,7 @@ class AdminAPI:
         for name, value in headers:
             if name.lower() == b"authorization":
                 scheme, _, given = value.decode("latin-1").strip().partition(" ")
-                if scheme.lower() == "bearer" and hmac.compare_digest(
+                if scheme.lower() == "bearer" and compare_digest(
                         given.strip().encode(), token.encode()):
                     return True
         return False

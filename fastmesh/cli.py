@@ -68,7 +68,8 @@ class _Parser(argparse.ArgumentParser):
 # imports, into the gateway.
 OWN_COMMANDS = ("run", "reload", "echo", "check", "health")
 PLUGGED_COMMANDS = (
-    ("fastmesh.mesh.cli", ("sidecar", "mesh")),
+    ("fastmesh.mesh.cli", ("sidecar",)),
+    ("fastmesh.mesh.status", ("mesh",)),
     ("fastmesh.mesh.interception", ("mesh-init",)),
     ("fastmesh.mesh.ca_cli", ("ca",)),
 )

@@ -7,19 +7,24 @@ an installed package or the container image runs (bytecode compiled at install).
 every start compiles fastmesh from source, and what the compiler frees stays scattered in the heap
 (about 0.8 MiB more here): a development-tree artefact, not what a deployment carries.
 
-Besides the totals, the single-process gateway is checked for what it must not load or start:
-modules that only other commands or unused features need (the `-X importtime` log of the real
-process lists everything it imported, lazily too), and the resolver threads of libuv's pool.
+Besides the totals, the single-process gateway and the sidecar are checked for what they must
+not load or start: modules that only other commands or unused features need (the `-X importtime`
+log of the real process lists everything it imported, lazily too), and the resolver threads of
+libuv's pool. The sidecar is also started as benches/mesh_chain.py starts it (a JSON registry of
+five services, a call through both listeners to a real app).
 """
 from __future__ import annotations
 
 import http.client
+import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import Proc, free_port, wait_for_port, wait_until
+from conftest import ROOT, Proc, fastmesh_cmd, free_port, get, wait_for_port, wait_until
 
 IDLE_RSS_LIMIT_KB = 30 * 1024          # /proc reports kB that are KiB: 30 MiB
 SETTLE_TIMEOUT = 5.0
@@ -37,6 +42,19 @@ NOT_IN_IDLE_GATEWAY = (
     "ctypes",                        # malloc_trim: for big configs (or without bytecode)
     "fastmesh.streams", "fastmesh.sni",   # L4 streams: only when the config has some
 )
+
+# Not in a plaintext sidecar with a JSON registry file, after a call through it.
+NOT_IN_IDLE_SIDECAR = (
+    "yaml",                          # JSON registry files are read with json (file_registry)
+    "hashlib", "_hashlib", "hmac",   # OpenSSL's digest tables: SHA-256 from CPython's (osutil)
+    "secrets", "random",             # the instance id's random part comes from os.urandom
+    "msgpack",                       # histograms in the admin API: a /status with traffic only
+    "cryptography",                  # mTLS only; and not to read certificate files (workload_cert)
+    "fastmesh.mesh.ca",              # `fastmesh ca ...`; the sidecar reads SPIFFE ids (registry)
+    "fastmesh.mesh.status",          # `fastmesh mesh status`
+    "fastmesh.mesh.interception", "fastmesh.mesh.transparent",   # --intercept only
+)
+BENCH_SERVICES = 5                     # benches/mesh_chain.py: s1 .. s5
 
 
 @pytest.fixture
@@ -140,6 +158,114 @@ def test_idle_sidecar_with_a_file_registry_stays_under_30_mib(bytecode, tmp_path
     finally:
         proc.stop()
     assert idle["VmRSS"] < IDLE_RSS_LIMIT_KB, describe(idle)
+
+
+def start_bench_sidecar(tmp_path: Path, app_port: int) -> tuple[Proc, int]:
+    """`fastmesh sidecar` for s2 with the chain bench's flags and its JSON registry file (every
+    service listed, s2 at this sidecar's inbound listener); ready, and one call made through its
+    outbound listener, its inbound one and the app. Returns the process and its outbound port."""
+    inbound, outbound, admin = free_port(), free_port(), free_port()
+    registry = tmp_path / f"mesh-{inbound}.yaml"
+    services = {f"s{i + 1}": [{"address": f"127.0.0.1:{inbound if i == 1 else free_port()}",
+                               "id": f"s{i + 1}-1", "metadata": {"fastmesh.admin": "127.0.0.1:1"}}]
+                for i in range(BENCH_SERVICES)}
+    registry.write_text(json.dumps({"services": services}, indent=1) + "\n")   # JSON is YAML
+    proc = Proc(["sidecar", "--service", "s2", "--app-port", str(app_port),
+                 "--registry", f"file:{registry}", "--inbound", f"127.0.0.1:{inbound}",
+                 "--advertise", f"127.0.0.1:{inbound}", "--outbound", f"127.0.0.1:{outbound}",
+                 "--admin", f"127.0.0.1:{admin}", "--instance-id", "s2-1"], inbound)
+    try:
+        wait_until(lambda: ready(admin), 15, "the sidecar never became ready")
+        wait_until(lambda: get(outbound, "/chain", host="s2").status == 200, 10,
+                   "no 200 through outbound -> inbound -> app")
+    except BaseException:
+        proc.stop()
+        raise
+    return proc, outbound
+
+
+def test_idle_sidecar_as_the_chain_bench_starts_it_stays_under_30_mib(bytecode, echo, tmp_path):
+    proc, _ = start_twice(lambda: start_bench_sidecar(tmp_path, echo.port))
+    try:
+        idle = settled(proc.pid)
+    finally:
+        proc.stop()
+    assert idle["VmRSS"] < IDLE_RSS_LIMIT_KB, describe(idle)
+    assert idle["Threads"] == 1, describe(idle)
+
+
+def test_idle_sidecar_does_not_import_what_it_does_not_use(bytecode, echo, tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")
+    proc, _ = start_twice(lambda: start_bench_sidecar(tmp_path, echo.port))
+    settled(proc.pid)
+    output = proc.stop()
+    imported = {line.rsplit("|", 1)[1].strip() for line in output.splitlines()
+                if line.startswith("import time:") and "|" in line}
+    assert "fastmesh.mesh.sidecar" in imported and "fastmesh.mesh.admin" in imported, \
+        output[-2000:]
+    loaded = sorted(name for name in imported
+                    if any(name == m or name.startswith(m + ".") for m in NOT_IN_IDLE_SIDECAR))
+    assert loaded == []
+
+
+CHECK_WORKLOAD_FILES = """
+import asyncio, json, sys
+from fastmesh.mesh.mtls import peer_id
+from fastmesh.mesh.registry import service_of
+from fastmesh.mesh.workload_cert import CertificateError, CertificateSource
+
+async def check(out):
+    source = CertificateSource.from_dir(out, "orders", start_timeout=0.3)
+    try:
+        await source.start(lambda: None)
+    except CertificateError as exc:
+        return {"refused": str(exc)}
+    await source.stop()
+    peer = peer_id({"subjectAltName": (("URI", source.identity),)})
+    return {"identity": source.identity, "service": service_of(peer),
+            "state": source.status()["state"]}
+
+async def main(dirs):
+    found = {out: await check(out) for out in dirs}
+    found["cryptography"] = sorted(m for m in sys.modules if m.split(".")[0] == "cryptography")
+    print(json.dumps(found))
+
+asyncio.run(main(sys.argv[1:]))
+"""
+
+
+def test_workload_certificate_files_are_checked_without_cryptography(tmp_path):
+    """What a sidecar in mTLS does with its --tls-dir (load and check the pair, watch it, read
+    SPIFFE ids) needs the ssl module alone: `cryptography` is ~12 MiB of RSS. Every check still
+    refuses what it refused, in the same words."""
+    ca, ca2 = tmp_path / "ca", tmp_path / "ca2"
+    good, expired, foreign, mismatched = (tmp_path / n for n in ("good", "expired", "foreign",
+                                                                 "mismatched"))
+    steps = [("init", "--trust-domain", "mem.test", "--dir", str(ca)),
+             ("init", "--trust-domain", "mem.test", "--dir", str(ca2)),
+             ("issue", "--dir", str(ca), "--service", "orders", "--out", str(expired),
+              "--ttl", "1s")]
+    steps += [("issue", "--dir", str(authority), "--service", "orders", "--out", str(out))
+              for authority, out in ((ca, good), (ca2, foreign), (ca, mismatched))]
+    for argv in steps:
+        subprocess.run(fastmesh_cmd("ca", *argv), check=True, capture_output=True, timeout=60,
+                       cwd=ROOT)
+    (foreign / "ca.pem").write_bytes((ca / "ca.pem").read_bytes())     # another CA's pair
+    (mismatched / "key.pem").write_bytes((foreign / "key.pem").read_bytes())
+    wait_until(lambda: time.time() > (expired / "cert.pem").stat().st_mtime + 2, 5, "expiry")
+    done = subprocess.run([sys.executable, "-c", CHECK_WORKLOAD_FILES, str(good), str(expired),
+                           str(foreign), str(mismatched)],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    found = json.loads(done.stdout)
+    assert found[str(good)] == {"identity": "spiffe://mem.test/svc/orders", "service": "orders",
+                                "state": "ok"}
+    assert f"{expired}: cert.pem (spiffe://mem.test/svc/orders) expired at" in \
+        found[str(expired)]["refused"]
+    assert f"{foreign}: cert.pem was not issued by ca.pem" in found[str(foreign)]["refused"]
+    assert f"{mismatched}: key.pem does not belong to cert.pem" in \
+        found[str(mismatched)]["refused"]
+    assert found["cryptography"] == []
 
 
 def ready(admin: int) -> bool:

@@ -85,13 +85,19 @@ def metric(text: str, name: str, **labels: str) -> float | None:
     return None
 
 
+# Inbound, the callee's sidecar names the caller (and "(unknown)" outside the mesh).
+OUTSIDE = "(unknown)"
+
+
 def chain(mesh, service_b_app) -> tuple:
     """a (an app that calls b with the same path) -> b (`service_b_app`), both with sidecars."""
     b = mesh.sidecar("b", service_b_app, "--instance-id", "b1")
     a_out = free_port()
     a_app = mesh.app("a", "a1", calls=("b", a_out))
     a = mesh.sidecar("a", a_app, "--instance-id", "a1", outbound=a_out)
-    wait_until(lambda: "b" in a.status()["destinations"], 5, "a never saw b")
+    # (b must know a too: its inbound side names a's calls by a's name)
+    wait_until(lambda: "b" in a.status()["destinations"] and "a" in b.status()["destinations"],
+               5, "a and b never saw each other")
     return a, b
 
 
@@ -118,9 +124,9 @@ def test_sidecar_metrics_per_source_destination_and_status_class(file_mesh, stat
     assert metric(text, "fastmesh_mesh_request_duration_seconds_bucket", **pair, le="+Inf") == 5
     assert 0 < metric(text, "fastmesh_mesh_request_duration_seconds_sum", **pair) < 5
     assert metric(text, "fastmesh_mesh_added_latency_seconds_count", **pair) == 5
-    # The callee's sidecar counts the same requests inbound (it does not know the caller).
+    # The callee's sidecar counts the same requests inbound, under the caller's name.
     _, _, b_text = admin_text(b.admin, "/metrics")
-    inbound = {"direction": "inbound", "source": "", "destination": "b"}
+    inbound = {"direction": "inbound", "source": "a", "destination": "b"}
     assert metric(b_text, "fastmesh_mesh_requests_total", **inbound, status_class="2xx") == 2
     assert metric(b_text, "fastmesh_mesh_requests_total", **inbound, status_class="5xx") == 2
     assert metric(b_text, "fastmesh_mesh_requests_total", direction="outbound", source="b",
@@ -173,7 +179,8 @@ def test_two_snapshots_count_exactly_the_requests_between_them(mesh, status_app)
             in (200, 500)
     after = status.snapshot(view)
     rows = {(r.direction, r.source, r.destination): r for r in status.compare(before, after)}
-    assert set(rows) == {("outbound", "a", "b"), ("inbound", "*", "a"), ("inbound", "*", "b")}
+    assert set(rows) == {("outbound", "a", "b"), ("inbound", OUTSIDE, "a"),
+                         ("inbound", "a", "b")}
     for row in rows.values():
         assert row.requests == 40 and row.status == {"2xx": 30, "5xx": 10}, row
         assert row.success == 0.75 and row.total == 41 and row.rate > 0
@@ -181,7 +188,7 @@ def test_two_snapshots_count_exactly_the_requests_between_them(mesh, status_app)
         assert 0 < p50 <= p99 < 5e9
     # a -> b takes longer at a's outbound than b's app alone, and the caller's inbound row
     # contains the whole call.
-    assert sum(rows[("inbound", "*", "a")].buckets.values()) == 40
+    assert sum(rows[("inbound", OUTSIDE, "a")].buckets.values()) == 40
 
 
 def test_a_sidecar_that_restarted_counts_from_zero():
@@ -209,14 +216,15 @@ def run_status(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
 
 
 def test_mesh_status_once_prints_a_row_per_service_pair(mesh, status_app):
-    mesh.sidecar("c", status_app, "--instance-id", "c1")
+    c = mesh.sidecar("c", status_app, "--instance-id", "c1")
     b_out = free_port()
     b = mesh.sidecar("b", mesh.app("b", "b1", calls=("c", b_out)), "--instance-id", "b1",
                      outbound=b_out)
     a_out = free_port()
     a = mesh.sidecar("a", mesh.app("a", "a1", calls=("b", a_out)), "--instance-id", "a1",
                      outbound=a_out)
-    wait_until(lambda: "b" in a.status()["destinations"] and "c" in b.status()["destinations"],
+    wait_until(lambda: "b" in a.status()["destinations"] and "c" in b.status()["destinations"]
+               and "b" in c.status()["destinations"] and "a" in b.status()["destinations"],
                5, "the sidecars never saw each other")
     stop = threading.Event()
     answers: list[int] = []
@@ -244,9 +252,9 @@ def test_mesh_status_once_prints_a_row_per_service_pair(mesh, status_app):
     assert header.split() == ["SOURCE", "DESTINATION", "DIR", "RPS", "SUCCESS", "P50", "P99",
                               "REQUESTS"]
     rows = {tuple(line.split()[:3]): line.split() for line in lines
-            if re.match(r"^(\w|\*)+\s+\S+\s+(in|out)\s", line)}
-    assert set(rows) == {("a", "b", "out"), ("b", "c", "out"), ("*", "a", "in"),
-                         ("*", "b", "in"), ("*", "c", "in")}
+            if re.match(r"^(\w+|\*|\(unknown\))\s+\S+\s+(in|out)\s", line)}
+    assert set(rows) == {("a", "b", "out"), ("b", "c", "out"), (OUTSIDE, "a", "in"),
+                         ("a", "b", "in"), ("b", "c", "in")}
     for row in rows.values():
         assert float(row[3]) > 0 and row[4] == "100.00%" and int(row[7]) > 0, row
         assert re.fullmatch(r"\d+µs|\d+\.\d\dms", row[5]), row
@@ -312,7 +320,7 @@ def test_mesh_status_count_prints_that_many_tables(file_mesh):
     for t in tables:
         [row] = t["rows"]
         assert (row["source"], row["destination"], row["requests"], row["total_requests"]) == \
-            ("*", "b", 0, 1)
+            (OUTSIDE, "b", 0, 1)
 
 
 def test_live_mesh_status_ends_on_ctrl_c(mesh):

@@ -83,6 +83,13 @@ cdef class Gateway:
     cdef object identify
     cdef bytes peer_header           # as sent, e.g. b"X-Fastmesh-Peer"; None: off
     cdef bytes peer_header_lower
+    # Mesh source service (set_source): client copies of `source_lower` are dropped; the
+    # outbound side writes `source_line` on every upstream request; the inbound side matches
+    # routes' hosts against each request's source (route_by_source) instead of its Host.
+    cdef bytes source_lower          # e.g. b"x-fastmesh-source"; None: off
+    cdef bytes source_line           # b"X-Fastmesh-Source: orders\r\n", or None
+    cdef bint route_by_source
+    cdef bytes source_peer_prefix    # b"spiffe://<domain>/svc/": a TLS peer's source follows it
 
 
 cdef class DownstreamProtocol:
@@ -93,6 +100,7 @@ cdef class DownstreamProtocol:
     cdef bytes local_port
     cdef bint tls                    # the client connection is TLS (X-Forwarded-Proto: https)
     cdef bytes peer                  # the client's verified identity (Gateway.identify), or None
+    cdef bytes peer_source           # the service named by `peer` (source_peer_prefix), or None
     cdef bytes default_host          # routes requests without Host (set_default_host), or None
     cdef DownstreamProtocol prev
     cdef DownstreamProtocol next

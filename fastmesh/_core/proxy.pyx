@@ -158,6 +158,30 @@ class PeerRejected(ConnectionError):
     """A TLS upstream's verified certificate is not the identity the route expects."""
 
 
+cdef void _source(DownstreamProtocol c, const char* b, Head* h, const char** host,
+                  Py_ssize_t* host_len):
+    """The request's source service, where routing by source (Gateway.set_source) looks for
+    a host: a verified identity decides whatever the header says; empty when there is none."""
+    cdef Gateway gw = c.gw
+    cdef Header* hd
+    cdef int i
+    cdef Py_ssize_t n
+    host[0] = b""
+    host_len[0] = 0
+    if c.peer is not None:
+        if c.peer_source is not None:
+            host[0] = PyBytes_AS_STRING(c.peer_source)
+            host_len[0] = PyBytes_GET_SIZE(c.peer_source)
+        return
+    n = PyBytes_GET_SIZE(gw.source_lower)
+    for i in range(h.nheaders):
+        hd = &h.headers[i]
+        if hd.name.len == n and span_ieq(b, hd.name, PyBytes_AS_STRING(gw.source_lower), n):
+            host[0] = b + hd.value.off
+            host_len[0] = hd.value.len
+            return
+
+
 cdef bytes _header_safe(object value):
     """`value` when it can go in a header value as it is (bytes, no CR/LF/NUL), else None."""
     if type(value) is not bytes or not value:
@@ -437,6 +461,25 @@ cdef class Gateway:
         self.peer_header_lower = header.lower().encode() if header else None
         self.identify = identify if header else None
 
+    def set_source(self, header=None, stamp=None, bint route=False, peer_prefix=None):
+        """The mesh source service (the calling service) in request header `header`.
+
+        A client's own copies of `header` are always dropped. `stamp` (the outbound side):
+        every upstream request carries `header: stamp`. `route` (the inbound side): routes'
+        `hosts` are matched against each request's source instead of its Host: the service of
+        a TLS client's verified identity (what follows `peer_prefix`; none for an identity
+        without that prefix), else the value of `header`; a request without a source takes
+        the routes without hosts. None turns it off.
+        """
+        if header is not None and (not header or any(c in header for c in " :\r\n\0")):
+            raise ValueError(f"invalid header name {header!r}")
+        if stamp is not None and (not stamp or any(c in stamp for c in "\r\n\0")):
+            raise ValueError(f"invalid header value {stamp!r}")
+        self.source_lower = header.lower().encode() if header else None
+        self.source_line = f"{header}: {stamp}\r\n".encode() if header and stamp else None
+        self.route_by_source = bool(header) and route
+        self.source_peer_prefix = peer_prefix.encode() if header and peer_prefix else None
+
     def _sweep(self):
         cdef double now = mono()
         cdef DownstreamProtocol c = self.conns
@@ -503,6 +546,9 @@ cdef class DownstreamProtocol:
             self.tls = True
             if gw.identify is not None:
                 self.peer = _header_safe(gw.identify(transport))
+                if self.peer is not None and gw.source_peer_prefix is not None \
+                        and self.peer.startswith(gw.source_peer_prefix):
+                    self.peer_source = self.peer[PyBytes_GET_SIZE(gw.source_peer_prefix):]
         self.next = gw.conns
         if gw.conns is not None:
             gw.conns.prev = self
@@ -734,7 +780,9 @@ cdef class DownstreamProtocol:
         cdef Py_ssize_t host_len
         cdef RouteTarget rt
         cdef int r
-        if h.absolute_form:
+        if gw.route_by_source:
+            _source(self, b, h, &host, &host_len)
+        elif h.absolute_form:
             host = b + h.authority.off
             host_len = h.authority.len
         elif h.host_index >= 0:
@@ -1116,6 +1164,9 @@ cdef class DownstreamProtocol:
             if gw.peer_header is not None and hd.name.len == PyBytes_GET_SIZE(gw.peer_header) \
                     and span_ieq(b, hd.name, PyBytes_AS_STRING(gw.peer_header_lower), hd.name.len):
                 continue
+            if gw.source_lower is not None and hd.name.len == PyBytes_GET_SIZE(gw.source_lower) \
+                    and span_ieq(b, hd.name, PyBytes_AS_STRING(gw.source_lower), hd.name.len):
+                continue
             if self.traced and (hd.name.len == 11 and span_ieq(b, hd.name, "traceparent", 11)
                                 or self.trace_drop_state and hd.name.len == 10
                                 and span_ieq(b, hd.name, "tracestate", 10)):
@@ -1139,6 +1190,8 @@ cdef class DownstreamProtocol:
             buf_add(w, ": ", 2)
             add_lit(w, self.peer)
             buf_add(w, "\r\n", 2)
+        if gw.source_line is not None:
+            add_lit(w, gw.source_line)
         if h.absolute_form:
             buf_add(w, "X-Forwarded-Host: ", 18)
             add_span(w, b, h.authority)

@@ -29,12 +29,11 @@ to the workers never holds a plain key or password:
 """
 from __future__ import annotations
 
-import hashlib
-import hmac
 import os
 from dataclasses import dataclass, field
 
 from fastmesh.config.schema import Fields, Invalid, string
+from fastmesh.osutil import compare_digest, sha256
 
 CONSUMER_FIELDS = ("username", "custom_id", "keyauth_credentials", "basicauth_credentials",
                    "jwt_secrets", "acls", "groups", "plugins")
@@ -78,17 +77,18 @@ class Consumer:
 
 
 def key_digest(key: bytes) -> bytes:
-    return hashlib.sha256(key).digest()
+    return sha256(key).digest()
 
 
 def password_digest(salt: bytes, username: str, password: bytes) -> bytes:
     """scrypt over the password; the username is mixed into the salt so equal passwords differ."""
+    import hashlib                   # here: scrypt is OpenSSL's; only basic-auth needs it
     return hashlib.scrypt(password, salt=salt + username.encode(), n=SCRYPT_N, r=SCRYPT_R,
                           p=SCRYPT_P, maxmem=64 * 1024 * 1024, dklen=32)
 
 
 def password_matches(cred: BasicCredential, password: bytes) -> bool:
-    return hmac.compare_digest(password_digest(cred.salt, cred.username, password), cred.digest)
+    return compare_digest(password_digest(cred.salt, cred.username, password), cred.digest)
 
 
 def load_public_key(pem: str, algorithm: str):

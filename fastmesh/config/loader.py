@@ -19,7 +19,6 @@ Normalization choices the plan compiler can rely on:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -34,6 +33,7 @@ from fastmesh.config.plugins import plugins_version, read_consumers, read_plugin
 from fastmesh.config.tls import read_route_protocols, read_tls, tls_version, wildcard_name
 from fastmesh.config.streams import read_streams, streams_version
 from fastmesh.upstream_tls import TLS_FIELDS, check_upstream_tls, read_service_tls
+from fastmesh.osutil import sha256
 from fastmesh.config.schema import (
     Fields, Invalid, Issues, address_host, boolean, child, describe, duration, host, integer,
     ip_literal, hostname, listen_address, name, port_number, size, split_host_port, string, token,
@@ -153,7 +153,7 @@ def config_version(gateway: GatewaySettings, services: list[Service], routes: li
          "services": [dataclasses.asdict(s) for s in services],
          "routes": [dataclasses.asdict(r) for r in routes]},
         sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+    return sha256(canonical.encode()).hexdigest()[:12]
 
 
 # --- top level and gateway --------------------------------------------------------------------

@@ -175,10 +175,11 @@ def plugins_version(version: str, plugins: tuple, consumers: tuple) -> str:
     if not plugins and not consumers:
         return version
     import dataclasses
-    import hashlib
     import json
+
+    from fastmesh.osutil import sha256
     canonical = json.dumps({"base": version,
                             "plugins": [dataclasses.asdict(p) for p in plugins],
                             "consumers": [dataclasses.asdict(c) for c in consumers]},
                            sort_keys=True, separators=(",", ":"), default=repr)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+    return sha256(canonical.encode()).hexdigest()[:12]

@@ -30,12 +30,13 @@ def entities_version(base: str, **entities: tuple) -> str:
     if not any(entities.values()):
         return base
     import dataclasses
-    import hashlib
     import json
+
+    from fastmesh.osutil import sha256
     canonical = json.dumps({"base": base, **{kind: [dataclasses.asdict(e) for e in values]
                                              for kind, values in entities.items()}},
                            sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+    return sha256(canonical.encode()).hexdigest()[:12]
 
 
 class Invalid(Exception):

@@ -27,7 +27,6 @@ Semantics the rest of the code relies on:
 """
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import os
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from dataclasses import dataclass
 from fastmesh.config.schema import (
     Fields, Invalid, boolean, entities_version, hostname, listen_address, split_host_port, string,
 )
+from fastmesh.osutil import sha256
 
 LISTENER_FIELDS = ("listen", "tls")
 CERTIFICATE_FIELDS = ("cert", "key", "snis")
@@ -227,7 +227,7 @@ def check_pair(fields: Fields, cert: str, key: str) -> str:
             fields.issues.add(fields.at("cert"), f"cannot load certificate {cert} with key {key}: "
                                                  f"{reason}")
         return ""
-    return hashlib.sha256(cert_pem).hexdigest()
+    return sha256(cert_pem).hexdigest()
 
 
 def read_file(fields: Fields, field: str, path: str, what: str) -> bytes | None:

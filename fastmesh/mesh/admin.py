@@ -13,22 +13,23 @@ Served by fastmesh.admin's connection handling (`AdminProtocol`) with this reque
 
 East-west metrics come from the listeners' per-route counters (fastmesh.metrics), which the
 data path keeps anyway: the outbound listener has one route per destination service, so its
-routes are the (this service -> destination) pairs; the inbound listener's one route is
-(any caller -> this service). Nothing is counted twice and nothing is added to the data path.
+routes are the (this service -> destination) pairs; the inbound listener has one route per
+caller service (fastmesh.mesh.routes: routed by the caller's identity or source header), so its
+routes are the (caller -> this service) pairs, and `(unknown)` -> this service for callers it
+cannot name (outside the mesh). Nothing is counted twice.
 """
 from __future__ import annotations
 
 import time
 
-import msgpack
-
 from fastmesh.admin import PROMETHEUS, Answer, error
 from fastmesh.metrics import (
     BUCKETS_SECONDS, STATUS_CLASSES, _Accum, _cls, _num, _Writer, prometheus_buckets,
 )
-from fastmesh.mesh.routes import UNKNOWN
+from fastmesh.mesh.routes import UNKNOWN, caller_of
 
 UNKNOWN_DESTINATION = "(unknown)"   # requests for a service the registry does not know
+UNKNOWN_SOURCE = "(unknown)"        # inbound requests from no known caller (outside the mesh)
 HISTOGRAMS = (
     ("total", "fastmesh_mesh_request_duration_seconds",
      "Time from the first byte of a request to the end of its response at this sidecar, by "
@@ -90,16 +91,18 @@ class SidecarAdmin:
 # --- (source, destination) pairs from the listeners' route counters -------------------------------
 
 def service_pairs(sidecar) -> list[tuple[tuple[str, str, str], _Accum]]:
-    """[((direction, source, destination), counts and histograms)] sorted; source "" on the
-    inbound side (the caller is not known there)."""
+    """[((direction, source, destination), counts and histograms)] sorted. Inbound, the source
+    is the caller's service, UNKNOWN_SOURCE when it has none; "" (any caller) when this
+    sidecar does not count per caller (a data path without caller services)."""
     pairs: dict[tuple[str, str, str], _Accum] = {}
     own = sidecar.options.service
+    unknown = UNKNOWN_SOURCE if sidecar.sources else ""
     for direction, worker in (("outbound", sidecar.outbound), ("inbound", sidecar.inbound)):
         if worker is None or worker.gateway is None:
             continue
         for route, _service, data in worker.route_stats.snapshot(worker.gateway.plan):
             if direction == "inbound":
-                key = ("inbound", "", own)
+                key = ("inbound", caller_of(own, route) or unknown, own)
             else:
                 key = ("outbound", own, UNKNOWN_DESTINATION if route == UNKNOWN else route)
             pairs.setdefault(key, _Accum()).add_accum(_Accum.load(data))
@@ -112,6 +115,7 @@ def histogram_json(hist) -> dict:
     stay exact to the histogram's 0.78 %."""
     if hist is None:
         return {"count": 0, "sum_ns": 0, "min_ns": 0, "max_ns": 0, "buckets": []}
+    import msgpack                   # here: only a /status with traffic needs it (~0.3 MiB)
     data = msgpack.unpackb(hist.dumps(), raw=False)
     return {"count": data["count"], "sum_ns": data["sum"], "min_ns": data["min"],
             "max_ns": data["max"], "buckets": data["b"]}
@@ -129,7 +133,8 @@ def render_pairs(pairs: list) -> str:
     w = _Writer()
     w.family("fastmesh_mesh_requests_total", "counter",
              "Requests by direction, source service, destination service and response status "
-             "class ('none': no response sent). Inbound: source is empty (any caller).")
+             "class ('none': no response sent). Inbound: source is the caller's service, "
+             "'(unknown)' for callers outside the mesh.")
     for (direction, source, destination), acc in pairs:
         for cls in STATUS_CLASSES:
             if acc.counts.get(cls):

@@ -36,7 +36,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fastmesh.config.schema import Invalid, hostname
-from fastmesh.mesh.registry import service_name
+from fastmesh.mesh.registry import (  # noqa: F401 (re-exported: what reads certificates)
+    BUNDLE_FILE, CERT_FILE, CLOCK_SKEW, KEY_FILE, SPIFFE_SCHEME, lifetime_of, peer_identity,
+    service_name, service_of,
+)
 
 __all__ = ["CA", "CAError", "spiffe_id", "service_name", "trust_domain", "write_workload",
            "peer_identity", "cert_expiry", "generate_key", "private_key_pem", "make_csr"]
@@ -44,10 +47,7 @@ __all__ = ["CA", "CAError", "spiffe_id", "service_name", "trust_domain", "write_
 ROOT_VALIDITY = 10 * 365 * 86400.0
 LEAF_TTL = 86400.0                      # workload certificates: 24 h unless asked otherwise
 MAX_LEAF_TTL = 366 * 86400.0
-CLOCK_SKEW = 60.0                       # notBefore is this far in the past
 CA_CERT, CA_KEY, CA_META, TOKEN_SECRET = "ca.pem", "ca-key.pem", "ca.json", "token-secret"
-CERT_FILE, KEY_FILE, BUNDLE_FILE = "cert.pem", "key.pem", "ca.pem"
-SPIFFE_SCHEME = "spiffe://"
 TOKEN_CONTEXT = b"fastmesh-ca bootstrap token v1\x00"
 CSR_KEY_TYPES = "ECDSA P-256/P-384 or RSA >= 2048 bits"
 
@@ -173,39 +173,9 @@ def cert_identity(cert: x509.Certificate) -> str | None:
     return next((uri for uri in uri_sans(cert) if uri.startswith(SPIFFE_SCHEME)), None)
 
 
-def peer_identity(peercert: dict | None) -> str | None:
-    """The first spiffe:// URI SAN in ssl's getpeercert() dict (a verified peer), else None."""
-    if not peercert:
-        return None
-    for kind, value in peercert.get("subjectAltName", ()):
-        if kind == "URI" and value.startswith(SPIFFE_SCHEME):
-            return value
-    return None
-
-
-def service_of(identity: str | None, trust_domain_name: str | None = None) -> str | None:
-    """'spiffe://td/svc/orders' -> 'orders' (None when it is not a service id of `td`)."""
-    if not identity or not identity.startswith(SPIFFE_SCHEME):
-        return None
-    domain, _, path = identity[len(SPIFFE_SCHEME):].partition("/")
-    if trust_domain_name is not None and domain != trust_domain_name:
-        return None
-    kind, _, name = path.partition("/")
-    if kind != "svc" or not name:
-        return None
-    try:
-        return name if service_name(name) == name else None
-    except Invalid:
-        return None
-
-
 def lifetime(cert: x509.Certificate) -> tuple[float, float]:
     """(issued, not_after) in epoch seconds; `issued` undoes the CA's clock-skew backdating."""
-    start = cert.not_valid_before_utc.timestamp()
-    end = cert.not_valid_after_utc.timestamp()
-    if end - start > CLOCK_SKEW:
-        start += CLOCK_SKEW
-    return start, end
+    return lifetime_of(cert.not_valid_before_utc.timestamp(), cert.not_valid_after_utc.timestamp())
 
 
 def fingerprint(cert: x509.Certificate) -> str:

@@ -1,4 +1,5 @@
-"""The `fastmesh sidecar` subcommand: its flags, checked up front, and its entry point."""
+"""The `fastmesh sidecar` subcommand: its flags, checked up front, and its entry point (also
+`fastmesh mesh ...`'s, whose parser fastmesh.mesh.status adds: a sidecar does not load it)."""
 from __future__ import annotations
 
 import argparse
@@ -174,8 +175,6 @@ def add_parser(sub) -> None:
                         "(services: [{name, timeouts, retries, plugins}], plugins, consumers); "
                         "re-read when it changes; see docs/mesh.md "
                         f"(default: ${ENV_POLICY})")
-    from fastmesh.mesh.status import add_parser as add_status_parser
-    add_status_parser(sub)
 
 
 def main(args) -> int:

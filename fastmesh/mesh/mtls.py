@@ -51,7 +51,7 @@ def server_context(cert_file: str, key_file: str, ca_file: str) -> ssl.SSLContex
 
 def peer_id(peercert: dict | None) -> str | None:
     """The first spiffe:// URI SAN of a verified peer certificate (ssl's getpeercert() dict)."""
-    from fastmesh.mesh.ca import peer_identity
+    from fastmesh.mesh.registry import peer_identity     # not .ca: no `cryptography` here
     return peer_identity(peercert) if peercert else None
 
 

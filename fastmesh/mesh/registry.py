@@ -140,6 +140,49 @@ def make_view(instances) -> View:
     return {svc: tuple(sorted(found, key=lambda i: i.id)) for svc, found in sorted(view.items())}
 
 
+# --- workload identities: a service's SPIFFE id and the files of its certificate ----------------
+# fastmesh.mesh.ca makes them (with `cryptography`); sidecars only read them, with these and the
+# ssl module: a sidecar in mTLS never loads `cryptography` (~12 MiB of RSS) unless it asks
+# `fastmesh ca serve` for its certificate.
+
+SPIFFE_SCHEME = "spiffe://"
+CERT_FILE, KEY_FILE, BUNDLE_FILE = "cert.pem", "key.pem", "ca.pem"     # a workload directory
+CLOCK_SKEW = 60.0                       # the CA backdates notBefore this far
+
+
+def peer_identity(peercert: dict | None) -> str | None:
+    """The first spiffe:// URI SAN in ssl's getpeercert() dict (a verified peer), else None."""
+    if not peercert:
+        return None
+    for kind, value in peercert.get("subjectAltName", ()):
+        if kind == "URI" and value.startswith(SPIFFE_SCHEME):
+            return value
+    return None
+
+
+def service_of(identity: str | None, trust_domain_name: str | None = None) -> str | None:
+    """'spiffe://td/svc/orders' -> 'orders' (None when it is not a service id of `td`)."""
+    if not identity or not identity.startswith(SPIFFE_SCHEME):
+        return None
+    domain, _, path = identity[len(SPIFFE_SCHEME):].partition("/")
+    if trust_domain_name is not None and domain != trust_domain_name:
+        return None
+    kind, _, name = path.partition("/")
+    if kind != "svc" or not name:
+        return None
+    try:
+        return name if service_name(name) == name else None
+    except Invalid:
+        return None
+
+
+def lifetime_of(not_before: float, not_after: float) -> tuple[float, float]:
+    """(issued, not_after) in epoch seconds; `issued` undoes the CA's clock-skew backdating."""
+    if not_after - not_before > CLOCK_SKEW:
+        not_before += CLOCK_SKEW
+    return not_before, not_after
+
+
 # --- the interface -----------------------------------------------------------------------------
 
 class Registry:

@@ -1,6 +1,9 @@
 """The sidecar's two configs, as ordinary fastmesh configs (validated by the same loader).
 
-- inbound: one route, every request to the local app (`127.0.0.1:<app-port>`), Host kept;
+- inbound: every request to the local app (`127.0.0.1:<app-port>`), Host kept, through one
+  route per service of the registry (the caller) and one for callers it cannot name: the
+  inbound Gateway matches routes' hosts against the request's source service (see "Caller
+  services" below), so each route's counters are one caller's;
 - outbound: per service known to the registry, an upstream over its instances (p2c-ewma,
   passive health: 5xx, failures and timeouts eject an instance for a while) and a route by host
   name: the service's, and its instances' hosts (a call to `http://10.0.0.5:8080/`, redirected
@@ -13,16 +16,28 @@ Generating configs, rather than a separate data path, means the mesh gets the ga
 balancers, retries, pools and outlier ejection unchanged; a registry change is applied like a
 reload, compiled against the active Plan so unchanged instances keep their health and EWMA state
 and their pooled connections.
+
+Caller services (`Gateway.set_source`, native): the outbound Gateway writes
+`X-Fastmesh-Source: <this service>` on every request it forwards (an app's own copy is dropped,
+so an app cannot speak for another service through its sidecar). The inbound Gateway routes by
+the source instead of Host: a caller's verified mTLS identity (`spiffe://<domain>/svc/<name>`)
+decides whatever the header says; without one, the header's value; without either, the routes
+without hosts (`<service>-inbound`: a client outside the mesh). The header is dropped before
+the app: unauthenticated in plaintext, it must not look like an identity (X-Fastmesh-Peer is the
+verified one). Per request this costs a header scan and the router's exact-host probe, no Python.
 """
 from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
 
+from fastmesh._core.proxy import Gateway
 from fastmesh.config import Config, load_config_data
 from fastmesh.mesh.registry import View
 
 UNKNOWN = "~unknown-service"        # '~' cannot be in a service name: no clash with the registry
+SOURCE_HEADER = "X-Fastmesh-Source"
+CALLER = "~from~"                   # inbound route names: <service>~from~<caller>
 
 
 @dataclass(frozen=True)
@@ -46,15 +61,22 @@ def _gateway(limits: dict | None = None) -> dict:
 
 def inbound_config(service: str, app_host: str, app_port: int,
                    connect_timeout: float = 2.0, read_timeout: float = 60.0,
-                   authorization: list | None = None) -> Config:
+                   authorization: list | None = None, callers=()) -> Config:
     """Everything arriving at the inbound listener goes to the local app, Host unchanged.
 
-    With `authorization` (this service's rules of the mesh policy, maybe none), the route runs
-    the mesh-authorization plugin: it drops a client-sent X-Forwarded-Client-Cert and, when
-    there are rules, answers 403 to what they do not allow."""
+    One route per service of `callers` (the registry's services: any may call) matched by
+    source (the module docstring), plus `<service>-inbound` for a caller without a known one.
+    With `authorization` (this service's rules of the mesh policy, maybe none), every route
+    runs the mesh-authorization plugin: it drops a client-sent X-Forwarded-Client-Cert and,
+    when there are rules, answers 403 to what they do not allow."""
     app = f"[{app_host}]" if ":" in app_host else app_host
     plugins = [] if authorization is None else [{
         "name": "mesh-authorization", "config": {"service": service, "rules": authorization}}]
+    route = {"paths": ["/"], "strip_path": False, "preserve_host": True,
+             **({"plugins": plugins} if plugins else {})}
+    routes = [{"name": f"{service}-inbound", **route}]
+    routes += [{"name": caller_route(service, caller), "hosts": [caller], **route}
+               for caller in sorted(callers)]
     return load_config_data({
         "_format_version": "1",
         "gateway": _gateway(),
@@ -64,11 +86,36 @@ def inbound_config(service: str, app_host: str, app_port: int,
             "read_timeout": f"{int(read_timeout * 1000)}ms",
             # The app is one process behind one address: a retry would hit it again.
             "retries": 0,
-            "routes": [{"name": f"{service}-inbound", "paths": ["/"],
-                        "strip_path": False, "preserve_host": True,
-                        **({"plugins": plugins} if plugins else {})}],
+            "routes": routes,
         }],
     }, source="<sidecar inbound>")
+
+
+def caller_route(service: str, caller: str) -> str:
+    return f"{service}{CALLER}{caller}"
+
+
+def caller_of(service: str, route: str) -> str | None:
+    """The caller service an inbound route counts, "" for `<service>-inbound` (no known
+    caller), None for a route of another config."""
+    if route == f"{service}-inbound":
+        return ""
+    prefix = f"{service}{CALLER}"
+    return route[len(prefix):] if route.startswith(prefix) else None
+
+
+def use_sources(inbound: Gateway | None, outbound: Gateway | None, service: str,
+                identity: str | None) -> bool:
+    """Turn on caller services on the sidecar's Gateways (the module docstring): the outbound
+    one stamps `service`, the inbound one routes by source, trusting a TLS peer whose identity
+    is in `identity`'s trust domain (this workload's SPIFFE id; None without mTLS). True when
+    turned on."""
+    if inbound is not None:
+        prefix = f"{identity.rsplit('/', 1)[0]}/" if identity else None
+        inbound.set_source(SOURCE_HEADER, route=True, peer_prefix=prefix)
+    if outbound is not None:
+        outbound.set_source(SOURCE_HEADER, stamp=service)
+    return True
 
 
 def _routable_host(host: str) -> str | None:

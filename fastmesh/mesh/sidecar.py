@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import os
-import secrets
 import signal
 import socket
 import sys
@@ -46,7 +45,7 @@ from fastmesh.config import ConfigError
 from fastmesh.mesh.registry import Instance, Registry, open_registry
 from fastmesh.mesh.routes import (
     MTLS_KEY, MeshPolicy, MeshTLSFiles, destination_of, inbound_config, mesh_hosts,
-    outbound_config,
+    outbound_config, use_sources,
 )
 from fastmesh.mesh.destinations import DEFAULT_IDLE, SWEEPS_PER_IDLE, Destinations
 from fastmesh.server import DRAIN_TIMEOUT, Worker, format_url, parse_listen, start_server
@@ -129,6 +128,8 @@ class Sidecar:
         self.hosts: frozenset[str] = frozenset()     # what the outbound routes match (intercept)
         self.relays: set = set()                     # open opaque TCP relays (intercept)
         self.tls = None                              # a fastmesh.mesh.mtls.MeshTLS when on
+        self.sources = False                         # inbound counts per caller (routes.py)
+        self.callers: frozenset[str] = frozenset()   # ... the services it has routes for
         self.authz: dict | None = None               # the policy file: service -> rules
         self.outbound_policy = None                  # ... and its part for the app's calls
         self.destinations = Destinations(options.destinations, options.destinations_idle)
@@ -162,6 +163,9 @@ class Sidecar:
         self.inbound.gateway.set_peer_identity(PEER_HEADER, identify)
         self.outbound = Worker(1)
         await self.outbound.start(self._outbound_config(self.registry.view()), out_host, out_port)
+        # Caller services: outbound stamps this service, inbound counts per caller (routes.py).
+        self.sources = use_sources(self.inbound.gateway, self.outbound.gateway, opts.service,
+                                   self.tls.identity if self.tls is not None else None)
         from fastmesh.mesh import unknown_service
         unknown_service.serve(self)         # the catch-all asks `activate` for known services
         if opts.intercept:
@@ -173,7 +177,7 @@ class Sidecar:
             self._listen_mtls()
         host, port = opts.advertise or (self._advertised_host(self.inbound.address[0]),
                                         self.inbound.address[1])
-        ident = opts.instance_id or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
+        ident = opts.instance_id or f"{socket.gethostname()}-{os.getpid()}-{os.urandom(2).hex()}"
         metadata = opts.metadata
         if self.tls is not None:
             metadata = tuple(sorted(dict(metadata, **{MTLS_KEY: self.tls.mode}).items()))
@@ -192,8 +196,8 @@ class Sidecar:
     async def _start_tls(self) -> None:
         if self.options.mtls == "disabled":
             return
-        from fastmesh.mesh.ca import service_of
         from fastmesh.mesh.mtls import MeshTLS
+        from fastmesh.mesh.registry import service_of      # not .ca: no `cryptography` here
         from fastmesh.mesh.workload_cert import CertificateError
         opts = self.options
         try:
@@ -234,7 +238,8 @@ class Sidecar:
         if self.tls is not None or self.authz is not None:
             rules = (self.authz or {}).get(opts.service, [])
         return inbound_config(opts.service, opts.app_host, opts.app_port,
-                              opts.policy.connect_timeout, opts.policy.read_timeout, rules)
+                              opts.policy.connect_timeout, opts.policy.read_timeout, rules,
+                              callers=self.registry.view() if self.registry else ())
 
     def _read_authz(self, initial: bool = False) -> bool:
         """(Re-)read the policy file; a broken one raises at start, later keeps the old rules.
@@ -362,6 +367,7 @@ class Sidecar:
         if self.outbound is None or self.outbound.gateway is None or self.outbound.stopped:
             return              # not started yet (start applies the view itself) or stopping
         view = self.registry.view()
+        self._apply_inbound()
         try:
             config = self._outbound_config(view)
         except ConfigError as exc:            # an instance the loader refuses: keep the old Plan
@@ -379,6 +385,26 @@ class Sidecar:
         self.changes += 1
         say(f"outbound routes: {len(view)} service(s), "
             f"{sum(map(len, view.values()))} instance(s) (config {config.version})")
+
+    def _apply_inbound(self) -> None:
+        """A route per caller service: swap in a new inbound Plan when the names changed."""
+        callers = frozenset(self.registry.view())
+        if not self.sources or callers == self.callers or self.inbound is None \
+                or self.inbound.stopped:
+            return              # (instances come and go far more often than services)
+        self.callers = callers
+        try:
+            config = self._inbound_config()
+        except ConfigError as exc:
+            say(f"registry view refused, inbound routes unchanged:\n{exc}", err=True)
+            return
+        if config.version == self.inbound.version:
+            return
+        problem = self.inbound.prepare(config)
+        if problem:
+            say(problem, err=True)
+            return
+        self.inbound.commit(config.version)
 
     def _outbound_config(self, view):
         return outbound_config(view, self.options.policy, self._tls_files(), self.outbound_policy,

@@ -5,9 +5,10 @@ sidecars exist and where their admin API is (instance metadata `fastmesh.admin`,
 `fastmesh sidecar`); each admin API's `GET /stats` gives cumulative counters and histograms per
 (source, destination) pair. Two snapshots `--interval` apart give the rates; histogram buckets
 are subtracted, so p50/p99 describe that interval only (to the histogram's 0.78 %). A sidecar
-that restarted between the snapshots counts from zero. Outbound rows are the pairs (the caller's
-sidecar knows both ends); inbound rows (`*` -> service) count every request a service received,
-callers outside the mesh included.
+that restarted between the snapshots counts from zero. Outbound rows are counted by the
+caller's sidecar, inbound rows by the callee's: each pair of the mesh has both (their difference
+is what happened on the way, e.g. connections refused); inbound `(unknown)` -> service counts
+callers outside the mesh, `*` -> service a sidecar that cannot tell its callers apart.
 """
 from __future__ import annotations
 
@@ -272,9 +273,9 @@ def add_parser(sub) -> None:
         description="Read the registry (which sidecars exist, where their admin API is) and "
                     "each sidecar's GET /stats twice, --interval apart; print one row per "
                     "(source, destination) service pair with requests/s, success rate "
-                    "(answers other than 5xx) and p50/p99 latency over that interval, plus one "
-                    "inbound row per service (* -> service). Repeats until Ctrl-C, or once "
-                    "with --once.")
+                    "(answers other than 5xx) and p50/p99 latency over that interval, as the "
+                    "caller's sidecar (out) and the callee's (in) counted it; '(unknown)' "
+                    "callers are outside the mesh. Repeats until Ctrl-C, or once with --once.")
     p.add_argument("--registry", default=os.environ.get(ENV_REGISTRY, "redis://127.0.0.1:6379/0"),
                    metavar="URL", help="redis://HOST:PORT/DB[?prefix=NAME] or file:PATH "
                                        f"(default: ${ENV_REGISTRY}, else redis://127.0.0.1:6379/0)")
