@@ -96,6 +96,9 @@ cdef class DownstreamProtocol:
     cdef Gateway gw
     cdef object transport
     cdef object write                # transport.write, looked up once per connection
+    cdef int fd                      # its socket, when _send may write to it directly; else -1
+    cdef bint queued                 # bytes were left to the transport: write through it
+    cdef object closing              # transport.is_closing
     cdef bytes client_ip
     cdef bytes local_port
     cdef bint tls                    # the client connection is TLS (X-Forwarded-Proto: https)
@@ -160,6 +163,7 @@ cdef class DownstreamProtocol:
     cdef double deadline
     cdef int dkind
 
+    cdef int _out(self, object data) except -1
     cdef int _feed(self, object data, const char* p, Py_ssize_t n) except -1
     cdef int _parse_error(self, Py_ssize_t code) except -1
     cdef int _process_buffered(self) except -1
@@ -215,6 +219,9 @@ cdef class DownstreamProtocol:
 
 cdef class UpstreamProtocol(PooledConnection):
     cdef object write                # transport.write, looked up once per connection
+    cdef int fd                      # its socket, when _send may write to it directly; else -1
+    cdef bint queued                 # bytes were left to the transport: write through it
+    cdef object closing              # transport.is_closing
     cdef Balancer balancer           # circuit-breaker counters of a balanced target (or None)
     cdef bint pending                # counted in balancer.pending (connecting)
     cdef bint counted                # counted in balancer.connections (connected)
@@ -231,6 +238,7 @@ cdef class UpstreamProtocol(PooledConnection):
     cdef object connect_task
 
     cdef void attach(self, DownstreamProtocol down, bint reused)
+    cdef int _out(self, object data) except -1
     cdef void _connecting_over(self, bint connected)
     cdef int _parse_head(self, object data, const char* p, Py_ssize_t n) except -1
     cdef int _body(self, object data, const char* p, Py_ssize_t off, Py_ssize_t n) except -1

@@ -37,11 +37,19 @@ from fastmesh._core.balancer cimport (
     Balancer, Target, OUTCOME_RESPONSE, OUTCOME_CONNECT_FAIL, OUTCOME_TIMEOUT, OUTCOME_RESET,
     OUTCOME_ABORTED,
 )
-from fastmesh._core.includes.clock cimport now_ns
+from fastmesh._core.includes.clock cimport now_ns, clock_gettime, timespec
 from fastmesh._core.balancer import request_hash_key
 from fastmesh._core.tls_transport import HandshakeTimeout, connect as tls_connect
 from fastmesh._core.plugin cimport Chain, HeaderEdits, Pending, Request, ResponseHead
 from cpython.object cimport PyObject
+
+cdef extern from "<time.h>" nogil:
+    enum: CLOCK_MONOTONIC_COARSE
+cdef extern from "<sys/socket.h>" nogil:
+    ssize_t send(int fd, const void* buf, size_t n, int flags)
+    int MSG_NOSIGNAL
+from libc.errno cimport errno, EINTR
+from cpython.bytes cimport PyBytes_CheckExact
 
 cdef extern from "Python.h":
     # the set iteration CPython's own set code uses (borrowed references, no iterator object)
@@ -58,6 +66,11 @@ import socket
 import time
 
 import orjson
+
+try:
+    from uvloop.loop import TCPTransport as _TCPTransport
+except ImportError:                 # another event loop: every write goes through its transport
+    _TCPTransport = None
 
 # Downstream states
 cdef enum:
@@ -151,7 +164,12 @@ cdef bint _idempotent(const char* m, Py_ssize_t n) noexcept:
 
 
 cdef inline double mono() noexcept nogil:
-    return now_ns() * 1e-9
+    """Seconds for deadlines and pool idle times. The coarse clock (the kernel's last tick, a
+    few ms) is plenty for them and costs a fraction of a precise read, which the histograms
+    keep (now_ns): a request sets or moves a deadline several times."""
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
 
 
 class PeerRejected(ConnectionError):
@@ -333,6 +351,50 @@ cdef int add_ms(Buf* w, int64_t ns) except -1:
     d[1] = <char>(48 + (frac // 10) % 10)
     d[2] = <char>(48 + frac % 10)
     return buf_add(w, d, 3)
+
+
+cdef int _socket_fd(object transport) except -2:
+    """The socket of a plain uvloop TCP transport, which _send may write to itself; else -1.
+
+    uvloop closes that descriptor only after the protocol's connection_lost returned (its
+    _call_connection_lost), so it is this connection's for as long as the protocol has the
+    transport.
+    """
+    if _TCPTransport is None or type(transport) is not _TCPTransport:
+        return -1
+    sock = transport.get_extra_info("socket")
+    return sock.fileno() if sock is not None else -1
+
+
+cdef int _send(int fd, bint* queued, object transport, object closing, object write,
+               object data) except -1:
+    """Write `data` (a connection's next bytes) to its transport.
+
+    With a plain socket (fd >= 0) and nothing waiting in the transport, the bytes go to the
+    kernel here in one send(): uvloop's write() would make the same syscall after several
+    Python-level steps (its buffer list, length checks, the fd as a Python int, a list.clear
+    call), most of a proxied request's time in uvloop. What the socket does not take at once,
+    and everything while the transport holds bytes (`queued`) or is closing, goes through
+    transport.write: its buffering, flow control (pause_writing) and error handling, in order.
+    """
+    cdef const char* p
+    cdef Py_ssize_t n, sent
+    if fd >= 0 and PyBytes_CheckExact(data):
+        if queued[0] and not transport.get_write_buffer_size():
+            queued[0] = False
+        if not queued[0] and not closing():
+            p = PyBytes_AS_STRING(data)
+            n = PyBytes_GET_SIZE(data)
+            sent = send(fd, p, n, MSG_NOSIGNAL)
+            while sent < 0 and errno == EINTR:
+                sent = send(fd, p, n, MSG_NOSIGNAL)
+            if sent == n:
+                return 0
+            queued[0] = True
+            if sent > 0:
+                data = PyBytes_FromStringAndSize(p + sent, n - sent)
+    write(data)
+    return 0
 
 
 cdef class RouteTarget:
@@ -521,6 +583,7 @@ cdef class DownstreamProtocol:
 
     def __cinit__(self, Gateway gw):
         self.gw = gw
+        self.fd = -1
         self.state = D_HEAD
         self.keep_alive = True
 
@@ -537,6 +600,8 @@ cdef class DownstreamProtocol:
     def connection_made(self, transport):
         self.transport = transport
         self.write = transport.write
+        self.fd = _socket_fd(transport)
+        self.closing = transport.is_closing if self.fd >= 0 else None
         peer = transport.get_extra_info("peername")
         sock = transport.get_extra_info("sockname")
         self.client_ip = (peer[0] if peer else "unknown").encode()
@@ -583,7 +648,11 @@ cdef class DownstreamProtocol:
                 self._finish_request_metrics()
             self._detach_upstream(False)
         self.transport = None
-        self.write = None
+        self.write = self.closing = None
+        self.fd = -1
+
+    cdef int _out(self, object data) except -1:
+        return _send(self.fd, &self.queued, self.transport, self.closing, self.write, data)
 
     def data_received(self, data):
         self._feed(data, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
@@ -652,8 +721,8 @@ cdef class DownstreamProtocol:
                 return 0
             if self.state == D_TUNNEL:
                 if self.up is not None and self.up.transport is not None:
-                    self.up.write(data if data is not None and off == 0
-                                            else PyBytes_FromStringAndSize(p + off, n - off))
+                    self.up._out(data if data is not None and off == 0
+                                 else PyBytes_FromStringAndSize(p + off, n - off))
                 return 0
             if self.state != D_HEAD:
                 return 0
@@ -959,7 +1028,9 @@ cdef class DownstreamProtocol:
         if t is None:
             return
         self.target = None
-        self.route.balancer.end(t, now_ns() - self.t_up_start if self.t_up_start else 0,
+        # A response: the latency to its head, which _parse_head just timed (t_up_first).
+        self.route.balancer.end(t, ((self.t_up_first if outcome == OUTCOME_RESPONSE
+                                     else now_ns()) - self.t_up_start) if self.t_up_start else 0,
                                 outcome, status)
 
     cdef bint _connect_failed_retry(self) except -1:
@@ -1050,7 +1121,7 @@ cdef class DownstreamProtocol:
             # Still connecting: queue behind what is already waiting.
             self.pending_out = out if self.pending_out is None else self.pending_out + out
             return 0
-        up.write(out)
+        up._out(out)
         return 0
 
     def _connect(self):
@@ -1089,7 +1160,7 @@ cdef class DownstreamProtocol:
         self.t_up_start = now_ns()
         self._await_progress()
         if out is not None:
-            up.write(out)
+            up._out(out)
         self._resume(P_CONNECT)
 
     def _upstream_connect_failed(self, exc):
@@ -1362,9 +1433,9 @@ cdef class DownstreamProtocol:
             return 0
         self.resp_bytes += n
         if data is not None and off == 0 and n == PyBytes_GET_SIZE(data):
-            self.write(data)
+            self._out(data)
         else:
-            self.write(PyBytes_FromStringAndSize(p + off, n))
+            self._out(PyBytes_FromStringAndSize(p + off, n))
         return 0
 
     # -- response lifecycle --------------------------------------------------------------
@@ -1470,7 +1541,7 @@ cdef class DownstreamProtocol:
             self.resp_bytes = len(payload)
             self._finish_request_metrics()
             self.gw.local_responses += 1
-            self.write(payload)
+            self._out(payload)
             self.route = None
             self.resp_started = False
             if self.close_after or not self.keep_alive:
@@ -1657,7 +1728,7 @@ cdef class DownstreamProtocol:
         req.attach(self.cur, &self.head, self.client_ip, rt.name, rt.service)
         self.state = D_BUFFER
         if self.head.expect_continue:
-            self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self._out(b"HTTP/1.1 100 Continue\r\n\r\n")
         self._set_deadline(self.gw.body_timeout, K_BODY)
         self._body_progress()
         return avail
@@ -1809,7 +1880,7 @@ cdef class DownstreamProtocol:
 
     cdef int _send_local(self, bytes payload, bint close) except -1:
         """Write an answer the gateway made itself, then close or wait for the next request."""
-        self.write(payload)
+        self._out(payload)
         if close:
             self.state = D_CLOSED
             self.dkind = K_NONE
@@ -1884,8 +1955,14 @@ cdef class DownstreamProtocol:
 cdef class UpstreamProtocol(PooledConnection):
     """One connection to an upstream target; bound to a client request while in use."""
 
+    def __cinit__(self):
+        self.fd = -1
+
     def __dealloc__(self):
         buf_free(&self.rbuf)
+
+    cdef int _out(self, object data) except -1:
+        return _send(self.fd, &self.queued, self.transport, self.closing, self.write, data)
 
     cdef void attach(self, DownstreamProtocol down, bint reused):
         self.down = down
@@ -1937,6 +2014,8 @@ cdef class UpstreamProtocol(PooledConnection):
         self._connecting_over(True)
         self.transport = transport
         self.write = transport.write
+        self.fd = _socket_fd(transport)
+        self.closing = transport.is_closing if self.fd >= 0 else None
         if down is None:
             # The client gave up while we were connecting.
             self.closed = True
@@ -1950,7 +2029,8 @@ cdef class UpstreamProtocol(PooledConnection):
         cdef int state = self.state
         self.closed = True
         self.transport = None
-        self.write = None
+        self.write = self.closing = None
+        self.fd = -1
         if self.counted:
             self.counted = False
             self.balancer.conn_closed()
@@ -2003,7 +2083,7 @@ cdef class UpstreamProtocol(PooledConnection):
         cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
         if self.state == U_TUNNEL:
             if down is not None and down.transport is not None:
-                down.write(data)
+                down._out(data)
             return
         if down is None or self.state == U_IDLE or down.transport is None or down.state == D_CLOSED:
             # Bytes from an idle connection: its framing cannot be trusted any more.
@@ -2044,7 +2124,7 @@ cdef class UpstreamProtocol(PooledConnection):
             if self.head.status >= 100 and self.head.status < 200 and self.head.status != 101:
                 # Interim response: relay 100 Continue to a client that asked for it.
                 if self.head.status == 100 and down.expect_continue and not down.resp_started:
-                    down.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    down._out(b"HTTP/1.1 100 Continue\r\n\r\n")
                 off += r
                 if off >= avail:
                     return 0
@@ -2081,24 +2161,24 @@ cdef class UpstreamProtocol(PooledConnection):
             off += <Py_ssize_t>self.remaining
             self.remaining = 0
             down.resp_bytes += down.wbuf.len
-            down.write(buf_take(&down.wbuf))
+            down._out(buf_take(&down.wbuf))
             if off < avail:
                 self.resp_keep_alive = False   # the upstream sent more than it framed
             self.state = U_IDLE
             down._response_done(self.resp_keep_alive)
             return 0
         down.resp_bytes += down.wbuf.len
-        down.write(buf_take(&down.wbuf))
+        down._out(buf_take(&down.wbuf))
         if self.head.status == 101:
             self.state = U_TUNNEL
             down.state = D_TUNNEL
             down.dkind = K_NONE
             down.req_done = True
             if off < avail:
-                down.write(PyBytes_FromStringAndSize(b + off, avail - off))
+                down._out(PyBytes_FromStringAndSize(b + off, avail - off))
             down._resume(P_PIPELINE | P_UPSTREAM | P_CONNECT)
             if down.ibuf.len:
-                self.write(PyBytes_FromStringAndSize(down.ibuf.data, down.ibuf.len))
+                self._out(PyBytes_FromStringAndSize(down.ibuf.data, down.ibuf.len))
                 down.ibuf.len = 0
             return 0
         if self.body_kind == BODY_NONE:
@@ -2134,7 +2214,7 @@ cdef class UpstreamProtocol(PooledConnection):
                         down._fail(502, "upstream sent a malformed chunked body")
                         return 0
                     for i in range(ndata):
-                        down.write(PyBytes_FromStringAndSize(p + off + take + spans[i].off, spans[i].len))
+                        down._out(PyBytes_FromStringAndSize(p + off + take + spans[i].off, spans[i].len))
                     take += r
                     if r == 0:
                         break
