@@ -113,15 +113,20 @@ def start_twice(start):
     return start()
 
 
-def test_idle_gateway_worker_stays_under_30_mib(bytecode):
-    proc, _ = start_twice(lambda: start_gateway("--workers", "1"))
+def assert_idle_and_single_threaded(proc) -> None:
+    """The settled process's RSS under the limit, and one thread: listeners are bound without
+    getaddrinfo, so no libuv pool threads (nor their malloc arenas). Stops the process."""
     try:
         idle = settled(proc.pid)
     finally:
         proc.stop()
     assert idle["VmRSS"] < IDLE_RSS_LIMIT_KB, describe(idle)
-    # Listeners are bound without getaddrinfo: no libuv pool threads (nor their malloc arenas).
     assert idle["Threads"] == 1, describe(idle)
+
+
+def test_idle_gateway_worker_stays_under_30_mib(bytecode):
+    proc, _ = start_twice(lambda: start_gateway("--workers", "1"))
+    assert_idle_and_single_threaded(proc)
 
 
 def test_idle_supervisor_and_its_workers_stay_under_30_mib(bytecode, echo, tmp_path):
@@ -186,12 +191,7 @@ def start_bench_sidecar(tmp_path: Path, app_port: int) -> tuple[Proc, int]:
 
 def test_idle_sidecar_as_the_chain_bench_starts_it_stays_under_30_mib(bytecode, echo, tmp_path):
     proc, _ = start_twice(lambda: start_bench_sidecar(tmp_path, echo.port))
-    try:
-        idle = settled(proc.pid)
-    finally:
-        proc.stop()
-    assert idle["VmRSS"] < IDLE_RSS_LIMIT_KB, describe(idle)
-    assert idle["Threads"] == 1, describe(idle)
+    assert_idle_and_single_threaded(proc)
 
 
 def test_idle_sidecar_does_not_import_what_it_does_not_use(bytecode, echo, tmp_path, monkeypatch):

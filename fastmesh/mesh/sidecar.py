@@ -368,23 +368,17 @@ class Sidecar:
             return              # not started yet (start applies the view itself) or stopping
         view = self.registry.view()
         self._apply_inbound()
-        try:
+
+        def build():
             config = self._outbound_config(view)
-        except ConfigError as exc:            # an instance the loader refuses: keep the old Plan
-            say(f"registry view refused, outbound routes unchanged:\n{exc}", err=True)
-            return
-        if self.options.intercept:
-            self.hosts = mesh_hosts(view)
-        if config.version == self.outbound.version:
-            return
-        problem = self.outbound.prepare(config)
-        if problem:
-            say(problem, err=True)
-            return
-        self.outbound.commit(config.version)
-        self.changes += 1
-        say(f"outbound routes: {len(view)} service(s), "
-            f"{sum(map(len, view.values()))} instance(s) (config {config.version})")
+            if self.options.intercept:      # the whole view's addresses, called or not
+                self.hosts = mesh_hosts(view)
+            return config
+
+        if self._swap_plan(self.outbound, build, "outbound"):
+            self.changes += 1
+            say(f"outbound routes: {len(view)} service(s), "
+                f"{sum(map(len, view.values()))} instance(s) (config {self.outbound.version})")
 
     def _apply_inbound(self) -> None:
         """A route per caller service: swap in a new inbound Plan when the names changed."""
@@ -393,18 +387,25 @@ class Sidecar:
                 or self.inbound.stopped:
             return              # (instances come and go far more often than services)
         self.callers = callers
+        self._swap_plan(self.inbound, self._inbound_config, "inbound")
+
+    @staticmethod
+    def _swap_plan(worker, build, side: str) -> bool:
+        """Compile build()'s config beside `worker`'s Plan and switch to it; False when it is
+        refused (the old Plan keeps serving) or unchanged."""
         try:
-            config = self._inbound_config()
-        except ConfigError as exc:
-            say(f"registry view refused, inbound routes unchanged:\n{exc}", err=True)
-            return
-        if config.version == self.inbound.version:
-            return
-        problem = self.inbound.prepare(config)
+            config = build()
+        except ConfigError as exc:            # an instance the loader refuses: keep the old Plan
+            say(f"registry view refused, {side} routes unchanged:\n{exc}", err=True)
+            return False
+        if config.version == worker.version:
+            return False
+        problem = worker.prepare(config)
         if problem:
             say(problem, err=True)
-            return
-        self.inbound.commit(config.version)
+            return False
+        worker.commit(config.version)
+        return True
 
     def _outbound_config(self, view):
         return outbound_config(view, self.options.policy, self._tls_files(), self.outbound_policy,
