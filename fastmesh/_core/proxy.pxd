@@ -122,6 +122,7 @@ cdef class DownstreamProtocol:
     cdef bint idempotent
     cdef object retry_timer
     cdef UpstreamProtocol up
+    cdef bint up_read_paused         # pause_writing stopped reading `up`; undone before reuse
     cdef object pending_out          # request bytes waiting for the upstream connection
     cdef object replay               # the whole request, kept while it can be resent
     cdef bint replayed

@@ -669,12 +669,14 @@ cdef class DownstreamProtocol:
         # (and do not blame the upstream for the silence that follows).
         if self.up is not None and self.up.transport is not None:
             self.up.transport.pause_reading()
+            self.up_read_paused = True
             if self.dkind == K_READ:
                 self.dkind = K_NONE
 
     def resume_writing(self):
         if self.up is not None and self.up.transport is not None:
             self.up.transport.resume_reading()
+            self.up_read_paused = False
             if self.dkind == K_NONE and self.state != D_TUNNEL:
                 self._set_deadline(self.route.read_timeout, K_READ)
 
@@ -1514,13 +1516,19 @@ cdef class DownstreamProtocol:
 
     cdef void _detach_upstream(self, bint reusable):
         cdef UpstreamProtocol up = self.up
+        cdef bint read_paused = self.up_read_paused
         if up is None:
             return
         self.up = None
+        self.up_read_paused = False
         up.down = None
         if up.connect_task is not None and up.transport is None:
             up.connect_task.cancel()
         if reusable and up.state == U_IDLE:
+            if read_paused and up.transport is not None:
+                # The response ended in the same read that filled the client's buffer (its
+                # pause_writing came mid-callback): a pooled connection must read again.
+                up.transport.resume_reading()
             up.reusable = True
             up.pool.release(up, mono())
         else:
