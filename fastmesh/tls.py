@@ -111,15 +111,16 @@ def server_context() -> ssl.SSLContext:
     return ctx
 
 
-def _no_password() -> bytes:
-    # An encrypted key must fail to load, never prompt on the terminal for a passphrase.
+def no_password() -> bytes:
+    """load_cert_chain's password: an encrypted key fails to load instead of OpenSSL asking for
+    a passphrase on the terminal."""
     return b""
 
 
 def load_pair(cert: str, key: str) -> ssl.SSLContext:
     """A server context holding one certificate (chain) and its key; ssl.SSLError if refused."""
     ctx = server_context()
-    ctx.load_cert_chain(cert, key, password=_no_password)
+    ctx.load_cert_chain(cert, key, password=no_password)
     return ctx
 
 

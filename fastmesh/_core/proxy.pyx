@@ -176,14 +176,18 @@ class PeerRejected(ConnectionError):
     """A TLS upstream's verified certificate is not the identity the route expects."""
 
 
+cdef inline bint _named(const char* b, Header* hd, bytes lower) noexcept:
+    """Whether header `hd` is named `lower` (lowercase; None names no header)."""
+    return lower is not None and hd.name.len == PyBytes_GET_SIZE(lower) \
+        and span_ieq(b, hd.name, PyBytes_AS_STRING(lower), hd.name.len)
+
+
 cdef void _source(DownstreamProtocol c, const char* b, Head* h, const char** host,
                   Py_ssize_t* host_len):
     """The request's source service, where routing by source (Gateway.set_source) looks for
     a host: a verified identity decides whatever the header says; empty when there is none."""
-    cdef Gateway gw = c.gw
     cdef Header* hd
     cdef int i
-    cdef Py_ssize_t n
     host[0] = b""
     host_len[0] = 0
     if c.peer is not None:
@@ -191,10 +195,9 @@ cdef void _source(DownstreamProtocol c, const char* b, Head* h, const char** hos
             host[0] = PyBytes_AS_STRING(c.peer_source)
             host_len[0] = PyBytes_GET_SIZE(c.peer_source)
         return
-    n = PyBytes_GET_SIZE(gw.source_lower)
     for i in range(h.nheaders):
         hd = &h.headers[i]
-        if hd.name.len == n and span_ieq(b, hd.name, PyBytes_AS_STRING(gw.source_lower), n):
+        if _named(b, hd, c.gw.source_lower):
             host[0] = b + hd.value.off
             host_len[0] = hd.value.len
             return
@@ -685,11 +688,9 @@ cdef class DownstreamProtocol:
         cdef list out = []
         cdef int i
         cdef Header* hd
-        cdef const char* name = PyBytes_AS_STRING(lower_name)
-        cdef Py_ssize_t nlen = PyBytes_GET_SIZE(lower_name)
         for i in range(self.head.nheaders):
             hd = &self.head.headers[i]
-            if hd.name.len == nlen and span_ieq(self.cur, hd.name, name, nlen):
+            if _named(self.cur, hd, lower_name):
                 out.append(PyBytes_FromStringAndSize(self.cur + hd.value.off, hd.value.len))
         return out
 
@@ -1234,11 +1235,7 @@ cdef class DownstreamProtocol:
                 continue
             if drop is not None and _named_in(b, hd.name, drop, self.preq.drop_lens):
                 continue
-            if gw.peer_header is not None and hd.name.len == PyBytes_GET_SIZE(gw.peer_header) \
-                    and span_ieq(b, hd.name, PyBytes_AS_STRING(gw.peer_header_lower), hd.name.len):
-                continue
-            if gw.source_lower is not None and hd.name.len == PyBytes_GET_SIZE(gw.source_lower) \
-                    and span_ieq(b, hd.name, PyBytes_AS_STRING(gw.source_lower), hd.name.len):
+            if _named(b, hd, gw.peer_header_lower) or _named(b, hd, gw.source_lower):
                 continue
             if self.traced and (hd.name.len == 11 and span_ieq(b, hd.name, "traceparent", 11)
                                 or self.trace_drop_state and hd.name.len == 10

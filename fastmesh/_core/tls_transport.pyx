@@ -27,6 +27,7 @@ peer's close_notify is the app's eof_received; close() sends our close_notify fi
 import os
 import ssl
 import sys
+from asyncio import get_running_loop
 
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
@@ -178,7 +179,6 @@ cdef class TLSTransport:
 
     # -- the socket's side ------------------------------------------------------------------
     def connection_made(self, transport):
-        import asyncio
         self.transport = transport
         self.transport_write = transport.write
         self.incoming = ssl.MemoryBIO()
@@ -192,7 +192,7 @@ cdef class TLSTransport:
             return
         self.c_sslobj = self.sslobj._sslobj
         if self.handshake_timeout > 0:
-            self.timer = asyncio.get_running_loop().call_later(
+            self.timer = get_running_loop().call_later(
                 self.handshake_timeout, self._handshake_timed_out)
         self._handshake_step()
 
@@ -394,9 +394,6 @@ cdef class TLSTransport:
     # -- the app's transport --------------------------------------------------------------------
     def write(self, data):
         cdef Py_buffer view
-        cdef const char* p
-        cdef Py_ssize_t n
-        cdef int r, chunk
         if self.state != OPEN:
             return
         if not self.native:

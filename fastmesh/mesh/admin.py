@@ -92,17 +92,15 @@ class SidecarAdmin:
 
 def service_pairs(sidecar) -> list[tuple[tuple[str, str, str], _Accum]]:
     """[((direction, source, destination), counts and histograms)] sorted. Inbound, the source
-    is the caller's service, UNKNOWN_SOURCE when it has none; "" (any caller) when this
-    sidecar does not count per caller (a data path without caller services)."""
+    is the caller's service, UNKNOWN_SOURCE when it has none."""
     pairs: dict[tuple[str, str, str], _Accum] = {}
     own = sidecar.options.service
-    unknown = UNKNOWN_SOURCE if sidecar.sources else ""
     for direction, worker in (("outbound", sidecar.outbound), ("inbound", sidecar.inbound)):
         if worker is None or worker.gateway is None:
             continue
         for route, _service, data in worker.route_stats.snapshot(worker.gateway.plan):
             if direction == "inbound":
-                key = ("inbound", caller_of(own, route) or unknown, own)
+                key = ("inbound", caller_of(own, route) or UNKNOWN_SOURCE, own)
             else:
                 key = ("outbound", own, UNKNOWN_DESTINATION if route == UNKNOWN else route)
             pairs.setdefault(key, _Accum()).add_accum(_Accum.load(data))

@@ -105,17 +105,15 @@ def caller_of(service: str, route: str) -> str | None:
 
 
 def use_sources(inbound: Gateway | None, outbound: Gateway | None, service: str,
-                identity: str | None) -> bool:
+                identity: str | None) -> None:
     """Turn on caller services on the sidecar's Gateways (the module docstring): the outbound
     one stamps `service`, the inbound one routes by source, trusting a TLS peer whose identity
-    is in `identity`'s trust domain (this workload's SPIFFE id; None without mTLS). True when
-    turned on."""
+    is in `identity`'s trust domain (this workload's SPIFFE id; None without mTLS)."""
     if inbound is not None:
         prefix = f"{identity.rsplit('/', 1)[0]}/" if identity else None
         inbound.set_source(SOURCE_HEADER, route=True, peer_prefix=prefix)
     if outbound is not None:
         outbound.set_source(SOURCE_HEADER, stamp=service)
-    return True
 
 
 def _routable_host(host: str) -> str | None:

@@ -128,8 +128,7 @@ class Sidecar:
         self.hosts: frozenset[str] = frozenset()     # what the outbound routes match (intercept)
         self.relays: set = set()                     # open opaque TCP relays (intercept)
         self.tls = None                              # a fastmesh.mesh.mtls.MeshTLS when on
-        self.sources = False                         # inbound counts per caller (routes.py)
-        self.callers: frozenset[str] = frozenset()   # ... the services it has routes for
+        self.callers: frozenset[str] = frozenset()   # inbound: the services it has routes for
         self.authz: dict | None = None               # the policy file: service -> rules
         self.outbound_policy = None                  # ... and its part for the app's calls
         self.destinations = Destinations(options.destinations, options.destinations_idle)
@@ -164,8 +163,8 @@ class Sidecar:
         self.outbound = Worker(1)
         await self.outbound.start(self._outbound_config(self.registry.view()), out_host, out_port)
         # Caller services: outbound stamps this service, inbound counts per caller (routes.py).
-        self.sources = use_sources(self.inbound.gateway, self.outbound.gateway, opts.service,
-                                   self.tls.identity if self.tls is not None else None)
+        use_sources(self.inbound.gateway, self.outbound.gateway, opts.service,
+                    self.tls.identity if self.tls is not None else None)
         from fastmesh.mesh import unknown_service
         unknown_service.serve(self)         # the catch-all asks `activate` for known services
         if opts.intercept:
@@ -383,8 +382,7 @@ class Sidecar:
     def _apply_inbound(self) -> None:
         """A route per caller service: swap in a new inbound Plan when the names changed."""
         callers = frozenset(self.registry.view())
-        if not self.sources or callers == self.callers or self.inbound is None \
-                or self.inbound.stopped:
+        if callers == self.callers or self.inbound is None or self.inbound.stopped:
             return              # (instances come and go far more often than services)
         self.callers = callers
         self._swap_plan(self.inbound, self._inbound_config, "inbound")

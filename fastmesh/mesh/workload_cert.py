@@ -33,7 +33,7 @@ from fastmesh.mesh.registry import (
     BUNDLE_FILE, CERT_FILE, KEY_FILE, lifetime_of, peer_identity, service_name, service_of,
 )
 from fastmesh.osutil import file_stamp, sha256
-from fastmesh.tls import ALPN_HTTP1, harden
+from fastmesh.tls import ALPN_HTTP1, harden, no_password
 
 log = logging.getLogger("fastmesh")
 
@@ -69,17 +69,12 @@ class _Pair:
         self.fingerprint = sha256(der).digest()
 
 
-def _no_password() -> bytes:
-    """An encrypted key.pem fails to load (rather than OpenSSL asking on the terminal)."""
-    return b""
-
-
 def _check_files(out_dir: str, cert_file: str, key_file: str, ca_file: str) -> tuple[dict, bytes]:
     """cert.pem as ssl decodes it (getpeercert()) and its DER, once key.pem belongs to it and it
     was issued by a certificate in ca.pem; else CertificateError saying which of those failed."""
     server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
-        server.load_cert_chain(cert_file, key_file, password=_no_password)
+        server.load_cert_chain(cert_file, key_file, password=no_password)
     except ssl.SSLError as exc:
         if exc.reason == "KEY_VALUES_MISMATCH":
             raise CertificateError(f"{out_dir}: key.pem does not belong to cert.pem") from None
