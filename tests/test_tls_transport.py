@@ -111,6 +111,23 @@ def test_bytes_cross_intact_at_every_size(server):
     assert end == {"native": server.native, "eof": True, "bytes": sent}
 
 
+def test_echo_to_a_client_that_does_not_read_arrives_whole_and_in_order(server):
+    """The server's records outgrow the socket while the client only sends: the sends that
+    the kernel takes in part, and every record after them, go through the socket transport's
+    buffer in order (the direct send() path must not overtake it)."""
+    size = 8 * 1024 * 1024
+    payload = b"".join(b"%08d" % i for i in range(size // 8))
+    with connect(server, timeout=30) as tls:
+        assert server.line() == {"handshake": "ok"}
+        for off in range(0, size, 65536):   # nothing read until everything is sent
+            tls.sendall(payload[off:off + 65536])
+        got = read_exactly(tls, size)
+        assert len(got) == size
+        assert got == payload, next(i for i in range(size) if got[i] != payload[i])
+        tls.unwrap()
+    assert server.line() == {"native": server.native, "eof": True, "bytes": size}
+
+
 def test_many_small_writes_in_one_read_are_all_delivered(server):
     with connect(server) as tls:
         server.line()

@@ -45,11 +45,8 @@ from cpython.object cimport PyObject
 
 cdef extern from "<time.h>" nogil:
     enum: CLOCK_MONOTONIC_COARSE
-cdef extern from "<sys/socket.h>" nogil:
-    ssize_t send(int fd, const void* buf, size_t n, int flags)
-    int MSG_NOSIGNAL
-from libc.errno cimport errno, EINTR
 from cpython.bytes cimport PyBytes_CheckExact
+from fastmesh._core.sockwrite cimport send_or_write, socket_fd
 
 cdef extern from "Python.h":
     # the set iteration CPython's own set code uses (borrowed references, no iterator object)
@@ -67,10 +64,6 @@ import time
 
 import orjson
 
-try:
-    from uvloop.loop import TCPTransport as _TCPTransport
-except ImportError:                 # another event loop: every write goes through its transport
-    _TCPTransport = None
 
 # Downstream states
 cdef enum:
@@ -356,46 +349,13 @@ cdef int add_ms(Buf* w, int64_t ns) except -1:
     return buf_add(w, d, 3)
 
 
-cdef int _socket_fd(object transport) except -2:
-    """The socket of a plain uvloop TCP transport, which _send may write to itself; else -1.
-
-    uvloop closes that descriptor only after the protocol's connection_lost returned (its
-    _call_connection_lost), so it is this connection's for as long as the protocol has the
-    transport.
-    """
-    if _TCPTransport is None or type(transport) is not _TCPTransport:
-        return -1
-    sock = transport.get_extra_info("socket")
-    return sock.fileno() if sock is not None else -1
-
-
-cdef int _send(int fd, bint* queued, object transport, object closing, object write,
-               object data) except -1:
-    """Write `data` (a connection's next bytes) to its transport.
-
-    With a plain socket (fd >= 0) and nothing waiting in the transport, the bytes go to the
-    kernel here in one send(): uvloop's write() would make the same syscall after several
-    Python-level steps (its buffer list, length checks, the fd as a Python int, a list.clear
-    call), most of a proxied request's time in uvloop. What the socket does not take at once,
-    and everything while the transport holds bytes (`queued`) or is closing, goes through
-    transport.write: its buffering, flow control (pause_writing) and error handling, in order.
-    """
-    cdef const char* p
-    cdef Py_ssize_t n, sent
-    if fd >= 0 and PyBytes_CheckExact(data):
-        if queued[0] and not transport.get_write_buffer_size():
-            queued[0] = False
-        if not queued[0] and not closing():
-            p = PyBytes_AS_STRING(data)
-            n = PyBytes_GET_SIZE(data)
-            sent = send(fd, p, n, MSG_NOSIGNAL)
-            while sent < 0 and errno == EINTR:
-                sent = send(fd, p, n, MSG_NOSIGNAL)
-            if sent == n:
-                return 0
-            queued[0] = True
-            if sent > 0:
-                data = PyBytes_FromStringAndSize(p + sent, n - sent)
+cdef inline int _send(int fd, bint* queued, object transport, object closing, object write,
+                      object data) except -1:
+    """Write `data` (a connection's next bytes): to its socket directly when it is bytes and
+    the transport is open (sockwrite.send_or_write), else through transport.write."""
+    if fd >= 0 and PyBytes_CheckExact(data) and not closing():
+        return send_or_write(fd, queued, transport, write, PyBytes_AS_STRING(data),
+                             PyBytes_GET_SIZE(data), data)
     write(data)
     return 0
 
@@ -603,7 +563,7 @@ cdef class DownstreamProtocol:
     def connection_made(self, transport):
         self.transport = transport
         self.write = transport.write
-        self.fd = _socket_fd(transport)
+        self.fd = socket_fd(transport)
         self.closing = transport.is_closing if self.fd >= 0 else None
         peer = transport.get_extra_info("peername")
         sock = transport.get_extra_info("sockname")
@@ -2019,7 +1979,7 @@ cdef class UpstreamProtocol(PooledConnection):
         self._connecting_over(True)
         self.transport = transport
         self.write = transport.write
-        self.fd = _socket_fd(transport)
+        self.fd = socket_fd(transport)
         self.closing = transport.is_closing if self.fd >= 0 else None
         if down is None:
             # The client gave up while we were connecting.

@@ -7,7 +7,8 @@ deque of writes, `SSLObject.read` in a loop that joins chunks, flow-control book
 wake-up of its waiter), which was most of what mTLS added to a mesh hop (benches/tls_profile.py,
 benches/mesh_chain.py --mtls). Here one object is both the socket's protocol and the app's
 transport; a record in is one BIO_write plus SSL_read until OpenSSL wants more, a write out is
-one SSL_write plus one BIO_read into a bytes object handed to the socket transport.
+one SSL_write plus one BIO_read into a static buffer sent with one send() (fastmesh._core.
+sockwrite, as the proxy's plain writes; the socket transport's write() when it holds bytes).
 
 The TLS is still the standard library's: the ssl module makes the SSL object (`wrap_bio` on the
 caller's SSLContext, so certificates, verification, SNI callbacks, ALPN, session tickets are what
@@ -31,6 +32,8 @@ from asyncio import get_running_loop
 
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+
+from fastmesh._core.sockwrite cimport send_or_write, socket_fd
 
 cdef extern from *:
     """
@@ -89,12 +92,15 @@ cdef extern from *:
 
 cdef enum:
     RECORD_MAX = 16384              # the most plaintext one TLS record carries (RFC 8446 5.1)
+    WIRE_MAX = 65536                # what _flush sends from its static buffer (more: a bytes)
     SSL_ERROR_WANT_READ = 2         # openssl/ssl.h
     SSL_ERROR_ZERO_RETURN = 6
 
 # One record's plaintext at a time; copied into a bytes object before the app sees it, so one
 # buffer serves every connection of the (single-threaded) loop.
 cdef char _record[RECORD_MAX]
+# What OpenSSL wrote for the socket, on its way to send(): one buffer for the same reason.
+cdef char _wire[WIRE_MAX]
 
 cdef enum State:
     HANDSHAKE = 0
@@ -155,12 +161,13 @@ cdef class TLSTransport:
     """The socket's protocol and the app protocol's transport, with TLS between them."""
 
     cdef object context, sslobj, c_sslobj, incoming, outgoing
-    cdef object transport, transport_write
+    cdef object transport, transport_write, transport_closing
+    cdef int fd                     # the socket when records may be sent directly (sockwrite)
     cdef object app, app_data_received
     cdef object on_handshake, timer, error
     cdef str server_hostname
     cdef double handshake_timeout
-    cdef bint server_side, native, eof_seen
+    cdef bint server_side, native, eof_seen, queued
     cdef State state
     cdef void* ssl
     cdef void* rbio
@@ -176,11 +183,14 @@ cdef class TLSTransport:
         self.handshake_timeout = handshake_timeout
         self.on_handshake = on_handshake
         self.state = HANDSHAKE
+        self.fd = -1
 
     # -- the socket's side ------------------------------------------------------------------
     def connection_made(self, transport):
         self.transport = transport
         self.transport_write = transport.write
+        self.transport_closing = transport.is_closing
+        self.fd = socket_fd(transport)
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
         try:
@@ -220,7 +230,8 @@ cdef class TLSTransport:
         cdef State was = self.state
         self.state = CLOSED
         self._cancel_timer()
-        self.transport = self.transport_write = None
+        self.transport = self.transport_write = self.transport_closing = None
+        self.fd = -1
         if was == HANDSHAKE:
             self._report(exc or ConnectionResetError(
                 "the connection was closed during the TLS handshake"))
@@ -288,6 +299,7 @@ cdef class TLSTransport:
         if self.transport is not None:
             if self.server_side and getattr(exc, "reason", None) == "HTTP_REQUEST":
                 self.transport_write(PLAIN_HTTP_ANSWER)
+            self.fd = -1
             self.transport.close()          # after the alert (or answer) already written
         self._report(exc)
 
@@ -368,22 +380,36 @@ cdef class TLSTransport:
         """A record OpenSSL refused: the stream cannot be trusted past it; the app is told why."""
         self.state = CLOSING
         self.error = exc
+        self.fd = -1                        # abort closes the socket now: never send() again
         if self.transport is not None:
             self.transport.abort()
 
     cdef _flush(self):
-        """Hand what OpenSSL wrote to its outgoing BIO to the socket, in one bytes object."""
+        """Hand what OpenSSL wrote to its outgoing BIO to the socket: with a plain uvloop
+        socket, open, from the static buffer in one send() (sockwrite); else in one bytes
+        object through the socket transport's write."""
         cdef size_t n
         cdef object out
+        cdef char* p
+        cdef bint direct
         if self.transport is None:
             return
         if self.native:
             n = fm_BIO_ctrl_pending(self.wbio)
             if n == 0:
                 return
-            out = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>n)
-            if fm_BIO_read(self.wbio, PyBytes_AS_STRING(out), <int>n) != <int>n:
+            direct = self.fd >= 0 and not self.transport_closing()
+            if direct and n <= WIRE_MAX:
+                out, p = None, _wire
+            else:
+                out = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>n)
+                p = PyBytes_AS_STRING(out)
+            if fm_BIO_read(self.wbio, p, <int>n) != <int>n:
                 self._fatal(ssl.SSLError("cannot read TLS bytes to send"))
+                return
+            if direct:
+                send_or_write(self.fd, &self.queued, self.transport, self.transport_write,
+                              p, <Py_ssize_t>n, out)
                 return
         else:
             out = self.outgoing.read()
@@ -452,6 +478,7 @@ cdef class TLSTransport:
         except ssl.SSLError:
             pass                            # SSLWantReadError: the peer's close_notify not awaited
         self._flush()
+        self.fd = -1
         if self.transport is not None:
             self.transport.close()
 
@@ -459,6 +486,7 @@ cdef class TLSTransport:
         if self.state == HANDSHAKE:
             self._cancel_timer()
         self.state = CLOSING
+        self.fd = -1
         if self.transport is not None:
             self.transport.abort()
 
