@@ -23,12 +23,15 @@ every round runs every (tree, case) once, the order rotated each round; medians 
 over rounds. That is how a change is measured: before and after in one run. ``--suite`` pins
 the TLS 1.3 suite of every fastmesh process (an OPENSSL_CONF, as benches/tls.py does);
 ``--tree NAME=PATH:SUITE`` pins it for one tree only (the same tree twice, two suites: a cipher
-comparison in one interleaved run).
+comparison in one interleaved run); SUITE ``TLSv1.2`` (or ``TLSv1.2:<cipher list>``) caps the
+protocol at TLS 1.2 instead.
 
 ``--perf DIR`` adds one profiled run per (tree, case) after the rounds: ``perf record -g`` on the
 case's fastmesh processes while wrk runs, then ``perf report`` by shared object and by symbol
 (self time) and by symbol with callees included, written to DIR/<tree>-<case>-{dso,sym,incl}.txt,
 with wrk's request count in DIR/<tree>-<case>-requests.txt (perf's event count is CPU ns: divide).
+``--counts`` adds one run per case under ``perf stat``: syscalls, context switches, migrations
+and wake-ups per request (exact counts, not samples).
 Needs perf and root (or a low kernel.perf_event_paranoid). ``--micro N`` measures only the SSL
 object path in-process (no servers): fastmesh.tls.SSLObject vs the ssl module's, and AEADs.
 
@@ -118,6 +121,7 @@ class Case:
         self.host: str | None = None
         self.runs: list[dict] = []
         self.failed: str | None = None
+        self.counts: dict[str, float] = {}
 
     @property
     def label(self) -> str:
@@ -282,6 +286,51 @@ PARTS = (  # (part, shared object prefix, symbol pattern or None), first match w
 )
 
 
+COUNTED = ("raw_syscalls:sys_enter", "context-switches", "cpu-migrations", "sched:sched_wakeup")
+
+
+def counts(case: Case, args) -> None:
+    """Kernel events per request over one wrk run (`perf stat` on the case's processes):
+    syscalls, context switches, migrations, wake-ups. Unlike CPU time these are exact, so a
+    change in how a case talks to the kernel shows here whatever the machine's noise."""
+    pids = case.pids()
+    if not pids or case.failed:
+        return
+    stat = subprocess.Popen(["perf", "stat", "-x", ",", "-e", ",".join(COUNTED), "-p",
+                             ",".join(map(str, pids)), "--", "sleep", str(args.duration)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)
+    try:
+        requests = wrk(case, args, args.duration)["requests"]
+    except (RuntimeError, ValueError):
+        requests = 0
+    try:
+        _, err = stat.communicate(timeout=args.duration + 30)
+    except subprocess.TimeoutExpired:
+        stat.kill()
+        _, err = stat.communicate()
+    found = {}
+    for line in err.splitlines():                  # value,unit,event,...
+        fields = line.split(",")
+        if len(fields) > 2 and fields[2] in COUNTED and fields[0].replace(".", "").isdigit():
+            found[fields[2]] = float(fields[0])
+    # wrk runs a little shorter than perf (it starts 0.3 s later): a slight overcount
+    case.counts = {k: v / requests for k, v in found.items()} if requests else {}
+
+
+def counts_table(cases: list[Case]) -> list[str]:
+    found = [c for c in cases if c.counts]
+    if not found:
+        return []
+    lines = ["", "Kernel events per request (perf stat, all of the case's processes, one run):",
+             "", "| event | " + " | ".join(c.label for c in found) + " |",
+             "| --- |" + " --- |" * len(found)]
+    for event in COUNTED:
+        lines.append(f"| {event} | " + " | ".join(f"{c.counts.get(event, 0.0):.2f}"
+                                                  for c in found) + " |")
+    return lines
+
+
 def perf_parts(out: Path, label: str) -> tuple[dict[str, float], float] | None:
     """CPU µs per request by part, from a --perf run's symbol report (self time)."""
     import re
@@ -403,10 +452,16 @@ def micro(home: Path, n: int) -> list[str]:
 
 
 def pin_suite(home: Path, suite: str) -> Path:
-    """An OPENSSL_CONF offering (client) or accepting (server) only this TLS 1.3 suite."""
-    conf = home / f"openssl-{suite}.cnf"
+    """An OPENSSL_CONF offering (client) or accepting (server) only this TLS 1.3 suite, or,
+    for "TLSv1.2" or "TLSv1.2:<cipher list>", TLS 1.2 at most (with those ciphers)."""
+    conf = home / f"openssl-{suite.replace(':', '-')}.cnf"
+    if suite.startswith("TLSv1.2"):
+        ciphers = suite.partition(":")[2]
+        pin = "MaxProtocol = TLSv1.2\n" + (f"CipherString = {ciphers}\n" if ciphers else "")
+    else:
+        pin = f"Ciphersuites = {suite}\n"
     conf.write_text("openssl_conf = pin\n[pin]\nssl_conf = pin_ssl\n[pin_ssl]\n"
-                    f"system_default = pin_sys\n[pin_sys]\nCiphersuites = {suite}\n")
+                    f"system_default = pin_sys\n[pin_sys]\n{pin}")
     return conf
 
 
@@ -429,6 +484,8 @@ def parse_args(argv=None):
     p.add_argument("--nginx", default=shutil.which("nginx") or "/usr/sbin/nginx")
     p.add_argument("--timeout", type=float, default=30.0)
     p.add_argument("--json", help="write the runs here")
+    p.add_argument("--counts", action="store_true", help="also count syscalls, context "
+                   "switches and wake-ups per request (perf stat, one run per case)")
     p.add_argument("--micro", type=int, metavar="N", help="only the in-process SSL object "
                    "micro-benchmark, N exchanges per batch (no servers)")
     args = p.parse_args(argv)
@@ -439,7 +496,7 @@ def parse_args(argv=None):
     trees = {}
     for spec in args.tree or [f"this={servers.REPO}"]:
         name, sep, path = spec.partition("=")
-        path, _, suite = path.partition(":")
+        path, _, suite = path.partition(":")   # a suite may hold ':' itself (TLSv1.2:...)
         if not sep or not name or not Path(path).is_dir():
             p.error(f"--tree wants NAME=PATH[:SUITE] with a directory, found {spec!r}")
         trees[name] = (Path(path).resolve(), suite or args.suite)
@@ -490,12 +547,16 @@ def main(argv=None) -> int:
             out.mkdir(parents=True, exist_ok=True)
             for case in live:
                 profile(case, args, out)
+        if args.counts:
+            for case in live:
+                counts(case, args)
         load = os.getloadavg()
         print(f"# CPU per request of one hop: -c{args.connections}, {args.rounds} rounds x "
               f"{args.duration:g} s, suite {args.suite or 'default'}, load {load[0]:.2f}\n")
         print("\n".join(summary(cases)))
         if args.perf:
             print("\n".join(parts_table(Path(args.perf), live)))
+        print("\n".join(counts_table(live)))
         if args.json:
             Path(args.json).write_text(json.dumps(
                 {c.label: {"runs": c.runs, "failed": c.failed} for c in cases}, indent=1))
