@@ -53,6 +53,7 @@ cdef extern from *:
     static int (*fm_BIO_write)(void *, const void *, int);
     static size_t (*fm_BIO_ctrl_pending)(void *);
     static void (*fm_ERR_clear_error)(void);
+    static unsigned long (*fm_ERR_peek_error)(void);
 
     /* 1 when every function was found in the (already loaded) library at `path`. */
     static int fm_tls_load(const char *path) {
@@ -68,9 +69,10 @@ cdef extern from *:
         fm_BIO_write = (int (*)(void *, const void *, int)) dlsym(h, "BIO_write");
         fm_BIO_ctrl_pending = (size_t (*)(void *)) dlsym(h, "BIO_ctrl_pending");
         fm_ERR_clear_error = (void (*)(void)) dlsym(h, "ERR_clear_error");
+        fm_ERR_peek_error = (unsigned long (*)(void)) dlsym(h, "ERR_peek_error");
         return fm_SSL_read && fm_SSL_write && fm_SSL_get_error && fm_SSL_shutdown
             && fm_SSL_get_rbio && fm_SSL_get_wbio && fm_BIO_read && fm_BIO_write
-            && fm_BIO_ctrl_pending && fm_ERR_clear_error;
+            && fm_BIO_ctrl_pending && fm_ERR_clear_error && fm_ERR_peek_error;
     }
     """
     ctypedef struct fm_ssl_socket:
@@ -89,6 +91,7 @@ cdef extern from *:
     int fm_BIO_write(void* b, const void* buf, int n)
     size_t fm_BIO_ctrl_pending(void* b)
     void fm_ERR_clear_error()
+    unsigned long fm_ERR_peek_error()
 
 cdef enum:
     RECORD_MAX = 16384              # the most plaintext one TLS record carries (RFC 8446 5.1)
@@ -320,7 +323,8 @@ cdef class TLSTransport:
         cdef const char* p = PyBytes_AS_STRING(data)
         cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
         cdef int r, chunk
-        fm_ERR_clear_error()
+        if fm_ERR_peek_error():             # SSL_get_error reads the queue: start it empty
+            fm_ERR_clear_error()            # (checked first: clearing walks all its slots)
         while n > 0:
             chunk = <int>n if n < INT_MAX else INT_MAX
             r = fm_BIO_write(self.rbio, p, chunk)
@@ -439,7 +443,8 @@ cdef class TLSTransport:
         cdef int r, chunk
         if n == 0:
             return
-        fm_ERR_clear_error()
+        if fm_ERR_peek_error():
+            fm_ERR_clear_error()
         while n > 0:
             chunk = <int>n if n < INT_MAX else INT_MAX
             r = fm_SSL_write(self.ssl, p, chunk)
