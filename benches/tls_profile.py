@@ -242,25 +242,33 @@ def measure(case: Case, args) -> None:
                       "faults": faults / ok if ok else None})
 
 
-def profile(case: Case, args, out: Path) -> None:
-    """One wrk run under perf record; reports by shared object and by symbol."""
-    pids = case.pids()
-    if not pids or case.failed:
-        return
-    data = out / f"{case.tree}-{case.name}.perf.data"
-    rec = subprocess.Popen(["perf", "record", "-F", "1999", "-g", "-o", str(data), "-p",
-                            ",".join(map(str, pids)), "--", "sleep", str(args.duration)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def under_perf(case: Case, args, pids: list[int], perf_args: list[str]) -> tuple[float, str]:
+    """One wrk run while `perf <perf_args> -p <pids>` watches: wrk's request count (0 when it
+    failed) and what perf wrote to stderr. perf starts first and stops a little after wrk, so
+    it sees every request (and a moment of idle processes, which do next to nothing)."""
+    proc = subprocess.Popen(["perf", *perf_args, "-p", ",".join(map(str, pids)), "--",
+                             "sleep", str(args.duration + 1)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     time.sleep(0.3)
     try:
         requests = wrk(case, args, args.duration)["requests"]
     except (RuntimeError, ValueError):
         requests = 0
     try:
-        rec.wait(timeout=args.duration + 30)
+        _, err = proc.communicate(timeout=args.duration + 30)
     except subprocess.TimeoutExpired:
-        rec.kill()
-        rec.wait()
+        proc.kill()
+        _, err = proc.communicate()
+    return requests, err
+
+
+def profile(case: Case, args, out: Path) -> None:
+    """One wrk run under perf record; reports by shared object and by symbol."""
+    pids = case.pids()
+    if not pids or case.failed:
+        return
+    data = out / f"{case.tree}-{case.name}.perf.data"
+    requests, _ = under_perf(case, args, pids, ["record", "-F", "1999", "-g", "-o", str(data)])
     for sort, name, children in (("dso", "dso", "--no-children"),
                                  ("dso,sym", "sym", "--no-children"),
                                  ("sym", "incl", "--children")):
@@ -270,7 +278,7 @@ def profile(case: Case, args, out: Path) -> None:
                                 capture_output=True, text=True, timeout=300)
         (out / f"{case.tree}-{case.name}-{name}.txt").write_text(report.stdout)
     data.unlink(missing_ok=True)
-    # wrk's requests over the recorded run (it starts 0.3 s after perf: a slight overcount)
+    # wrk's requests over the recorded run
     (out / f"{case.tree}-{case.name}-requests.txt").write_text(f"{requests:.0f}\n")
 
 
@@ -296,25 +304,12 @@ def counts(case: Case, args) -> None:
     pids = case.pids()
     if not pids or case.failed:
         return
-    stat = subprocess.Popen(["perf", "stat", "-x", ",", "-e", ",".join(COUNTED), "-p",
-                             ",".join(map(str, pids)), "--", "sleep", str(args.duration)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    time.sleep(0.3)
-    try:
-        requests = wrk(case, args, args.duration)["requests"]
-    except (RuntimeError, ValueError):
-        requests = 0
-    try:
-        _, err = stat.communicate(timeout=args.duration + 30)
-    except subprocess.TimeoutExpired:
-        stat.kill()
-        _, err = stat.communicate()
+    requests, err = under_perf(case, args, pids, ["stat", "-x", ",", "-e", ",".join(COUNTED)])
     found = {}
     for line in err.splitlines():                  # value,unit,event,...
         fields = line.split(",")
         if len(fields) > 2 and fields[2] in COUNTED and fields[0].replace(".", "").isdigit():
             found[fields[2]] = float(fields[0])
-    # wrk runs a little shorter than perf (it starts 0.3 s later): a slight overcount
     case.counts = {k: v / requests for k, v in found.items()} if requests else {}
 
 
