@@ -25,6 +25,7 @@ import time
 import pytest
 
 from conftest import ROOT, wait_until
+from test_mesh_mtls import CA
 
 from fastmesh.mesh import netns
 
@@ -133,7 +134,8 @@ class Mesh:
         except OSError:
             return b""
 
-    def pod(self, service: str, instance: str, calls: str = "") -> netns.Pod:
+    def pod(self, service: str, instance: str, calls: str = "",
+            sidecar_args: tuple = ()) -> netns.Pod:
         """A pod: the mesh-init rules, the app, and its sidecar (ready when this returns)."""
         began = time.monotonic()
         pod = self.net.add_pod(instance)
@@ -146,7 +148,7 @@ class Mesh:
             pod, ["setpriv", "--regid", PROXY_GID, "--clear-groups", sys.executable, "-m",
                   "fastmesh", "sidecar", "--service", service, "--app-port", str(APP_PORT),
                   "--registry", self.registry, "--instance-id", instance, "--intercept",
-                  "--ttl", "3", "--drain-timeout", "3"],
+                  "--ttl", "3", "--drain-timeout", "3", *sidecar_args],
             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"})
         log.close()
@@ -321,6 +323,46 @@ def test_call_chain_through_interception_by_name_and_by_instance_address(mesh):
         assert reader.readline() == b"hello from c1\n"
         sock.sendall(b"more\n")
         assert reader.readline() == b"c1 more\n"
+
+
+@needs_netns
+def test_opaque_ports_skip_protocol_detection_in_both_directions(mesh):
+    # Detection waits 4 s here for a silent client: a server-first protocol on a port that is
+    # not declared opaque would wait that long on each side (a's outbound, c1's inbound).
+    opaque = ("--opaque-ports", "9001,9100-9101", "--detect-timeout", "4")
+    ca = CA(mesh.workdir / "ca")
+    # c1 takes mTLS or plaintext (its inbound listener peeks at the first byte, except on an
+    # opaque port); d1 takes mTLS only, so opaque TCP to it is refused at once.
+    c = mesh.pod("c", "c1", sidecar_args=(*opaque, "--mtls", "permissive", "--tls-dir",
+                                          str(ca.issue("c", mesh.workdir / "c-tls"))))
+    d = mesh.pod("d", "d1", sidecar_args=(*opaque, "--mtls", "strict", "--tls-dir",
+                                          str(ca.issue("d", mesh.workdir / "d-tls"))))
+    a = mesh.pod("a", "a1", sidecar_args=opaque)
+    before = mesh.admin(a, "/status")[1]["outbound"]["requests"]
+    started = time.monotonic()
+    with mesh.net.connect(a, (c.address, 9001), timeout=10) as sock:
+        reader = sock.makefile("rb")
+        assert reader.readline() == b"hello from c1\n"          # the server spoke first
+        waited = time.monotonic() - started
+        # An HTTP request on an opaque port is bytes like any other: relayed, not routed.
+        sock.sendall(b"GET /x HTTP/1.1\r\nHost: c\r\n\r\n")
+        assert reader.readline() == b"c1 GET /x HTTP/1.1\r\n"
+    assert waited < 2.0, f"the banner took {waited:.2f}s: detection was not skipped"
+    # Other ports are still sniffed: a client-first protocol and HTTP for the mesh.
+    with mesh.net.connect(a, (c.address, 9000), timeout=10) as sock:
+        sock.sendall(b"ping\n")
+        assert sock.makefile("rb").readline() == b"c1 ping\n"
+    status, body = mesh.http(a, (VIPS["c"], 80), "/after", host="c")
+    assert (status, body["instance"], body["peer"]) == (200, "c1", "127.0.0.1")
+    assert mesh.admin(a, "/status")[1]["outbound"]["requests"] == before + 1
+    assert mesh.admin(c, "/status")[1]["mtls"]["handshakes"]["plaintext"] >= 3
+
+    started = time.monotonic()
+    with mesh.net.connect(a, (d.address, 9001), timeout=10) as sock:
+        assert sock.recv(100) == b""                # closed by d1's strict inbound side
+    assert time.monotonic() - started < 2.0
+    refused = mesh.admin(d, "/status")[1]["mtls"]["handshakes"]["refused"]
+    assert refused["plaintext"] == 1 and refused["timeout"] == 0, refused
 
 
 @needs_netns

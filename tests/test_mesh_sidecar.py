@@ -509,6 +509,14 @@ def test_bad_flags_are_refused_with_the_reason(tmp_path):
         (["--service", "b", "--app-port", "8080", "--advertise", "10.0.0.1"], "host:port"),
         (["--service", "b", "--app-port", "8080", "--registry", "etcd://x"],
          "unsupported registry"),
+        (["--service", "b", "--app-port", "8080", "--opaque-ports", "3306,70000"],
+         "--opaque-ports: ports are 1..65535, low to high, found '70000'"),
+        (["--service", "b", "--app-port", "8080", "--opaque-ports", "9010-9000"],
+         "found '9010-9000'"),
+        (["--service", "b", "--app-port", "8080", "--opaque-ports", "mysql"],
+         "expected PORT or LOW-HIGH, found 'mysql'"),
+        (["--service", "b", "--app-port", "8080", "--detect-timeout", "0"],
+         "--detect-timeout: must be 0.05..60 seconds, found 0"),
     ]
     for args, expected in cases:
         done = subprocess.run(fastmesh_cmd("sidecar", *args, "--admin", "off",

@@ -15,6 +15,7 @@ ENV_TLS_DIR = "FASTMESH_TLS_DIR"
 ENV_CA_URL = "FASTMESH_CA_URL"
 ENV_CA_TOKEN = "FASTMESH_CA_TOKEN"       # env rather than the flag: not in `ps` output
 ENV_POLICY = "FASTMESH_POLICY"
+ENV_OPAQUE_PORTS = "FASTMESH_OPAQUE_PORTS"
 
 
 def _checked(parse, what: str):
@@ -48,30 +49,42 @@ def _port(value: str) -> int:
     return integer(1, 65535, "port")(int(value))
 
 
+def _ports(value: str) -> frozenset[int]:
+    """`3306,5432,9000-9010` as a set of ports."""
+    ports: set[int] = set()
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        low, dash, high = item.partition("-")
+        if not low.isdigit() or (dash and not high.isdigit()):
+            raise Invalid(f"expected PORT or LOW-HIGH, found {item!r}")
+        first, last = int(low), int(high) if dash else int(low)
+        if not 1 <= first <= last <= 65535:
+            raise Invalid(f"ports are 1..65535, low to high, found {item!r}")
+        ports.update(range(first, last + 1))
+    return frozenset(ports)
+
+
 def _weight(value: str) -> int:
     if not value.isdigit():
         raise Invalid(f"expected a weight 0..65535, found {value!r}")
     return integer(0, 65535, "weight")(int(value))
 
 
-def _positive_seconds(value: str) -> float:
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise Invalid(f"expected seconds, found {value!r}") from None
-    if not 0.3 <= seconds <= 3600:
-        raise Invalid(f"must be 0.3..3600 seconds, found {value}")
-    return seconds
+def _seconds(low: float, high: float):
+    """A parser of a number of seconds from `low` to `high`."""
+    def parse(value: str) -> float:
+        try:
+            seconds = float(value)
+        except ValueError:
+            raise Invalid(f"expected seconds, found {value!r}") from None
+        if not low <= seconds <= high:
+            raise Invalid(f"must be {low:g}..{high:g} seconds, found {value}")
+        return seconds
+    return parse
 
 
-def _drain(value: str) -> float:
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise Invalid(f"expected seconds, found {value!r}") from None
-    if not 0 <= seconds <= 3600:
-        raise Invalid(f"must be 0..3600 seconds, found {value}")
-    return seconds
+_positive_seconds = _seconds(0.3, 3600)
+_drain = _seconds(0, 3600)
+_detect_timeout = _seconds(0.05, 60)
 
 
 def _meta(value: str) -> tuple[str, str]:
@@ -153,6 +166,17 @@ def add_parser(sub) -> None:
                    help="accept connections redirected by 'fastmesh mesh-init': HTTP for the "
                         "mesh is routed, other TCP relayed to its original destination "
                         "(SO_ORIGINAL_DST); run the sidecar under the excluded uid/gid")
+    p.add_argument("--opaque-ports", default=os.environ.get(ENV_OPAQUE_PORTS, ""),
+                   type=_checked(_ports, "ports"), metavar="PORT,LOW-HIGH,...",
+                   help="with --intercept: connections to these ports (as dialled, both "
+                        "directions) are opaque TCP, relayed at once without protocol "
+                        "detection; for protocols where the server speaks first (MySQL, SMTP), "
+                        "which would otherwise wait --detect-timeout "
+                        f"(default: ${ENV_OPAQUE_PORTS}, else none)")
+    p.add_argument("--detect-timeout", type=_checked(_detect_timeout, "detect timeout"),
+                   default=0.5, metavar="SECONDS",
+                   help="with --intercept: a new connection that sends nothing this long is "
+                        "opaque TCP (a server-first protocol) (default: 0.5)")
     p.add_argument("--mtls", default=os.environ.get(ENV_MTLS), type=_checked(_mtls, "mode"),
                    metavar="strict|permissive|disabled",
                    help="sidecar-to-sidecar mutual TLS on the inbound listener (strict: mTLS "
@@ -202,6 +226,7 @@ def main(args) -> int:
         metadata=tuple(sorted(metadata.items())), instance_id=args.instance_id,
         admin=None if admin == "off" else admin, admin_explicit=args.admin is not None,
         ttl=args.ttl, drain_timeout=args.drain_timeout, intercept=args.intercept,
+        opaque_ports=args.opaque_ports, detect_timeout=args.detect_timeout,
         destinations=args.destinations, destinations_idle=args.destinations_idle,
         mtls=args.mtls or ("permissive" if args.tls_dir or args.ca_url else "disabled"),
         tls_dir=args.tls_dir, ca_url=args.ca_url, ca_token=args.ca_token,

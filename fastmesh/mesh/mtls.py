@@ -4,8 +4,10 @@ the caller's verified identity, and what the outbound side needs to present and 
 Inbound (modes `strict`, `permissive`, `disabled`): the listening socket is non-blocking and
 watched with `loop.add_reader`; each accepted connection is looked at before any protocol sees
 it. Its first byte is peeked (`MSG_PEEK`, nothing consumed) once readable, at most
-DETECT_TIMEOUT: 0x16 (a TLS handshake record, the ClientHello) means TLS; anything else is
-plaintext, refused in strict mode and served as before in permissive mode. TLS connections are
+DETECT_TIMEOUT (permissive with interception: the sidecar's --detect-timeout): 0x16 (a TLS
+handshake record, the ClientHello) means TLS; anything else is plaintext, refused in strict
+mode and served as before in permissive mode. A connection dialled to one of the sidecar's
+--opaque-ports is plaintext without a peek (the mesh relays opaque TCP as it is). TLS connections are
 handed to the Gateway through fastmesh._core.tls_transport (`accept`), which returns once the
 handshake is done, so a failed one is seen here: the connection is closed and counted under
 one reason of a fixed set (REASONS). The server context requires a client certificate that
@@ -79,7 +81,8 @@ class MtlsListener:
     `sockets`)."""
 
     def __init__(self, loop, sock: socket.socket, mode: str, ctx: ssl.SSLContext,
-                 tls_factory: Callable, plain_factory: Callable, counts: Handshakes):
+                 tls_factory: Callable, plain_factory: Callable, counts: Handshakes,
+                 opaque: Callable | None = None, detect_timeout: float = DETECT_TIMEOUT):
         self.loop = loop
         self.sock = sock
         self.sockets = [sock]
@@ -88,6 +91,8 @@ class MtlsListener:
         self.tls_factory = tls_factory
         self.plain_factory = plain_factory
         self.counts = counts
+        self.opaque = opaque
+        self.detect_timeout = detect_timeout
         self.tasks: set = set()
         self.closed = False
         sock.setblocking(False)
@@ -114,13 +119,24 @@ class MtlsListener:
         fd = conn.fileno()
         self.loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
         try:
-            await asyncio.wait_for(ready, DETECT_TIMEOUT)
+            # Strict: how long a TLS client may stay silent; permissive: also how long a
+            # plaintext one may (a server-first protocol) before it is served as plaintext.
+            await asyncio.wait_for(ready, self.detect_timeout if self.mode == "permissive"
+                                   else DETECT_TIMEOUT)
         finally:
             self.loop.remove_reader(fd)
         return conn.recv(1, socket.MSG_PEEK)
 
     async def _serve(self, conn: socket.socket) -> None:
         try:
+            if self.opaque is not None and self.opaque(conn):
+                # Declared opaque TCP (--opaque-ports): never mTLS in this mesh, so no peek.
+                if self.mode == "strict":
+                    self._refuse(conn, "plaintext")
+                    return
+                await self.loop.connect_accepted_socket(self.plain_factory, conn)
+                self.counts.plaintext += 1
+                return
             try:
                 first = await self._first_byte(conn)
             except (asyncio.TimeoutError, TimeoutError):
@@ -244,14 +260,17 @@ class MeshTLS:
         log.warning("mesh mTLS: certificate rotated (%s, not after %s)", self.identity,
                     self.source.status().get("not_after"))
 
-    def listen(self, loop, server, tls_factory: Callable, plain_factory: Callable) -> MtlsListener:
+    def listen(self, loop, server, tls_factory: Callable, plain_factory: Callable,
+               opaque: Callable | None = None,
+               detect_timeout: float = DETECT_TIMEOUT) -> MtlsListener:
         """Take over the listening socket of `server` (an asyncio Server from start_server):
-        its socket is duplicated before the server is closed, so the port is never released."""
+        its socket is duplicated before the server is closed, so the port is never released.
+        `opaque(sock)`: whether a connection is declared opaque TCP (no first-byte peek)."""
         listening = server.sockets[0]
         sock = socket.socket(listening.family, socket.SOCK_STREAM, fileno=os.dup(listening.fileno()))
         server.close()
         return MtlsListener(loop, sock, self.mode, self.ctx, tls_factory, plain_factory,
-                            self.counts)
+                            self.counts, opaque, detect_timeout)
 
     def outbound(self) -> dict:
         """What the outbound config's TLS services present and trust (file paths)."""

@@ -76,6 +76,8 @@ class SidecarOptions:
     drain_timeout: float = DRAIN_TIMEOUT
     policy: MeshPolicy = field(default_factory=MeshPolicy)
     intercept: bool = False     # accept connections redirected by `fastmesh mesh-init`
+    opaque_ports: frozenset[int] = frozenset()  # intercepted, but never sniffed: opaque TCP
+    detect_timeout: float = 0.5     # intercepted and silent this long: opaque (server-first)
     destinations: str = "called"    # compile only the destinations the app calls, or "all"
     destinations_idle: float = DEFAULT_IDLE
     mtls: str = "disabled"      # strict | permissive | disabled (fastmesh.mesh.mtls)
@@ -224,12 +226,14 @@ class Sidecar:
         """The inbound listener's connections go through the mTLS accept path (and, plaintext
         ones in permissive mode, through interception's Detector when it is on)."""
         gateway = self.inbound.gateway
-        plain = gateway.protocol_factory
+        plain, opaque, detect = gateway.protocol_factory, None, {}
         if self.options.intercept:
-            from fastmesh.mesh.transparent import Detector
-            plain = lambda: Detector(gateway, self._inbound_target, self.relays)  # noqa: E731
+            plain = self._detector(gateway, self._inbound_target)
+            if self.options.opaque_ports:
+                opaque = self._dialled_opaque_port
+            detect = {"detect_timeout": self.options.detect_timeout}
         self.inbound.server = self.tls.listen(self.loop, self.inbound.server,
-                                              gateway.protocol_factory, plain)
+                                              gateway.protocol_factory, plain, opaque, **detect)
 
     def _inbound_config(self):
         opts = self.options
@@ -290,13 +294,24 @@ class Sidecar:
     async def _intercept(self, worker: Worker, target) -> None:
         """Put a Detector in front of `worker`'s Gateway: its listener is replaced by one on the
         same address whose connections are sniffed first (before the sidecar is registered)."""
-        from fastmesh.mesh.transparent import Detector
         host, port = worker.address
         worker.server.close()
-        gateway = worker.gateway
         worker.server = await start_server(
-            self.loop, lambda: Detector(gateway, target, self.relays), host, port,
+            self.loop, self._detector(worker.gateway, target), host, port,
             reuse_port=True, backlog=4096)
+
+    def _detector(self, gateway, target):
+        """The protocol factory of an intercepting listener: a Detector before `gateway`."""
+        from fastmesh.mesh.transparent import Detector
+        opts = self.options
+        return lambda: Detector(gateway, target, self.relays, opts.opaque_ports,
+                                opts.detect_timeout)
+
+    def _dialled_opaque_port(self, sock) -> bool:
+        """Whether a redirected connection was dialled to one of the --opaque-ports."""
+        from fastmesh.mesh.transparent import original_destination
+        original = original_destination(sock)
+        return original is not None and original[1] in self.options.opaque_ports
 
     def _inbound_target(self, original, head: bytes, http: bool):
         """None: the inbound Gateway (HTTP for the app's port); else the local port asked for."""

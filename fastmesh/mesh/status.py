@@ -246,13 +246,8 @@ def as_json(rows: list[Row], sidecars: list[Sidecar], interval: float) -> str:
 # --- the command -------------------------------------------------------------------------------
 
 def _interval(value: str) -> float:
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, found {value!r}") from None
-    if not 0.1 <= seconds <= 3600:
-        raise argparse.ArgumentTypeError(f"must be 0.1..3600 seconds, found {value}")
-    return seconds
+    from fastmesh.mesh.cli import _checked, _seconds
+    return _checked(_seconds(0.1, 3600), "interval")(value)
 
 
 def _count(value: str) -> int:

@@ -4,7 +4,9 @@ With `fastmesh mesh-init` rules, the app's connections arrive at the outbound li
 pods' at the inbound one, redirected by iptables. A `Detector` takes each new connection first:
 
 - it reads the original destination (SO_ORIGINAL_DST: the address before the REDIRECT);
-- it waits for the first bytes (at most DETECT_TIMEOUT: a server-first protocol sends nothing);
+- it waits for the first bytes (at most the detect timeout, DETECT_TIMEOUT by default: a
+  server-first protocol sends nothing), except on the opaque ports (`--opaque-ports`: declared
+  not HTTP, relayed at once, so a server-first protocol such as MySQL or SMTP never waits);
 - HTTP for the mesh goes to the listener's Gateway (the Cython data path): the transport is
   handed over with the bytes read so far, so the Gateway serves it exactly as if it had
   accepted it; nothing in Python stays on the request path afterwards;
@@ -79,10 +81,13 @@ class Detector(asyncio.Protocol):
     to `gateway`, else the (host, port) to relay it to.
     """
 
-    def __init__(self, gateway, route: Callable, relays: set):
+    def __init__(self, gateway, route: Callable, relays: set,
+                 opaque_ports: frozenset = frozenset(), timeout: float = DETECT_TIMEOUT):
         self.gateway = gateway
         self.route = route
         self.relays = relays
+        self.opaque_ports = opaque_ports
+        self.timeout = timeout
         self.transport = None
         self.buffer = bytearray()
         self.original = None
@@ -93,7 +98,10 @@ class Detector(asyncio.Protocol):
     def connection_made(self, transport) -> None:
         self.transport = transport
         self.original = original_destination(transport.get_extra_info("socket"))
-        self.timer = asyncio.get_running_loop().call_later(DETECT_TIMEOUT, self._timed_out)
+        if self.original is not None and self.original[1] in self.opaque_ports:
+            self._decide(False)             # declared opaque: no waiting, no sniffing
+            return
+        self.timer = asyncio.get_running_loop().call_later(self.timeout, self._timed_out)
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
