@@ -296,15 +296,37 @@ def _look(url: str, timeout: float) -> list[Sidecar] | None:
     return snapshot(view, timeout)
 
 
-def _interrupted(signum, frame):
-    raise KeyboardInterrupt
+class _Interrupt:
+    """Ctrl-C, taken where it is safe: a KeyboardInterrupt raised at any point could land
+    inside asyncio's or a thread pool's own bookkeeping (the registry read, the sidecars'
+    reads) and leave the command hanging on its way out. So the handler raises only while the
+    command sleeps between snapshots; elsewhere it notes the request, which the loop checks
+    after each bounded step (a read ends within --timeout, the registry's within 3 s)."""
+
+    requested = False
+    sleeping = False
+
+    @classmethod
+    def handler(cls, signum, frame):
+        cls.requested = True
+        if cls.sleeping:
+            raise KeyboardInterrupt
+
+    @classmethod
+    def sleep(cls, seconds: float) -> None:
+        cls.sleeping = True
+        try:
+            if cls.requested:
+                raise KeyboardInterrupt
+            time.sleep(seconds)
+        finally:
+            cls.sleeping = False
 
 
 def main(args) -> int:
-    # Ctrl-C ends the command wherever it is, also inside asyncio.run (whose own handler would
-    # only cancel the registry read). An ignored SIGINT (started in the background) stays so.
+    # An ignored SIGINT (started in the background) stays ignored.
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        signal.signal(signal.SIGINT, _interrupted)
+        signal.signal(signal.SIGINT, _Interrupt.handler)
     tables = 1 if args.once else args.count
     try:
         return _run(args, tables)
@@ -323,8 +345,10 @@ def _run(args, tables: int | None) -> int:
     printed = 0
     live = tables is None and not args.json and sys.stdout.isatty()
     while tables is None or printed < tables:
-        time.sleep(args.interval)
+        _Interrupt.sleep(args.interval)
         after = _look(args.registry, args.timeout)
+        if _Interrupt.requested:
+            return 0
         if after is None:
             return 1
         rows = compare(before, after)
