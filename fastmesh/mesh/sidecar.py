@@ -226,14 +226,15 @@ class Sidecar:
         """The inbound listener's connections go through the mTLS accept path (and, plaintext
         ones in permissive mode, through interception's Detector when it is on)."""
         gateway = self.inbound.gateway
-        plain, opaque, detect = gateway.protocol_factory, None, {}
+        from fastmesh.mesh.mtls import DETECT_TIMEOUT
+        plain, opaque, detect = gateway.protocol_factory, None, DETECT_TIMEOUT
         if self.options.intercept:
             plain = self._detector(gateway, self._inbound_target)
             if self.options.opaque_ports:
                 opaque = self._dialled_opaque_port
-            detect = {"detect_timeout": self.options.detect_timeout}
+            detect = self.options.detect_timeout
         self.inbound.server = self.tls.listen(self.loop, self.inbound.server,
-                                              gateway.protocol_factory, plain, opaque, **detect)
+                                              gateway.protocol_factory, plain, opaque, detect)
 
     def _inbound_config(self):
         opts = self.options
