@@ -390,9 +390,32 @@ def test_star_allows_plaintext_callers_and_omitted_from_does_not(mesh, ca, tmp_p
     assert tls_request(b.inbound, as_a, "GET", "/private")[0] == 200
 
 
+def test_identity_patterns_allow_a_trust_domain_or_a_prefix(mesh, ca, tmp_path):
+    policy = tmp_path / "policy.json"
+    write_policy(policy, {"authorization": [
+        {"to": "b", "from": [f"spiffe://{TD}/*"], "methods": ["GET"]},
+        {"to": "b", "from": ["spiffe://partner.example/*", spiffe("c")], "methods": ["POST"]},
+        {"to": "b", "from": [f"spiffe://{TD}/svc/*"], "paths": ["/svc"]},
+        {"to": "b", "from": [f"spiffe://{TD}/jobs/*"], "paths": ["/jobs"]}]})
+    b = pod(mesh, "b", "--mtls", "permissive", "--tls-dir", str(ca.issue("b", tmp_path / "b")),
+            "--policy", str(policy))
+    as_a = client_context(ca.root, ca.issue("a", tmp_path / "a"))
+    as_c = client_context(ca.root, ca.issue("c", tmp_path / "c"))
+    cases = {(as_a, "GET", "/x"): 200,              # spiffe://example.org/* covers every service
+             (as_a, "POST", "/x"): 403,             # another trust domain's pattern: not a's
+             (as_c, "POST", "/x"): 200,             # an exact id beside a pattern
+             (as_a, "DELETE", "/svc/1"): 200,       # a longer prefix
+             (as_a, "DELETE", "/jobs"): 403}        # a prefix nobody's id has
+    assert {case: tls_request(b.inbound, *case)[0] for case in cases} == cases
+    # A plaintext caller (permissive mode) has no identity: no pattern covers it.
+    assert plain_request(b.inbound, "/x").startswith(b"HTTP/1.1 403")
+    assert b.status()["authorization"]["decisions"] == {"allowed": 3, "denied": 3}
+
+
 def test_an_invalid_policy_file_stops_the_sidecar_naming_file_and_path(mesh, tmp_path):
     policy = tmp_path / "policy.yaml"
-    policy.write_text("authorization:\n  - to: b\n    from: [frontend]\n    methods: []\n")
+    policy.write_text("authorization:\n  - to: b\n    from: [frontend, 'spiffe://example.org/s*']"
+                      "\n    methods: []\n")
     app = PeerApp("b")
     mesh.apps.append(app)
     done = subprocess.run(fastmesh_cmd(
@@ -402,6 +425,9 @@ def test_an_invalid_policy_file_stops_the_sidecar_naming_file_and_path(mesh, tmp
     assert done.returncode == 1
     err = done.stderr
     assert f"{policy}: authorization[0].from[0]: expected a SPIFFE id" in err
+    assert (f"{policy}: authorization[0].from[1]: '*' stands only as a whole last segment "
+            "('spiffe://example.org/*', 'spiffe://example.org/svc/*'), found "
+            "'spiffe://example.org/s*'") in err
     assert f"{policy}: authorization[0].methods: must not be empty" in err
 
 

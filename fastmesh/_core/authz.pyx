@@ -76,10 +76,28 @@ cdef bint _under(const char* p, Py_ssize_t n, bytes prefix) noexcept:
     return n == k or q[k - 1] == b'/' or p[k] == b'/'
 
 
+cdef bint _peer_allowed(bytes peer, object peers):
+    """`peers`: a frozenset of exact ids, or (that frozenset, prefixes ending in '/') when the
+    rule has patterns (`spiffe://example.org/*`)."""
+    cdef bytes prefix
+    cdef Py_ssize_t n, k
+    if type(peers) is frozenset:
+        return peer in <frozenset>peers
+    if peer in <frozenset>(<tuple>peers)[0]:
+        return True
+    n = PyBytes_GET_SIZE(peer)
+    for prefix in <tuple>(<tuple>peers)[1]:
+        k = PyBytes_GET_SIZE(prefix)
+        if n > k and memcmp(PyBytes_AS_STRING(peer), PyBytes_AS_STRING(prefix), k) == 0:
+            return True
+    return False
+
+
 cdef class AuthzFilter(NativePlugin):
-    # rules: tuple of (peers, methods, paths); peers: frozenset of identities (bytes), None for
-    # "any authenticated caller", True for anyone (`from: ["*"]`, plaintext callers too);
-    # methods/paths: tuples of bytes, or None for "any".
+    # rules: tuple of (peers, methods, paths); peers: frozenset of identities (bytes), or
+    # (frozenset, prefixes) with patterns (_peer_allowed), None for "any authenticated caller",
+    # True for anyone (`from: ["*"]`, plaintext callers too); methods/paths: tuples of bytes,
+    # or None for "any".
     cdef tuple rules
     cdef bint enforce              # some rule names this service: what no rule allows is denied
     cdef Decisions counts
@@ -130,7 +148,7 @@ cdef class AuthzFilter(NativePlugin):
                 if req.peer is None:
                     continue
             elif peers is not True:
-                if req.peer is None or req.peer not in <frozenset>peers:
+                if req.peer is None or not _peer_allowed(req.peer, peers):
                     continue
             if methods is not None:
                 ok = False

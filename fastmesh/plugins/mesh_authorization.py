@@ -5,7 +5,8 @@ A policy file (`fastmesh sidecar --policy FILE`, YAML or JSON):
 
     authorization:
       - to: orders                                   # the protected service
-        from: [spiffe://example.org/svc/frontend]    # omitted: any authenticated caller
+        from: [spiffe://example.org/svc/frontend]    # omitted: any authenticated caller;
+                                                     # spiffe://example.org/*: that trust domain
         methods: [GET, POST]                         # omitted: any method
         paths: [/orders]                             # omitted: any path; else segment prefixes
 
@@ -33,12 +34,17 @@ _PATH = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@/%-]*")
 
 
 def peer_id(value: object) -> str:
+    """An exact SPIFFE id, a pattern ending in `/*` (every id under that prefix: a whole trust
+    domain `spiffe://example.org/*`, or `spiffe://example.org/svc/*`), or `*` (anyone)."""
     text = string(value)
     if text == ANYONE:
         return text
     if not _SPIFFE.fullmatch(text) or "/./" in text + "/" or "/../" in text + "/":
-        raise Invalid(f"expected a SPIFFE id such as 'spiffe://example.org/svc/frontend' or "
-                      f"'*', found {text!r}")
+        raise Invalid(f"expected a SPIFFE id such as 'spiffe://example.org/svc/frontend', a "
+                      f"pattern such as 'spiffe://example.org/*', or '*', found {text!r}")
+    if "*" in text.removesuffix("/*"):
+        raise Invalid(f"'*' stands only as a whole last segment ('spiffe://example.org/*', "
+                      f"'spiffe://example.org/svc/*'), found {text!r}")
     return text
 
 
@@ -124,14 +130,17 @@ def _rules(value: object) -> tuple:
 
 
 def compiled(rule: dict) -> tuple:
-    """A rule as authz.pyx reads it: (peers, methods, paths) in bytes; None = any, True = anyone."""
+    """A rule as authz.pyx reads it: (peers, methods, paths) in bytes; None = any, True = anyone;
+    peers with patterns: (exact ids, prefixes)."""
     peers = rule.get("from")
     if peers is None:
         who = None
     elif ANYONE in peers:
         who = True
     else:
-        who = frozenset(p.encode() for p in peers)
+        exact = frozenset(p.encode() for p in peers if not p.endswith("/*"))
+        prefixes = tuple(p[:-1].encode() for p in peers if p.endswith("/*"))   # keeps the '/'
+        who = (exact, prefixes) if prefixes else exact
     methods = rule.get("methods")
     paths = rule.get("paths")
     return (who, tuple(m.encode() for m in methods) if methods is not None else None,
