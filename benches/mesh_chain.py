@@ -20,7 +20,9 @@ callee's inbound. wrk itself enters at s1's app, not through a sidecar.
 Reported, medians over interleaved rounds (the order rotates every round): ``wrk -c1`` p50/p99
 (one request at a time: latency) and ``wrk -c50`` req/s (throughput) of the whole chain; the
 latency added per hop = (layout's -c1 percentile - direct's) / 4; errors (socket errors and
-status >= 400, all runs); each sidecar's RSS (idle after start and after the load; nginx:
+status >= 400, all runs); the sidecars' CPU time per hop in the -c50 run (all the layout's
+sidecar processes, every thread: a figure that the scheduling noise of a shared machine moves
+much less than req/s); each sidecar's RSS (idle after start and after the load; nginx:
 master + worker). By default every pod is a set of loopback ports on this host; ``--netns``
 puts each pod in a network namespace of its own (fastmesh.mesh.netns: veth pairs to a bridge,
 root needed) with the same ports in every pod, and runs wrk in the bridge's namespace. Every
@@ -393,10 +395,17 @@ def measure(layout: Layout, scenario: str, conns: int, args, wrk: str) -> None:
         except (RuntimeError, ValueError):
             pass
     argv = inside + loadgen.wrk_argv(wrk, url, conns, args.duration)
+    pids = [servers.session_pids(s.proc.pid) for s in layout.sidecars]
+    cpu0 = [servers.cpu_seconds(p) for p in pids]
     try:
         result = loadgen.run_wrk(argv, args.duration)
     except (RuntimeError, ValueError) as exc:
         result = {"error": str(exc)}
+    else:
+        cpu = sum(servers.cpu_seconds(p) - c for p, c in zip(pids, cpu0))
+        # Per hop: each of the HOPS hops crosses two sidecars (outbound, then inbound).
+        result["sidecar_cpu_us_per_hop"] = (cpu * 1e6 / result["requests"] / HOPS
+                                            if layout.sidecars and result["requests"] else None)
     layout.runs.setdefault(scenario, []).append(result)
 
 
@@ -431,7 +440,7 @@ def sidecar_mtls(pod: Pod) -> dict:
 
 
 def _median(runs: list[dict], key: str) -> float | None:
-    values = [r[key] for r in runs if "error" not in r]
+    values = [r[key] for r in runs if "error" not in r and r.get(key) is not None]
     return statistics.median(values) if values else None
 
 
@@ -442,7 +451,8 @@ def summarize(layouts: list[Layout]) -> dict:
         errors = {"non2xx": 0, "socket": 0, "failed_runs": 0, "runs": 0}
         for scenario, _ in SCENARIOS:
             runs = t.runs.get(scenario, [])
-            s[scenario] = {k: _median(runs, k) for k in ("rps", "p50", "p99")}
+            s[scenario] = {k: _median(runs, k)
+                           for k in ("rps", "p50", "p99", "sidecar_cpu_us_per_hop")}
             for r in runs:
                 errors["runs"] += 1
                 if "error" in r:
@@ -458,7 +468,8 @@ def summarize(layouts: list[Layout]) -> dict:
                 if rss else None
         out[t.name] = s
     direct = out.get("direct", {}).get("latency", {})
-    nginx_rps = (out.get("nginx", {}).get("throughput") or {}).get("rps")
+    nginx_tp = out.get("nginx", {}).get("throughput") or {}
+    nginx_rps, nginx_cpu = nginx_tp.get("rps"), nginx_tp.get("sidecar_cpu_us_per_hop")
     for name, s in out.items():
         for q in ("p50", "p99"):
             mine, floor = (s.get("latency") or {}).get(q), direct.get(q)
@@ -466,6 +477,8 @@ def summarize(layouts: list[Layout]) -> dict:
                 floor is not None and name != "direct" else None
         rps = (s.get("throughput") or {}).get("rps")
         s["vs_nginx"] = rps / nginx_rps if rps and nginx_rps else None
+        cpu = (s.get("throughput") or {}).get("sidecar_cpu_us_per_hop")
+        s["cpu_vs_nginx"] = cpu / nginx_cpu if cpu and nginx_cpu else None
     if MTLS in out:
         out[MTLS]["vs_plaintext"] = mtls_comparison(out)
         out[MTLS]["sidecars"] = next(t.mtls_status for t in layouts if t.name == MTLS)
@@ -492,10 +505,10 @@ def mtls_comparison(summary: dict) -> dict:
 
 def table(layouts: list[Layout], summary: dict) -> list[str]:
     head = ["layout", "-c1 p50 µs", "-c1 p99 µs", "added/hop p50 µs", "added/hop p99 µs",
-            "req/s (-c50)", "vs nginx", "errors", "sidecar RSS idle MiB",
-            "sidecar RSS after MiB"]
+            "req/s (-c50)", "vs nginx", "sidecar CPU µs/hop (-c50)", "vs nginx", "errors",
+            "sidecar RSS idle MiB", "sidecar RSS after MiB"]
     out = ["| " + " | ".join(head) + " |",
-           "|" + "|".join(["---"] + ["---:"] * 6 + ["---"] + ["---:"] * 2) + "|"]
+           "|" + "|".join(["---"] + ["---:"] * 8 + ["---"] + ["---:"] * 2) + "|"]
     for t in layouts:
         s = summary[t.name]
         if s["failed"]:
@@ -509,7 +522,8 @@ def table(layouts: list[Layout], summary: dict) -> list[str]:
         out.append("| " + " | ".join([
             t.name, _num(lat["p50"]), _num(lat["p99"]),
             _num(s["per_hop_p50"], "{:+,.0f}"), _num(s["per_hop_p99"], "{:+,.0f}"),
-            _num(tp["rps"]), _ratio(s["vs_nginx"]), _errors(s["errors"]),
+            _num(tp["rps"]), _ratio(s["vs_nginx"]), _num(tp["sidecar_cpu_us_per_hop"], "{:,.1f}"),
+            _ratio(s["cpu_vs_nginx"]), _errors(s["errors"]),
             rss("rss_idle_kb") if t.sidecars else DASH,
             rss("rss_after_kb") if t.sidecars else DASH]) + " |")
     return out
@@ -523,8 +537,10 @@ def markdown(args, info: dict, layouts: list[Layout], summary: dict, argv: list[
              f"process; medians of {args.rounds} interleaved round(s) x {args.duration:g} s.", ""]
     lines += table(layouts, summary)
     lines += ["", "added/hop = (layout's -c1 percentile - direct's) / "
-              f"{HOPS}; sidecar RSS: median of the {SERVICES} sidecars (max), nginx master + "
-              "worker.", ""]
+              f"{HOPS}; sidecar CPU/hop = CPU time of all the layout's sidecars (every thread, "
+              f"schedstat) during the -c50 run / requests / {HOPS} (two sidecar passes per hop), "
+              "steadier than req/s on a shared machine; sidecar RSS: median of the "
+              f"{SERVICES} sidecars (max), nginx master + worker.", ""]
     if MTLS in summary and not summary[MTLS]["failed"]:
         lines += mtls_lines(summary[MTLS]) + [""]
     la0, la1 = info["loadavg_start"], info.get("loadavg_end", (0, 0, 0))

@@ -10,7 +10,7 @@ Rows (one fastmesh worker each, the same nginx `return 200` upstream, interleave
 
 Every request carries the same headers (apikey, Origin) so the rows differ only in the chain.
 Printed: median req/s at -c50 and its ratio to ``no plugins``; the gateway's CPU time per request
-in that run (user + system of its processes / requests: less sensitive than req/s to other load on
+in that run (CPU time of its processes, schedstat, / requests: less sensitive than req/s to other load on
 the machine, since a busy neighbour steals time but not much work); the -c1 p50 latency and the
 difference to ``no plugins``, which is the plugins' cost per request on the critical path; and
 the spread of the per-round ratios (each round's chain req/s over that round's no-plugins req/s:
@@ -40,7 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import loadgen  # noqa: E402
 from servers import (  # noqa: E402
-    Server, fastmesh_server, free_port, nginx_server, nginx_upstream_conf)
+    Server, fastmesh_server, free_port, nginx_server, nginx_upstream_conf, server_cpu_seconds)
 
 KEY = "bench-key-0123456789"
 HEADERS = [f"apikey: {KEY}", "Origin: https://app.example"]
@@ -77,20 +77,6 @@ def wrk(url: str, conns: int, duration: float) -> dict:
     for header in HEADERS:
         argv[-1:-1] = ["-H", header]
     return loadgen.run_wrk(argv, duration)
-
-
-def session_cpu_s(sid: int) -> float:
-    """CPU seconds (user + system) used so far by every process of session `sid` (the gateway's
-    supervisor and worker: Server starts each in its own session)."""
-    total = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[3]) == sid:
-            total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
 
 
 def baseline_server(name: str, conf: str, port: int, workdir: Path, tree: Path) -> Server:
@@ -174,9 +160,9 @@ def main() -> int:
                 url = f"http://127.0.0.1:{gw.port}/"
                 print(f"round {r + 1}/{args.rounds} {label}", file=sys.stderr)
                 wrk(url, 50, 1)
-                cpu0 = session_cpu_s(gw.proc.pid)
+                cpu0 = server_cpu_seconds(gw)
                 thr = wrk(url, 50, args.duration)
-                cpu1 = session_cpu_s(gw.proc.pid)
+                cpu1 = server_cpu_seconds(gw)
                 lat = wrk(url, 1, args.duration)
                 res["rps"].append(thr["rps"])
                 res["p50"].append(lat["p50"])

@@ -321,6 +321,26 @@ def session_pids(root: int) -> list[int]:
     return sorted(pid for pid in found if table[pid][0] != "Z")
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU seconds used so far by `pids`, all their live threads, from schedstat (nanoseconds
+    on a CPU; utime/stime count 10 ms ticks, too coarse for a few seconds of load)."""
+    total = 0
+    for pid in pids:
+        try:
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue                                  # exited meanwhile: counts 0
+    return total / 1e9
+
+
+def server_cpu_seconds(server: Server) -> float:
+    """CPU seconds so far of all the server's processes (nginx master + worker, fastmesh
+    supervisor + worker, HAProxy's process)."""
+    return cpu_seconds(session_pids(server.proc.pid)) if server.proc else 0.0
+
+
 def _status_kb(pid: int, key: str) -> int:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():

@@ -22,7 +22,7 @@ What it measures (DESIGN.md section 8, with TLS in front):
   deployed). A Python client checks each instance (a second connection offers the first one's
   session: reused or not), and HAProxy's own counter (SslFrontendSessionReuse_pct) shows what
   wrk did.
-* CPU µs per request, every scenario: user + system CPU time of the server's processes over
+* CPU µs per request, every scenario: CPU time (schedstat, every thread) of the server's processes over
   the measured run divided by its requests. wrk's side of a handshake runs on the same cores and
   can cap handshakes/s; this column does not depend on it.
 * Interleaving: every round runs every row once per scenario, the order rotated each round;
@@ -219,23 +219,6 @@ def check(rows: list[Row], cert: certs.BenchCert, openssl: str | None) -> None:
 
 # --- measuring -------------------------------------------------------------------------------
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(server: servers.Server) -> float:
-    """User + system CPU time of the server's processes so far (nginx master + worker,
-    fastmesh supervisor + worker, HAProxy's process)."""
-    total = 0
-    for pid in servers.session_pids(server.proc.pid):
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2:].split()
-        total += int(fields[11]) + int(fields[12])       # utime, stime (fields 14, 15)
-    return total / CLK_TCK
-
-
 def wrk_argv(tools, url: str, conns: int, duration: float, headers=(),
              threads: int = 1) -> list[str]:
     argv = loadgen.wrk_argv(tools["wrk"], url, conns, duration, threads=min(threads, conns))
@@ -257,13 +240,13 @@ def measure_once(row: Row, scenario: str, which: str, conns: int, headers, args,
             pass                                  # the measured run will show it
     argv = wrk_argv(tools, server.url, conns, args.duration, headers,
                     threads=args.handshake_threads if headers else 1)
-    cpu = cpu_seconds(server)
+    cpu = servers.server_cpu_seconds(server)
     try:
         result = loadgen.run_wrk(argv, args.duration)
     except (RuntimeError, ValueError) as exc:
         result = {"error": str(exc)}
     else:
-        cpu = cpu_seconds(server) - cpu
+        cpu = servers.server_cpu_seconds(server) - cpu
         result["server_cpu_s"] = cpu
         result["cpu_us"] = cpu / result["requests"] * 1e6 if result["requests"] else None
     result["argv"] = argv
@@ -388,7 +371,7 @@ def markdown(args, info, rows, summary, cert, tmp) -> str:
               f"request, wrk -t{args.handshake_threads}); full = no session resumption "
               "possible, resumed = tickets on (wrk resumes):", ""]
     lines += handshake_table(rows, summary, args.connections)
-    lines += ["", "CPU µs: user + system CPU time of the server's processes during the measured "
+    lines += ["", "CPU µs: CPU time (schedstat) of the server's processes during the measured "
               "run, divided by its requests (the upstream's for direct); unlike req/s it does "
               "not depend on how fast wrk, on the same cores, can do its side."]
     lines += ["", f"Negotiated (openssl s_client, once per instance; pinned: {servers.TLS_PROTOCOL} "

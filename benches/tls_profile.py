@@ -66,19 +66,15 @@ CASES = ("plain", "edge", "upstream", "both", "hop", "hop-mtls")
 
 
 def usage(pids: list[int]) -> tuple[float, int]:
-    """(CPU seconds, minor page faults) of `pids`, all their threads; exited ones count 0.
-    CPU from schedstat (nanoseconds on a CPU), not utime/stime (clock ticks, 10 ms)."""
-    cpu, faults = 0, 0
+    """(CPU seconds, minor page faults) of `pids`, all their threads; exited ones count 0."""
+    faults = 0
     for pid in pids:
         try:
             with open(f"/proc/{pid}/stat") as f:
                 faults += int(f.read().rpartition(")")[2].split()[7])
-            for tid in os.listdir(f"/proc/{pid}/task"):
-                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                    cpu += int(f.read().split()[0])
         except (OSError, ValueError, IndexError):
             continue
-    return cpu / 1e9, faults
+    return servers.cpu_seconds(pids), faults
 
 
 def nginx_tls_upstream_conf(tmp: Path, port: int, cert: certs.BenchCert) -> str:
