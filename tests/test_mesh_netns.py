@@ -364,6 +364,19 @@ def test_opaque_ports_skip_protocol_detection_in_both_directions(mesh):
     refused = mesh.admin(d, "/status")[1]["mtls"]["handshakes"]["refused"]
     assert refused["plaintext"] == 1 and refused["timeout"] == 0, refused
 
+    # A server-first protocol on a port NOT declared opaque, to a permissive inbound side: the
+    # detect timeout (1 s for e1) is waited once, by the peek, not once more by the detector.
+    e = mesh.pod("e", "e1", sidecar_args=("--detect-timeout", "1", "--mtls", "permissive",
+                                          "--tls-dir", str(ca.issue("e", mesh.workdir / "e-tls"))))
+    started = time.monotonic()
+    with mesh.net.connect(a, (e.address, 9001), timeout=10) as sock:
+        reader = sock.makefile("rb")
+        assert reader.readline() == b"hello from e1\n"
+        waited = time.monotonic() - started
+        sock.sendall(b"more\n")
+        assert reader.readline() == b"e1 more\n"
+    assert 0.9 < waited < 1.8, f"the banner took {waited:.2f}s (1 s expected: one detect wait)"
+
 
 @needs_netns
 def test_killing_one_of_two_instances_under_load_gives_no_client_errors(mesh):

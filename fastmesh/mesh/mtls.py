@@ -6,7 +6,9 @@ watched with `loop.add_reader`; each accepted connection is looked at before any
 it. Its first byte is peeked (`MSG_PEEK`, nothing consumed) once readable, at most
 DETECT_TIMEOUT (permissive with interception: the sidecar's --detect-timeout): 0x16 (a TLS
 handshake record, the ClientHello) means TLS; anything else is plaintext, refused in strict
-mode and served as before in permissive mode. A connection dialled to one of the sidecar's
+mode and served as before in permissive mode (one that stays silent through the peek goes
+to the silent factory: with interception, a Detector that decides at once instead of waiting
+the detect timeout a second time). A connection dialled to one of the sidecar's
 --opaque-ports is plaintext without a peek (the mesh relays opaque TCP as it is). TLS connections are
 handed to the Gateway through fastmesh._core.tls_transport (`accept`), which returns once the
 handshake is done, so a failed one is seen here: the connection is closed and counted under
@@ -82,7 +84,8 @@ class MtlsListener:
 
     def __init__(self, loop, sock: socket.socket, mode: str, ctx: ssl.SSLContext,
                  tls_factory: Callable, plain_factory: Callable, counts: Handshakes,
-                 opaque: Callable | None = None, detect_timeout: float = DETECT_TIMEOUT):
+                 opaque: Callable | None = None, detect_timeout: float = DETECT_TIMEOUT,
+                 silent_factory: Callable | None = None):
         self.loop = loop
         self.sock = sock
         self.sockets = [sock]
@@ -93,6 +96,9 @@ class MtlsListener:
         self.counts = counts
         self.opaque = opaque
         self.detect_timeout = detect_timeout
+        # A permissive connection that stayed silent through the peek: plaintext already known
+        # to be server-first, so whatever follows must not wait the detect timeout again.
+        self.silent_factory = silent_factory or plain_factory
         self.tasks: set = set()
         self.closed = False
         sock.setblocking(False)
@@ -131,44 +137,45 @@ class MtlsListener:
         try:
             if self.opaque is not None and self.opaque(conn):
                 # Declared opaque TCP (--opaque-ports): never mTLS in this mesh, so no peek.
-                if self.mode == "strict":
-                    self._refuse(conn, "plaintext")
-                    return
-                await self.loop.connect_accepted_socket(self.plain_factory, conn)
-                self.counts.plaintext += 1
+                await self._plaintext(conn, self.plain_factory)
                 return
             try:
                 first = await self._first_byte(conn)
             except (asyncio.TimeoutError, TimeoutError):
-                if self.mode == "strict":
-                    self._refuse(conn, "timeout")
-                    return
-                first = None                # a client that waits: the Gateway's timeouts apply
+                # Silent: a server-first protocol, or a client that waits (the Gateway's
+                # timeouts apply); refused in strict mode.
+                await self._plaintext(conn, self.silent_factory, "timeout")
+                return
             except OSError:
                 conn.close()
                 return
             if first == b"":
                 conn.close()
                 return
-            if first is not None and first[0] == TLS_HANDSHAKE:
-                try:
-                    await tls_accept(self.loop, self.tls_factory(), conn, self.ctx,
-                                     HANDSHAKE_TIMEOUT)
-                except (ssl.SSLError, OSError, asyncio.TimeoutError, TimeoutError) as exc:
-                    self._refuse(conn, classify(exc), exc)
-                    return
-                self.counts.tls += 1
+            if first[0] != TLS_HANDSHAKE:
+                await self._plaintext(conn, self.plain_factory)
                 return
-            if self.mode == "strict":
-                self._refuse(conn, "plaintext")
+            try:
+                await tls_accept(self.loop, self.tls_factory(), conn, self.ctx,
+                                 HANDSHAKE_TIMEOUT)
+            except (ssl.SSLError, OSError, asyncio.TimeoutError, TimeoutError) as exc:
+                self._refuse(conn, classify(exc), exc)
                 return
-            await self.loop.connect_accepted_socket(self.plain_factory, conn)
-            self.counts.plaintext += 1
+            self.counts.tls += 1
         except asyncio.CancelledError:
             conn.close()
             raise
         except OSError:
             conn.close()
+
+    async def _plaintext(self, conn: socket.socket, factory: Callable,
+                         strict_reason: str = "plaintext") -> None:
+        """Serve `conn` without TLS (permissive), or refuse it under `strict_reason` (strict)."""
+        if self.mode == "strict":
+            self._refuse(conn, strict_reason)
+            return
+        await self.loop.connect_accepted_socket(factory, conn)
+        self.counts.plaintext += 1
 
     def _refuse(self, conn: socket.socket, reason: str, exc: BaseException | None = None) -> None:
         """Count and close. After a failed handshake the loop owns the socket (it holds an I/O
@@ -261,16 +268,18 @@ class MeshTLS:
                     self.source.status().get("not_after"))
 
     def listen(self, loop, server, tls_factory: Callable, plain_factory: Callable,
-               opaque: Callable | None = None,
-               detect_timeout: float = DETECT_TIMEOUT) -> MtlsListener:
+               opaque: Callable | None = None, detect_timeout: float = DETECT_TIMEOUT,
+               silent_factory: Callable | None = None) -> MtlsListener:
         """Take over the listening socket of `server` (an asyncio Server from start_server):
         its socket is duplicated before the server is closed, so the port is never released.
-        `opaque(sock)`: whether a connection is declared opaque TCP (no first-byte peek)."""
+        `opaque(sock)`: whether a connection is declared opaque TCP (no first-byte peek);
+        `silent_factory`: the protocol for a permissive connection that sent nothing within
+        the detect timeout (default `plain_factory`)."""
         listening = server.sockets[0]
         sock = socket.socket(listening.family, socket.SOCK_STREAM, fileno=os.dup(listening.fileno()))
         server.close()
         return MtlsListener(loop, sock, self.mode, self.ctx, tls_factory, plain_factory,
-                            self.counts, opaque, detect_timeout)
+                            self.counts, opaque, detect_timeout, silent_factory)
 
     def outbound(self) -> dict:
         """What the outbound config's TLS services present and trust (file paths)."""

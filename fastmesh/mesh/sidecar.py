@@ -228,13 +228,17 @@ class Sidecar:
         gateway = self.inbound.gateway
         from fastmesh.mesh.mtls import DETECT_TIMEOUT
         plain, opaque, detect = gateway.protocol_factory, None, DETECT_TIMEOUT
+        silent = None
         if self.options.intercept:
             plain = self._detector(gateway, self._inbound_target)
+            # Silent through the peek: the detect timeout has been waited once already.
+            silent = self._detector(gateway, self._inbound_target, timeout=0.0)
             if self.options.opaque_ports:
                 opaque = self._dialled_opaque_port
             detect = self.options.detect_timeout
         self.inbound.server = self.tls.listen(self.loop, self.inbound.server,
-                                              gateway.protocol_factory, plain, opaque, detect)
+                                              gateway.protocol_factory, plain, opaque, detect,
+                                              silent)
 
     def _inbound_config(self):
         opts = self.options
@@ -301,12 +305,13 @@ class Sidecar:
             self.loop, self._detector(worker.gateway, target), host, port,
             reuse_port=True, backlog=4096)
 
-    def _detector(self, gateway, target):
-        """The protocol factory of an intercepting listener: a Detector before `gateway`."""
+    def _detector(self, gateway, target, timeout: float | None = None):
+        """The protocol factory of an intercepting listener: a Detector before `gateway`
+        (waiting `timeout` for the first bytes, the --detect-timeout by default)."""
         from fastmesh.mesh.transparent import Detector
         opts = self.options
-        return lambda: Detector(gateway, target, self.relays, opts.opaque_ports,
-                                opts.detect_timeout)
+        wait = opts.detect_timeout if timeout is None else timeout
+        return lambda: Detector(gateway, target, self.relays, opts.opaque_ports, wait)
 
     def _dialled_opaque_port(self, sock) -> bool:
         """Whether a redirected connection was dialled to one of the --opaque-ports."""
