@@ -26,8 +26,9 @@
 #   The same image, as an init container, installs the interception rules (iptables is in it)
 #   and exits: `fastmesh mesh-init --proxy-gid 1337`. That needs root and CAP_NET_ADMIN in the
 #   pod's network namespace (`--user 0 --cap-add NET_ADMIN`; Kubernetes: runAsUser 0,
-#   capabilities.add [NET_ADMIN]); where the node uses legacy iptables, add
-#   `--iptables iptables-legacy` and NET_RAW. The sidecar then runs with `--intercept`.
+#   capabilities.add [NET_ADMIN]); where the node uses legacy iptables, add `--iptables
+#   iptables-legacy --ip6tables ip6tables-legacy` and NET_RAW. The sidecar then runs with
+#   `--intercept`.
 #
 # BASE_IMAGE must be a Debian-based image with python3 >= 3.11 (the official python slim image, or
 # the debootstrap-built base that scripts/build-image makes where registries cannot be reached).

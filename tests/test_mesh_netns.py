@@ -65,8 +65,7 @@ class Handler(BaseHTTPRequestHandler):
                   "path": self.path, "peer": self.client_address[0]}
         status = 200
         if nxt:
-            host, _, port = nxt.partition(":")
-            conn = http.client.HTTPConnection(host, int(port or 80), timeout=10)
+            conn = http.client.HTTPConnection(nxt, timeout=10)   # name, host:port, [v6]:port
             conn.request("GET", self.path)
             resp = conn.getresponse()
             status = resp.status
@@ -379,6 +378,44 @@ def test_opaque_ports_skip_protocol_detection_in_both_directions(mesh):
 
 
 @needs_netns
+def test_ipv6_tcp_is_intercepted_like_ipv4(mesh):
+    # Each pod also has an IPv6 address, and its app listens on IPv4 only: IPv6 reaches an app
+    # only through the sidecars (mesh-init's ip6tables rules, the sidecars' IPv6 listeners,
+    # the original IPv6 destination read back). Without the rules, a dual-stack pod's IPv6
+    # would bypass the sidecar, its mTLS and its authorization.
+    net = mesh.net
+    c = mesh.pod("c", "c1")
+    b = mesh.pod("b", "b1", calls=f"[{c.address6}]:{APP_PORT}")    # by IPv6 instance address
+    ca = CA(mesh.workdir / "ca")
+    d = mesh.pod("d", "d1", sidecar_args=("--mtls", "strict", "--tls-dir",
+                                          str(ca.issue("d", mesh.workdir / "d-tls"))))
+    client = net.add_pod("client")                                  # no sidecar, no rules
+    status, body = mesh.http(client, (b.address6, APP_PORT), "/six?x=1")
+    assert status == 200, (body, mesh.log("b1"))
+    assert (body["instance"], body["host"], body["peer"]) == \
+        ("b1", f"[{b.address6}]:{APP_PORT}", "127.0.0.1")      # through b1's inbound sidecar
+    leaf = body["next"]                 # b1's app -> b1's outbound -> c1's inbound -> c1's app
+    assert (leaf["instance"], leaf["host"], leaf["path"], leaf["peer"]) == \
+        ("c1", f"[{c.address6}]:{APP_PORT}", "/six?x=1", "127.0.0.1")
+    # Opaque TCP over IPv6, client-first and server-first, through both sidecars.
+    with net.connect(b, (c.address6, 9000)) as sock:
+        sock.sendall(b"ping\n")
+        assert sock.makefile("rb").readline() == b"c1 ping\n"
+    with net.connect(b, (c.address6, 9001)) as sock:
+        assert sock.makefile("rb").readline() == b"hello from c1\n"
+    # Strict mTLS holds over IPv6 too: plaintext to d1's pod is refused, not let through.
+    with net.connect(client, (d.address6, APP_PORT)) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: d\r\n\r\n")
+        try:
+            answer = sock.recv(100)
+        except ConnectionResetError:        # closed with the request unread: a reset
+            answer = b""
+        assert answer == b""
+    refused = mesh.admin(d, "/status")[1]["mtls"]["handshakes"]["refused"]
+    assert refused["plaintext"] == 1, refused
+
+
+@needs_netns
 def test_killing_one_of_two_instances_under_load_gives_no_client_errors(mesh):
     b1 = mesh.pod("b", "b1")
     b2 = mesh.pod("b", "b2")
@@ -518,16 +555,23 @@ def test_mesh_init_is_idempotent_prints_its_rules_and_removes_them(tmp_path):
         pod = net.add_pod("p")
         init = [sys.executable, "-m", "fastmesh", "mesh-init", "--proxy-uid", "1337",
                 "--proxy-gid", PROXY_GID, "--exclude-ports", "22,6379",
-                "--exclude-cidrs", "10.96.0.0/12"]
+                "--exclude-cidrs", "10.96.0.0/12,fd10::/16"]
         planned = net.exec_in(pod, [*init, "--dry-run"]).splitlines()
         assert net.exec_in(pod, ["iptables", "-t", "nat", "-S"]).count("FASTMESH") == 0
         net.exec_in(pod, init)
+        net.exec_in(pod, init)                  # twice: IPv6 as idempotent as IPv4 (below)
+        ipv6 = net.exec_in(pod, ["ip6tables", "-t", "nat", "-S"]).splitlines()
+        assert [line for line in ipv6 if "FASTMESH" in line and " -d " in line] == \
+            ["-A FASTMESH_OUTPUT -d fd10::/16 -j RETURN"]
+        assert sum(line.endswith("-j FASTMESH_INBOUND") for line in ipv6) == 1
+        assert "-A FASTMESH_INBOUND -p tcp -j REDIRECT --to-ports 15006" in ipv6
         first = net.exec_in(pod, ["iptables", "-t", "nat", "-S"])
         net.exec_in(pod, init)                  # again: same rules, no duplicate jumps
         second = net.exec_in(pod, ["iptables", "-t", "nat", "-S"])
         assert first == second
         assert second.count("-j FASTMESH_OUTPUT") == 1 and second.count("-j FASTMESH_INBOUND") == 1
-        appended = [line.split(" -t nat ", 1)[1] for line in planned if " -A " in line]
+        appended = [line.split(" -t nat ", 1)[1] for line in planned
+                    if line.startswith("iptables ") and " -A " in line]
         assert appended == [line for line in second.splitlines() if line.startswith("-A FASTMESH")]
         for expected in ("-A FASTMESH_OUTPUT -m owner --uid-owner 1337 -j RETURN",
                          "-A FASTMESH_OUTPUT -m owner --gid-owner 1337 -j RETURN",
@@ -539,8 +583,10 @@ def test_mesh_init_is_idempotent_prints_its_rules_and_removes_them(tmp_path):
                          "-A FASTMESH_INBOUND -p tcp -j REDIRECT --to-ports 15006"):
             assert expected in second.splitlines(), (expected, second)
         out = net.exec_in(pod, [sys.executable, "-m", "fastmesh", "mesh-init", "--remove"])
-        assert "removed FASTMESH_INBOUND, FASTMESH_OUTPUT" in out
+        assert "removed FASTMESH_INBOUND, FASTMESH_OUTPUT (IPv4); " \
+               "FASTMESH_INBOUND, FASTMESH_OUTPUT (IPv6)" in out
         assert "FASTMESH" not in net.exec_in(pod, ["iptables", "-t", "nat", "-S"])
+        assert "FASTMESH" not in net.exec_in(pod, ["ip6tables", "-t", "nat", "-S"])
         refused = subprocess.run([sys.executable, "-m", "fastmesh", "mesh-init"],
                                  capture_output=True, text=True, timeout=30)
         assert refused.returncode == 2 and "--proxy-uid" in refused.stderr
@@ -598,14 +644,28 @@ def test_mesh_init_dry_run_and_refusals():
                               capture_output=True, text=True, timeout=30, cwd=ROOT)
 
     done = mesh_init("--proxy-uid", "1337", "--proxy-mark", "0x539", "--no-inbound",
-                     "--outbound-port", "16001", "--dry-run")
+                     "--outbound-port", "16001", "--ipv6", "off", "--dry-run")
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert "iptables -t nat -A FASTMESH_OUTPUT -m mark --mark 0x539 -j RETURN" in lines
     assert lines[-3] == "iptables -t nat -A FASTMESH_OUTPUT -p tcp -j REDIRECT --to-ports 16001"
     assert not any("-A FASTMESH_INBOUND" in line for line in lines)
+    assert not any(line.startswith("ip6tables") for line in lines)
+    # By default the same rules for IPv6; each excluded CIDR goes to its own IP version.
+    done = mesh_init("--proxy-gid", "1", "--exclude-cidrs", "10.0.0.0/8,fd00::/8", "--dry-run")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    v4 = [line for line in lines if line.startswith("iptables ")]
+    v6 = [line.replace("ip6tables ", "iptables ", 1) for line in lines
+          if line.startswith("ip6tables ")]
+    assert len(v4) == len(v6) == len(lines) / 2
+    assert "iptables -t nat -A FASTMESH_OUTPUT -d 10.0.0.0/8 -j RETURN" in v4
+    assert "iptables -t nat -A FASTMESH_OUTPUT -d fd00::/8 -j RETURN" in v6
+    assert [line for line in v4 if "-d " not in line] == [line for line in v6 if "-d " not in line]
+    done = mesh_init("--proxy-gid", "1", "--ipv6", "on", "--ip6tables", "/nonexistent/ip6tables")
+    assert done.returncode == 1 and "is not installed" in done.stderr, done.stderr
     for args, expected in ((["--exclude-ports", "22,0"], "ports 1..65535"),
-                           (["--exclude-cidrs", "fd00::/8"], "only IPv4"),
+                           (["--exclude-cidrs", "10.0.0.0/33"], "expected CIDRs"),
                            (["--proxy-mark", "x"], "expected a number")):
         done = mesh_init("--proxy-gid", "1", *args, "--dry-run")
         assert done.returncode == 2 and expected in done.stderr, (args, done.stderr)

@@ -1,7 +1,9 @@
 """`fastmesh mesh-init`: the iptables rules that send a pod's TCP through its sidecar.
 
 Run once in the pod's network namespace before the app starts (what an init container does).
-In the `nat` table, two chains of our own, each reached by one jump:
+The same rules go to iptables (IPv4) and ip6tables (IPv6: a dual-stack pod's IPv6 TCP would
+otherwise reach the app around the sidecar, its mTLS and its authorization). In each `nat`
+table, two chains of our own, each reached by one jump:
 
 - FASTMESH_INBOUND (from PREROUTING): TCP arriving from another host -> the sidecar's inbound
   port (15006), except excluded ports;
@@ -17,6 +19,7 @@ SO_ORIGINAL_DST (fastmesh.mesh.transparent).
 from __future__ import annotations
 
 import ipaddress
+import os
 import shutil
 import subprocess
 import sys
@@ -26,6 +29,7 @@ INBOUND_CHAIN = "FASTMESH_INBOUND"
 OUTPUT_CHAIN = "FASTMESH_OUTPUT"
 HOOKS = (("PREROUTING", INBOUND_CHAIN), ("OUTPUT", OUTPUT_CHAIN))
 LOCK_WAIT = "5"                  # seconds to wait for the xtables lock (shared by all namespaces)
+IPV6_MODES = ("auto", "on", "off")   # auto: ip6tables rules when ip6tables is installed
 
 
 @dataclass(frozen=True)
@@ -38,7 +42,7 @@ class Interception:
     proxy_gids: tuple[int, ...] = ()
     proxy_mark: int | None = None
     exclude_ports: tuple[int, ...] = ()          # destination ports, both directions
-    exclude_cidrs: tuple[str, ...] = ()          # outbound destinations
+    exclude_cidrs: tuple[str, ...] = ()          # outbound destinations, IPv4 or IPv6
     inbound: bool = True                         # also redirect inbound TCP
 
     def problems(self) -> list[str]:
@@ -56,8 +60,9 @@ def _dport(port: int) -> list[str]:
     return ["-p", "tcp", "-m", "tcp", "--dport", str(port)]    # as `iptables -S` prints it
 
 
-def rules(spec: Interception) -> list[list[str]]:
-    """The iptables argument lists (after `iptables -t nat`) that install `spec`."""
+def rules(spec: Interception, version: int = 4) -> list[list[str]]:
+    """The iptables (version 4) or ip6tables (6) argument lists, after `-t nat`, that install
+    `spec`: the same chains, with the excluded CIDRs of that IP version."""
     out: list[list[str]] = []
     for _, chain in HOOKS:
         out.append(["-N", chain])               # create (an existing chain is then flushed)
@@ -77,6 +82,8 @@ def rules(spec: Interception) -> list[list[str]]:
                     "-j", "RETURN"])
     out.append(["-A", OUTPUT_CHAIN, "-o", "lo", "-j", "RETURN"])
     for cidr in spec.exclude_cidrs:
+        if ipaddress.ip_network(cidr).version != version:
+            continue
         out.append(["-A", OUTPUT_CHAIN, "-d", cidr, "-j", "RETURN"])
     for port in spec.exclude_ports:
         out.append(["-A", OUTPUT_CHAIN, *_dport(port), "-j", "RETURN"])
@@ -92,19 +99,21 @@ def shell_lines(arg_lists: list[list[str]], iptables: str = "iptables") -> list[
 
 
 class Iptables:
-    """Runs `iptables -w -t nat ...`; RuntimeError with iptables' own message on failure."""
+    """Runs `iptables -w -t nat ...` (or ip6tables); RuntimeError with its own message on
+    failure."""
 
     def __init__(self, binary: str = "iptables"):
         path = shutil.which(binary)
         if path is None:
             raise RuntimeError(f"{binary} is not installed (Debian: apt-get install iptables)")
         self.binary = path
+        self.name = os.path.basename(binary)
 
     def run(self, args: list[str], check: bool = True) -> subprocess.CompletedProcess:
         done = subprocess.run([self.binary, "-w", LOCK_WAIT, "-t", "nat", *args],
                               capture_output=True, text=True, timeout=30)
         if check and done.returncode != 0:
-            raise RuntimeError(f"iptables -t nat {' '.join(args)}: "
+            raise RuntimeError(f"{self.name} -t nat {' '.join(args)}: "
                                f"{done.stderr.strip() or f'exit {done.returncode}'}")
         return done
 
@@ -119,9 +128,9 @@ class Iptables:
                     break
 
 
-def install(spec: Interception, iptables: Iptables) -> None:
+def install(spec: Interception, iptables: Iptables, version: int = 4) -> None:
     iptables.unhook()
-    for args in rules(spec):
+    for args in rules(spec, version):
         if args[0] == "-N" and iptables.chain_exists(args[1]):
             continue
         iptables.run(args)
@@ -156,9 +165,7 @@ def _cidr_list(value: str) -> tuple[str, ...]:
         try:
             network = ipaddress.ip_network(part, strict=False)
         except ValueError:
-            raise ValueError(f"expected IPv4 CIDRs separated by commas, found {part!r}") from None
-        if network.version != 4:
-            raise ValueError(f"only IPv4 is intercepted (iptables), found {part!r}")
+            raise ValueError(f"expected CIDRs separated by commas, found {part!r}") from None
         cidrs.append(str(network))
     return tuple(cidrs)
 
@@ -222,8 +229,28 @@ def add_parser(sub) -> None:
                    help="redirect outbound TCP only; inbound reaches the pod unchanged")
     p.add_argument("--iptables", default="iptables", metavar="PATH",
                    help="the iptables binary (default: iptables on PATH)")
+    p.add_argument("--ipv6", choices=IPV6_MODES, default="auto",
+                   help="the same rules for IPv6 with ip6tables: auto (default: when ip6tables "
+                        "is installed, else a warning), on (required), off")
+    p.add_argument("--ip6tables", default="ip6tables", metavar="PATH",
+                   help="the ip6tables binary (default: ip6tables on PATH)")
     p.add_argument("--dry-run", action="store_true", help="print the commands, change nothing")
     p.add_argument("--remove", action="store_true", help="delete the rules and chains")
+
+
+def tables(args, say) -> list[tuple[int, str]]:
+    """(IP version, binary) for each table to change; RuntimeError when --ipv6 on cannot be."""
+    found = [(4, args.iptables)]
+    if args.ipv6 == "off":
+        return found
+    if shutil.which(args.ip6tables) is not None:
+        return found + [(6, args.ip6tables)]
+    if args.ipv6 == "on":
+        raise RuntimeError(f"{args.ip6tables} is not installed (Debian: apt-get install "
+                           f"iptables), and --ipv6 on asks for IPv6 rules")
+    say(f"warning: {args.ip6tables} is not installed: IPv6 TCP is NOT intercepted (it reaches "
+        f"the app directly); install it, or give --ipv6 off to silence this", err=True)
+    return found
 
 
 def main(args) -> int:
@@ -231,20 +258,31 @@ def main(args) -> int:
         print(f"fastmesh mesh-init: {message}", file=sys.stderr if err else sys.stdout,
               flush=True)
 
+    try:
+        chosen = tables(args, say) if not args.dry_run else \
+            [(4, args.iptables)] + ([(6, args.ip6tables)] if args.ipv6 != "off" else [])
+    except RuntimeError as exc:
+        say(str(exc), err=True)
+        return 1
     if args.remove:
         if args.dry_run:
-            for hook, chain in HOOKS:
-                print(f"{args.iptables} -t nat -D {hook} -p tcp -j {chain}")
-            for _, chain in HOOKS:
-                print(f"{args.iptables} -t nat -F {chain}")
-                print(f"{args.iptables} -t nat -X {chain}")
+            for _, binary in chosen:
+                for hook, chain in HOOKS:
+                    print(f"{binary} -t nat -D {hook} -p tcp -j {chain}")
+                for _, chain in HOOKS:
+                    print(f"{binary} -t nat -F {chain}")
+                    print(f"{binary} -t nat -X {chain}")
             return 0
+        removed = []
         try:
-            removed = remove(Iptables(args.iptables))
+            for version, binary in chosen:
+                chains = remove(Iptables(binary))
+                if chains:
+                    removed.append(f"{', '.join(chains)} (IPv{version})")
         except RuntimeError as exc:
             say(str(exc), err=True)
             return 1
-        say(f"removed {', '.join(removed)}" if removed else "no fastmesh rules were installed")
+        say(f"removed {'; '.join(removed)}" if removed else "no fastmesh rules were installed")
         return 0
     spec = Interception(args.inbound_port, args.outbound_port, tuple(args.proxy_uid),
                         tuple(args.proxy_gid), args.proxy_mark, args.exclude_ports,
@@ -255,10 +293,12 @@ def main(args) -> int:
             say(problem, err=True)
         return 2
     if args.dry_run:
-        print("\n".join(shell_lines(rules(spec), args.iptables)))
+        for version, binary in chosen:
+            print("\n".join(shell_lines(rules(spec, version), binary)))
         return 0
     try:
-        install(spec, Iptables(args.iptables))
+        for version, binary in chosen:
+            install(spec, Iptables(binary), version)
     except (RuntimeError, subprocess.TimeoutExpired) as exc:
         say(str(exc), err=True)
         return 1
@@ -267,6 +307,7 @@ def main(args) -> int:
         excluded.append(f"mark {spec.proxy_mark:#x}")
     say(f"outbound TCP -> :{spec.outbound_port}"
         + (f", inbound TCP -> :{spec.inbound_port}" if spec.inbound else "")
+        + f" ({' and '.join(f'IPv{v}' for v, _ in chosen)})"
         + f"; not redirected: {', '.join(excluded)}, loopback"
         + "".join(f", port {p}" for p in spec.exclude_ports)
         + "".join(f", {c}" for c in spec.exclude_cidrs))

@@ -1,14 +1,15 @@
 """Pod-like network namespaces on one machine, for the mesh's tests and benchmarks.
 
 A `Network` is a bridge in a namespace of its own plus one namespace per pod, each joined to the
-bridge by a veth pair (`eth0` in the pod), with a private address, loopback up and a default
-route through the bridge (so a connect() to any address is routed, and interception rules see
+bridge by a veth pair (`eth0` in the pod), with a private IPv4 address and, unless
+`subnet6=None`, a private IPv6 one (ULA, same host number; no duplicate address detection, so
+it is usable at once), loopback up and default routes through the bridge (so a connect() to any address is routed, and interception rules see
 it). Nothing is created in the caller's namespace: the veth pairs are made inside the bridge
 namespace, so only the namespace names (under /run/netns) are shared with the host, and they
 all start with a unique prefix that carries the creating pid.
 
-    with Network("10.77.0.0/24") as net:         # the bridge namespace gets 10.77.0.1
-        a = net.add_pod("a")                      # 10.77.0.2, namespace "<prefix>a"
+    with Network("10.77.0.0/24") as net:         # the bridge namespace gets 10.77.0.1, fd77::1
+        a = net.add_pod("a")                      # 10.77.0.2 and fd77::2, namespace "<prefix>a"
         net.set_hosts({"b": "10.77.0.250"})       # /etc/hosts inside every pod
         proc = net.run_in(a, ["fastmesh", "echo", "--listen", "0.0.0.0:8080"])
         sock = net.connect(a, ("127.0.0.1", 8080))    # a socket made inside the pod
@@ -43,11 +44,13 @@ CLONE_NEWNET = 0x40000000
 
 @dataclass(frozen=True)
 class Pod:
-    """One namespace on the bridge: `netns` is its full name, `address` its IPv4 address."""
+    """One namespace on the bridge: `netns` is its full name, `address` its IPv4 address,
+    `address6` its IPv6 one (None when the network has no IPv6 subnet)."""
 
     name: str
     netns: str
     address: str
+    address6: str | None = None
 
 
 def unavailable() -> str | None:
@@ -137,13 +140,20 @@ def namespaces(prefix: str = ROOT_PREFIX) -> list[str]:
 class Network:
     """A bridge namespace and pods on it; a context manager that always cleans up."""
 
-    def __init__(self, subnet: str = "10.77.0.0/24", prefix: str | None = None):
+    def __init__(self, subnet: str = "10.77.0.0/24", prefix: str | None = None,
+                 subnet6: str | None = "fd77::/64"):
         self.subnet = ipaddress.ip_network(subnet)
         if self.subnet.version != 4 or self.subnet.num_addresses < 8:
             raise ValueError(f"expected an IPv4 subnet of at least 8 addresses, found {subnet}")
+        self.subnet6 = ipaddress.ip_network(subnet6) if subnet6 else None
+        if self.subnet6 is not None and (self.subnet6.version != 6 or
+                                         self.subnet6.num_addresses < self.subnet.num_addresses):
+            raise ValueError(f"expected an IPv6 subnet at least as large as {subnet}, "
+                             f"found {subnet6}")
         self.prefix = prefix or f"{ROOT_PREFIX}{os.getpid()}-{secrets.token_hex(3)}-"
         hosts = self.subnet.hosts()
-        self.bridge = Pod("bridge", self.prefix + "br", str(next(hosts)))
+        first = str(next(hosts))
+        self.bridge = Pod("bridge", self.prefix + "br", first, self._twin6(first))
         self._free = hosts
         self.pods: dict[str, Pod] = {}
         self.procs: list[subprocess.Popen] = []
@@ -173,7 +183,17 @@ class Network:
         _ip("-n", ns, "link", "add", "br0", "address", mac, "type", "bridge")
         _ip("-n", ns, "addr", "add", f"{self.bridge.address}/{self.subnet.prefixlen}",
             "dev", "br0")
+        if self.bridge.address6 is not None:
+            _ip("-n", ns, "addr", "add", f"{self.bridge.address6}/{self.subnet6.prefixlen}",
+                "dev", "br0", "nodad")
         _ip("-n", ns, "link", "set", "br0", "up")
+
+    def _twin6(self, address: str) -> str | None:
+        """The IPv6 address with the same host number as IPv4 `address` (None: no IPv6)."""
+        if self.subnet6 is None:
+            return None
+        number = int(ipaddress.ip_address(address)) - int(self.subnet.network_address)
+        return str(self.subnet6[number])
 
     def _add_namespace(self, ns: str) -> None:
         _ip("netns", "add", ns)
@@ -185,7 +205,7 @@ class Network:
         if name in self.pods or name == "br" or not name.replace("-", "").isalnum():
             raise ValueError(f"pod name must be new, alphanumeric and not 'br', found {name!r}")
         addr = address or str(next(self._free))
-        pod = Pod(name, self.prefix + name, addr)
+        pod = Pod(name, self.prefix + name, addr, self._twin6(addr))
         self._add_namespace(pod.netns)
         veth = f"v{len(self.pods)}"
         br = self.bridge.netns
@@ -197,6 +217,10 @@ class Network:
         _ip("-n", pod.netns, "addr", "add", f"{addr}/{self.subnet.prefixlen}", "dev", "eth0")
         _ip("-n", pod.netns, "link", "set", "eth0", "up")
         _ip("-n", pod.netns, "route", "add", "default", "via", self.bridge.address)
+        if pod.address6 is not None:
+            _ip("-n", pod.netns, "addr", "add", f"{pod.address6}/{self.subnet6.prefixlen}",
+                "dev", "eth0", "nodad")
+            _ip("-n", pod.netns, "-6", "route", "add", "default", "via", self.bridge.address6)
         self.pods[name] = pod
         if self.hosts:
             self._write_hosts(pod)
@@ -245,7 +269,7 @@ class Network:
     def listen(self, pod: Pod, address: tuple[str, int]) -> socket.socket:
         """A TCP socket listening on `address` inside `pod`."""
         def make() -> socket.socket:
-            sock = socket.socket()
+            sock = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(address)
             sock.listen(64)

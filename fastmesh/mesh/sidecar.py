@@ -32,6 +32,7 @@ outbound side, and exit 0.
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import os
 import signal
@@ -87,6 +88,9 @@ class SidecarOptions:
     authz_file: str | None = None   # --policy: the mesh policy file (fastmesh.mesh.policy)
 
 
+IPV6_TWINS = {"0.0.0.0": "::", "127.0.0.1": "::1"}   # intercept: IPv6 listens here too
+
+
 def say(message: str, err: bool = False) -> None:
     print(f"fastmesh sidecar: {message}", file=sys.stderr if err else sys.stdout, flush=True)
 
@@ -110,6 +114,8 @@ def check_free(host: str, port: int) -> int:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # TIME_WAIT is no conflict
+        if family == socket.AF_INET6:       # as the listener binds (server.bound_socket)
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         probe.bind((host, port))
         return probe.getsockname()[1]
 
@@ -129,6 +135,7 @@ class Sidecar:
         self.stopping = False
         self.hosts: frozenset[str] = frozenset()     # what the outbound routes match (intercept)
         self.relays: set = set()                     # open opaque TCP relays (intercept)
+        self.inbound_ipv6 = None                     # mTLS + intercept: the IPv6 twin listener
         self.tls = None                              # a fastmesh.mesh.mtls.MeshTLS when on
         self.callers: frozenset[str] = frozenset()   # inbound: the services it has routes for
         self.authz: dict | None = None               # the policy file: service -> rules
@@ -173,6 +180,9 @@ class Sidecar:
             self.hosts = mesh_hosts(self.registry.view())
             if self.tls is None:
                 await self._intercept(self.inbound, self._inbound_target)
+            else:                           # the mTLS accept path takes it over (below)
+                self.inbound_ipv6 = await self._listen_ipv6(self.inbound,
+                                                            self.inbound.gateway.protocol_factory)
             await self._intercept(self.outbound, self._outbound_target)
         if self.tls is not None:
             self._listen_mtls()
@@ -236,9 +246,13 @@ class Sidecar:
             if self.options.opaque_ports:
                 opaque = self._dialled_opaque_port
             detect = self.options.detect_timeout
-        self.inbound.server = self.tls.listen(self.loop, self.inbound.server,
-                                              gateway.protocol_factory, plain, opaque, detect,
-                                              silent)
+        def take(server):
+            return self.tls.listen(self.loop, server, gateway.protocol_factory, plain, opaque,
+                                   detect, silent)
+        self.inbound.server = take(self.inbound.server)
+        if self.inbound_ipv6 is not None:
+            at = self.inbound.servers.index(self.inbound_ipv6)
+            self.inbound.servers[at] = self.inbound_ipv6 = take(self.inbound_ipv6)
 
     def _inbound_config(self):
         opts = self.options
@@ -300,10 +314,33 @@ class Sidecar:
         """Put a Detector in front of `worker`'s Gateway: its listener is replaced by one on the
         same address whose connections are sniffed first (before the sidecar is registered)."""
         host, port = worker.address
+        factory = self._detector(worker.gateway, target)
         worker.server.close()
-        worker.server = await start_server(
-            self.loop, self._detector(worker.gateway, target), host, port,
-            reuse_port=True, backlog=4096)
+        worker.server = await start_server(self.loop, factory, host, port, reuse_port=True,
+                                           backlog=4096)
+        await self._listen_ipv6(worker, factory)
+
+    async def _listen_ipv6(self, worker: Worker, factory):
+        """With interception, the IPv6 twin of `worker`'s listener (:: for 0.0.0.0, ::1 for
+        127.0.0.1): ip6tables redirects a dual-stack pod's IPv6 TCP to the same port there.
+        Added to the worker's servers (closed with it); None when the listener has an address
+        of its own, or IPv6 is off here (said: IPv6 TCP redirected to it is then refused)."""
+        host, port = worker.address
+        twin = IPV6_TWINS.get(host)
+        if twin is None:
+            return None
+        try:
+            check_free(twin, port)
+            server = await start_server(self.loop, factory, twin, port, reuse_port=True,
+                                        backlog=4096)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise
+            say(f"no IPv6 listener on [{twin}]:{port} ({exc.strerror or exc}): IPv6 TCP "
+                f"redirected there is refused", err=True)
+            return None
+        worker.servers.append(server)
+        return server
 
     def _detector(self, gateway, target, timeout: float | None = None):
         """The protocol factory of an intercepting listener: a Detector before `gateway`

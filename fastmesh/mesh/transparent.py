@@ -31,6 +31,7 @@ from typing import Callable
 from fastmesh.streams import Relay, close_all
 
 SO_ORIGINAL_DST = 80                # linux/netfilter_ipv4.h, level SOL_IP
+IP6T_SO_ORIGINAL_DST = 80           # linux/netfilter_ipv6/ip6_tables.h, level SOL_IPV6
 DETECT_TIMEOUT = 0.5                # no first byte within this: a server-first protocol, opaque
 DETECT_MAX = 16384                  # look at most this far for the end of the request head
 CONNECT_TIMEOUT = 2.0
@@ -43,14 +44,20 @@ _ABSOLUTE = re.compile(rb"[A-Z]+ https?://([^/?# ]+)")
 
 
 def original_destination(sock) -> tuple[str, int] | None:
-    """Where the connection on `sock` was addressed before iptables redirected it (IPv4);
-    None when it was not redirected (or the kernel does not know)."""
+    """Where the connection on `sock` was addressed before iptables (IPv4: a sockaddr_in) or
+    ip6tables (IPv6: a sockaddr_in6) redirected it; None when it was not redirected (or the
+    kernel does not know)."""
     try:
-        raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+        if sock.family == socket.AF_INET6:
+            raw = sock.getsockopt(socket.IPPROTO_IPV6, IP6T_SO_ORIGINAL_DST, 28)
+            address = socket.inet_ntop(socket.AF_INET6, raw[8:24])
+        else:
+            raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+            address = socket.inet_ntoa(raw[4:8])
     except OSError:
         return None
     port, = struct.unpack_from("!H", raw, 2)
-    return socket.inet_ntoa(raw[4:8]), port
+    return address, port
 
 
 def looks_like_http(data: bytes) -> bool | None:
