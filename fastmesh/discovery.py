@@ -421,22 +421,22 @@ class Discovery:
         targets: list[Target] = []
         seen: set[tuple[str, int]] = set()
 
-        def add(host: str, port: int, weight: int) -> None:
+        def add(host: str, port: int, weight: int, priority: int) -> None:
             if (host, port) not in seen:          # first one wins (a balancer refuses duplicates)
                 seen.add((host, port))
-                targets.append(Target(host, port, weight))
+                targets.append(Target(host, port, weight, priority))
 
         for spec in self._specs(upstream):
             if is_ip(spec.host):
-                add(spec.host, spec.port, spec.weight)
+                add(spec.host, spec.port, spec.weight, spec.priority)
                 continue
             kind = "SRV" if spec.port == 0 and is_srv_name(spec.host) else "A"
             watch = self.names.get((kind, spec.host))
             for address, port, weight in (watch.result if watch is not None and watch.result else ()):
-                if kind == "SRV":
-                    add(address, port, weight)
+                if kind == "SRV":       # (only its best SRV priority; the tier is the config's)
+                    add(address, port, weight, spec.priority)
                 else:
-                    add(address, spec.port, spec.weight)
+                    add(address, spec.port, spec.weight, spec.priority)
         return tuple(targets)
 
     def sync(self) -> None:

@@ -508,3 +508,58 @@ def test_ipv6_address_and_lookup():
 def test_duplicate_targets_refused():
     with pytest.raises(ValueError):
         Balancer("u", [("a", 1, 1), ("a", 1, 2)])
+
+
+# --- priority tiers (failover) --------------------------------------------------------------
+
+@pytest.mark.parametrize("algorithm", ["round-robin", "least-connections", "consistent-hashing",
+                                       "p2c-ewma"])
+def test_a_tier_takes_traffic_only_while_every_lower_one_has_no_healthy_target(algorithm):
+    b = Balancer("u", [("a", 1, 100, 0), ("b", 1, 100, 0), ("c", 1, 100, 1), ("d", 1, 100, 2)],
+                 algorithm, seed=3, passive_failures=1, ejection_time=10)
+    b.set_clock(10**9)
+
+    def seen() -> set[str]:
+        return {served(b, f"k{i}".encode()).host for i in range(100)}
+
+    assert seen() == {"a", "b"} and b.active_priority == 0
+    fail(b, b.targets[0])
+    assert seen() == {"b"}                      # one healthy target left in tier 0: it stays there
+    fail(b, b.targets[1])
+    assert seen() == {"c"} and b.active_priority == 1
+    b.set_health("c:1", False)
+    assert seen() == {"d"} and b.active_priority == 2
+    b.set_health("c:1", True)
+    assert seen() == {"c"}
+    b.advance_clock(10)                         # a and b half-open: a probe brings tier 0 back
+    assert served(b, b"k").priority == 0
+    assert seen() <= {"a", "b"} and b.active_priority == 0
+    assert [row["priority"] for row in b.health()] == [0, 0, 1, 2]
+
+
+def test_a_retry_goes_to_the_next_tier_when_it_has_a_healthy_target():
+    # A zone going down: its targets fail before any is ejected; retries spent inside the tier
+    # could all fail, so a retry goes to another failure domain.
+    b = Balancer("u", [("near1", 1, 100, 0), ("near2", 1, 100, 0), ("far1", 1, 100, 1),
+                       ("far2", 1, 100, 1)], "p2c-ewma", seed=1)
+    near1 = b.targets[0]
+    assert {served(b).host for _ in range(40)} == {"near1", "near2"}
+    retry = b.pick_py(b"", near1)
+    assert retry.host in ("far1", "far2")
+    b.begin_py(retry)
+    assert b.pick_py(b"", near1).host == ({"far1", "far2"} - {retry.host}).pop()  # fewest in flight
+    b.end_py(retry)
+    b.set_health("far1:1", False)
+    b.set_health("far2:1", False)
+    assert b.pick_py(b"", near1).host == "near2"     # no later tier: the rest of its own
+    single = Balancer("u", [("only", 1)], "p2c-ewma")
+    assert single.pick_py(b"", single.targets[0]).host == "only"   # nowhere else: the same one
+
+
+def test_failing_open_spans_all_tiers_and_priorities_are_checked():
+    b = Balancer("u", [("a", 1, 100, 0), ("b", 1, 100, 1)], fail_open=True)
+    for t in b.targets:
+        b.set_health(t, False)
+    assert b.failing_open and set(names(b, 4)) == {"a", "b"} and b.active_priority == -1
+    with pytest.raises(ValueError):
+        Balancer("u", [("a", 1, 100, -1)])

@@ -333,6 +333,36 @@ def test_killing_one_instance_under_load_gives_no_client_errors(mesh):
     assert [call(a.outbound, "b")[1]["instance"] for _ in range(20)] == ["b1"] * 20
 
 
+def test_calls_stay_in_the_callers_zone_and_fail_over_when_the_zone_goes_down(mesh):
+    b1 = mesh.pod("b", "b1", "--zone", "east")
+    west = [mesh.pod("b", name, "--zone", "west") for name in ("b2", "b3")]
+    a = mesh.pod("a", "a1", "--zone", "west")
+    flat = mesh.pod("a", "a2", "--zone", "west", "--locality", "off")
+    for caller in (a, flat):
+        wait_until(lambda: len(admin_get(caller.admin, "/registry")[1]["services"].get("b", ()))
+                   == 3, 5, "a caller never saw the three b instances")
+    seen = {call(a.outbound, "b")[1]["instance"] for _ in range(30)}
+    assert seen == {"b2", "b3"}                 # never east while the west has a healthy one
+    call(flat.outbound, "b")
+
+    def tiers(sidecar) -> dict[int, int]:
+        upstream = admin_get(sidecar.admin, "/status")[1]["outbound"]["upstreams"]["b"]
+        return {int(row["target"].rsplit(":", 1)[1]): row["priority"]
+                for row in upstream["targets"]}
+
+    assert tiers(a) == {b1.inbound: 1, west[0].inbound: 0, west[1].inbound: 0}
+    assert set(tiers(flat).values()) == {0}     # --locality off: all alike
+
+    # The whole zone goes down at once: no instance is ejected yet, so each call's retry must
+    # leave the zone (else every attempt could land on a dead west instance); none fails.
+    for sidecar in west:
+        sidecar.proc.proc.send_signal(signal.SIGKILL)
+        sidecar.app.stop()
+    results = [call(a.outbound, "b") for _ in range(20)]
+    assert [status for status, _ in results] == [200] * 20, results
+    assert {body["instance"] for _, body in results} == {"b1"}
+
+
 def test_new_instance_gets_traffic_within_one_second_of_registering(mesh):
     mesh.pod("b", "b1")
     a = mesh.pod("a", "a1")

@@ -103,13 +103,14 @@ def test_empty_sections_take_defaults():
 def test_balancer_from_upstream():
     config = load_config_data({"upstreams": [{
         "name": "u", "algorithm": "least-connections", "on_all_unhealthy": "open",
-        "targets": [{"target": "127.0.0.1:1", "weight": 2}, {"target": "127.0.0.1:2"}],
+        "targets": [{"target": "127.0.0.1:1", "weight": 2},
+                    {"target": "127.0.0.1:2", "priority": 1}],
         "healthchecks": {"passive": {"unhealthy": {"failures": 2}, "ejection_time": "5s"}},
         "circuit_breaker": {"max_requests": 1}}]})
     b = Balancer.from_upstream(config.upstreams[0], seed=1)
     assert b.name == "u" and b.algorithm_name == "least-connections" and b.fail_open
-    assert [(t.host, t.port, t.weight) for t in b.targets] == [("127.0.0.1", 1, 2),
-                                                              ("127.0.0.1", 2, 100)]
+    assert [(t.host, t.port, t.weight, t.priority) for t in b.targets] == \
+        [("127.0.0.1", 1, 2, 0), ("127.0.0.1", 2, 100, 1)]
     assert b.max_requests == 1
     t = b.targets[0]
     b.set_clock(0)
@@ -187,6 +188,8 @@ def test_upstream_errors(upstream, path, message):
      "duplicate target '127.0.0.1:8080' (first at upstreams[0].targets[0].target)"),
     ({"target": "b:1", "weight": 70000}, "upstreams[0].targets[1].weight",
      "weight must be 0..65535, found 70000"),
+    ({"target": "b:1", "priority": 256}, "upstreams[0].targets[1].priority",
+     "priority must be 0..255, found 256"),
     ({"weight": 1}, "upstreams[0].targets[1]", "missing required field 'target'"),
     ({"target": "b:1", "wieght": 1}, "upstreams[0].targets[1].wieght",
      "unknown field 'wieght' (did you mean 'weight'?)"),

@@ -44,6 +44,7 @@ cdef class Target:
     cdef readonly str host
     cdef readonly int port
     cdef readonly int weight             # 0: never picked
+    cdef readonly int priority           # tier, lower first (Balancer._rebuild)
     cdef readonly int index              # position in Balancer.targets
     cdef public object pool              # set by the plan compiler: Pool for host:port
     cdef readonly int in_flight          # begin() +1, end() -1
@@ -72,6 +73,8 @@ cdef class Balancer:
     cdef Py_ssize_t n_eligible
     cdef readonly bint fail_open         # on_all_unhealthy: open
     cdef readonly bint failing_open      # no healthy target and fail_open: picking among all
+    cdef readonly int active_priority    # the tier the pick set is from (-1: none)
+    cdef bint tiered                     # targets of more than one priority
     # round-robin: one precomputed smooth-WRR cycle over the pick set, or live smooth WRR
     cdef int* schedule
     cdef Py_ssize_t sched_cap
@@ -107,7 +110,8 @@ cdef class Balancer:
     cdef int64_t fake_now                # < 0: real clock
 
     # A target for this request, or None when there is none (caller answers 503). `exclude` (or None)
-    # is avoided when another pickable target exists (retries); key is used by consistent hashing
+    # is avoided when another pickable target exists (retries; with priority tiers a retry goes to
+    # a healthy target of a later tier when there is one); key is used by consistent hashing
     # only (key_len 0: round-robin fallback). Picking a HALF_OPEN target makes it the probe.
     cdef Target pick(self, const char* key, Py_ssize_t key_len, Target exclude)
     # The request is being sent to t.
@@ -134,3 +138,4 @@ cdef class Balancer:
     cdef int _pick_lc(self, int ex) noexcept
     cdef int _pick_hash(self, const char* key, Py_ssize_t key_len, int ex) noexcept
     cdef int _pick_p2c(self, int ex) noexcept
+    cdef int _next_tier(self, int ex) noexcept

@@ -145,12 +145,15 @@ def request_hash_key(str hash_on, str name=None, bytes client_ip=b"", bytes path
 # --- targets ------------------------------------------------------------------------------------
 
 cdef class Target:
-    def __init__(self, str host, int port, int weight=100, int index=0):
+    def __init__(self, str host, int port, int weight=100, int index=0, int priority=0):
         if weight < 0:
             raise ValueError("weight must be >= 0")
+        if priority < 0:
+            raise ValueError("priority must be >= 0")
         self.host = host
         self.port = port
         self.weight = weight
+        self.priority = priority
         self.index = index
         self.pool = None
         self.active_ok = True
@@ -166,7 +169,8 @@ cdef class Target:
         return STATE_NAMES[self.state]
 
     def __repr__(self):
-        return f"<Target {self.address} weight={self.weight} {self.state_name}>"
+        return (f"<Target {self.address} weight={self.weight} priority={self.priority} "
+                f"{self.state_name}>")
 
 
 # --- the balancer -------------------------------------------------------------------------------
@@ -194,7 +198,8 @@ cdef class Balancer:
                  bint fail_open=False, max_connections=0, max_pending=0, max_requests=0,
                  seed=None, double ewma_decay=10.0, double failure_penalty=1.0,
                  int vnodes=DEFAULT_VNODES, Py_ssize_t schedule_cap=DEFAULT_SCHEDULE_CAP):
-        """targets: (host, port, weight) tuples or objects with .host/.port/.weight.
+        """targets: (host, port[, weight[, priority]]) tuples or objects with .host/.port/
+        .weight (and .priority, else 0).
 
         Durations are seconds. seed: the p2c RNG seed (None: random). Passive thresholds of 0
         disable that kind of ejection.
@@ -210,18 +215,22 @@ cdef class Balancer:
             self.algorithm = int(algorithm)
         built = []
         seen = set()
+        priorities = set()
         for i, spec in enumerate(targets):
-            if isinstance(spec, Target):
-                host, port, weight = spec.host, spec.port, spec.weight
-            elif isinstance(spec, tuple):
-                host, port, weight = spec if len(spec) == 3 else (spec[0], spec[1], 100)
+            if isinstance(spec, tuple):
+                host, port = spec[0], spec[1]
+                weight = spec[2] if len(spec) > 2 else 100
+                priority = spec[3] if len(spec) > 3 else 0
             else:
                 host, port, weight = spec.host, spec.port, spec.weight
+                priority = getattr(spec, "priority", 0)
             if (host, port) in seen:
                 raise ValueError(f"duplicate target {host}:{port}")
             seen.add((host, port))
-            built.append(Target(host, port, weight, i))
+            built.append(Target(host, port, weight, i, priority))
+            priorities.add(priority)
             total += weight
+        self.tiered = len(priorities) > 1
         self.targets = tuple(built)
         self.n = len(built)
         n = max(self.n, 1)
@@ -295,7 +304,8 @@ cdef class Balancer:
             max_requests=breaker.max_requests if breaker else 0,
             seed=seed)
         options.update(overrides)
-        return cls(upstream.name, [(t.host, t.port, t.weight) for t in upstream.targets],
+        return cls(upstream.name,
+                   [(t.host, t.port, t.weight, t.priority) for t in upstream.targets],
                    upstream.algorithm, **options)
 
     # --- clock ---------------------------------------------------------------------------------
@@ -317,17 +327,25 @@ cdef class Balancer:
     # --- pick set ------------------------------------------------------------------------------
 
     cdef void _rebuild(self) noexcept:
-        """Recompute healthy flags, the pick set and the round-robin cycle (health changed)."""
+        """Recompute healthy flags, the pick set and the round-robin cycle (health changed).
+
+        The pick set is the healthy targets of the lowest priority that has one: a tier takes
+        traffic only while every lower one has no healthy target (failing open: all tiers)."""
         cdef Py_ssize_t i, k, m = 0, steps
         cdef Target t
         cdef int64_t g = 0, total = 0, best_cw
-        cdef int best
+        cdef int best, tier = -1
         for i in range(self.n):
             t = (<Target>self.tp[i])
             t.healthy = t.weight > 0 and t.active_ok and (
                 t.state == STATE_HEALTHY or t.state == STATE_HALF_OPEN)
-            t.pickable = t.healthy
-            if t.healthy:
+            if t.healthy and (tier < 0 or t.priority < tier):
+                tier = t.priority
+        self.active_priority = tier
+        for i in range(self.n):
+            t = (<Target>self.tp[i])
+            t.pickable = t.healthy and t.priority == tier
+            if t.pickable:
                 self.eligible[m] = <int>i
                 m += 1
         self.failing_open = False
@@ -549,6 +567,26 @@ cdef class Balancer:
             return ib
         return ia
 
+    cdef int _next_tier(self, int ex) noexcept:
+        """For a retry after `ex`: a healthy target of a later tier than the pick set's (the
+        lowest priority, then the fewest in flight), -1 when there is none. Its tier's targets
+        may all be failing without being ejected yet (a zone going down): retrying there could
+        spend every attempt on them."""
+        cdef Py_ssize_t i
+        cdef int best = -1
+        cdef Target t, b
+        for i in range(self.n):
+            t = (<Target>self.tp[i])
+            if i == ex or not t.healthy or t.pickable:
+                continue
+            if best < 0:
+                best = <int>i
+                continue
+            b = (<Target>self.tp[best])
+            if t.priority < b.priority or (t.priority == b.priority and t.in_flight < b.in_flight):
+                best = <int>i
+        return best
+
     # --- the contract --------------------------------------------------------------------------
 
     cdef Target pick(self, const char* key, Py_ssize_t key_len, Target exclude):
@@ -562,7 +600,12 @@ cdef class Balancer:
         if exclude is not None and exclude.index < self.n and \
                 self.tp[exclude.index] == <PyObject*>exclude:
             ex = exclude.index
-        if self.algorithm == ALG_P2C_EWMA:
+        i = -1
+        if ex >= 0 and self.tiered:
+            i = self._next_tier(ex)              # a retry: another failure domain when there is one
+        if i >= 0:
+            pass
+        elif self.algorithm == ALG_P2C_EWMA:
             i = self._pick_p2c(ex)
         elif self.algorithm == ALG_LEAST_CONN:
             i = self._pick_lc(ex)
@@ -777,6 +820,7 @@ cdef class Balancer:
                 "upstream": self.name,
                 "target": t.address,
                 "weight": t.weight,
+                "priority": t.priority,
                 "healthy": bool(t.healthy),
                 "active": "healthy" if t.active_ok else "unhealthy",
                 "passive": STATE_NAMES[t.state],
@@ -797,7 +841,7 @@ cdef class Balancer:
                 "connections": self.connections, "pending": self.pending,
                 "rejected": self.rejected, "no_target": self.no_target,
                 "healthy_targets": sum(1 for t in self.targets if t.healthy),
-                "targets": len(self.targets)}
+                "targets": len(self.targets), "active_priority": self.active_priority}
 
     def __repr__(self):
         return f"<Balancer {self.name} {self.algorithm_name} targets={len(self.targets)}>"

@@ -6,7 +6,8 @@ upstreams:
     algorithm: round-robin        # round-robin | least-connections | consistent-hashing | p2c-ewma
     hash_on: header               # consistent-hashing only: ip (default) | header | cookie | path | query_arg
     hash_on_header: x-user-id     # with hash_on: header (hash_on_cookie / hash_on_query_arg likewise)
-    targets: [{target: "10.0.0.1:8080", weight: 100}]      # port defaults to 80, weight to 100
+    targets: [{target: "10.0.0.1:8080", weight: 100},      # port defaults to 80, weight to 100
+              {target: "10.0.9.1:8080", priority: 1}]      # tier 1: only while no tier-0 is healthy
     # a host name target is resolved by DNS (A/AAAA, TTL honoured); "_http._tcp.orders.internal"
     # (no port) is an SRV name: hosts, ports and weights come from DNS (docs/discovery.md)
     targets_file: targets.yaml    # optional: more targets, re-read on change (fastmesh.discovery)
@@ -28,6 +29,9 @@ Semantics the rest of the code relies on:
 - active `healthy.http_statuses` empty means "any 2xx or 3xx"; any other status is an HTTP failure;
   an `unhealthy` threshold of 0 disables that kind of failure;
 - an upstream needs `targets` (or top-level targets naming it) or a `targets_file`;
+- `priority` (0..255, default 0) makes tiers: the balancer picks among the healthy targets of
+  the lowest priority that has one, and a retry goes to a later tier when it has a healthy one
+  (failing open: all tiers);
 - an SRV target is stored with port 0 (its ports come from DNS); see fastmesh.discovery;
 - a relative `targets_file` is relative to the config file's directory (stored absolute);
 - a service whose `host` equals an upstream's name is balanced over it (`Service.upstream`);
@@ -55,8 +59,9 @@ ON_ALL_UNHEALTHY = ("fail", "open")
 UPSTREAM_FIELDS = ("name", "algorithm", "hash_on", "hash_on_header", "hash_on_cookie",
                    "hash_on_query_arg", "targets", "healthchecks", "on_all_unhealthy",
                    "circuit_breaker", "targets_file")
-TARGET_FIELDS = ("target", "weight")
-TOP_TARGET_FIELDS = ("upstream", "target", "weight")
+TARGET_FIELDS = ("target", "weight", "priority")
+TOP_TARGET_FIELDS = ("upstream", "target", "weight", "priority")
+MAX_PRIORITY = 255
 HEALTHCHECK_FIELDS = ("active", "passive")
 ACTIVE_FIELDS = ("path", "interval", "timeout", "healthy", "unhealthy")
 ACTIVE_HEALTHY_FIELDS = ("successes", "http_statuses")
@@ -73,6 +78,8 @@ class Target:
     host: str                           # lower-case name, IPv4, or IPv6 without brackets
     port: int
     weight: int = 100                   # 0..65535; 0 = never picked
+    priority: int = 0                   # 0..255, lower first: a tier with no healthy target
+                                        # hands its traffic to the next (failover, nginx `backup`)
 
     @property
     def address(self) -> str:
@@ -296,6 +303,7 @@ def target_address(value: object) -> tuple[str, int]:
 def add_target(fields: Fields, targets: list[Target], seen: dict[tuple[str, int], str]) -> None:
     address = fields.value("target", target_address, required=True)
     weight = fields.value("weight", integer(0, 65535, "weight"), 100)
+    priority = fields.value("priority", integer(0, MAX_PRIORITY, "priority"), 0)
     if address is None:
         return
     if address in seen:
@@ -304,7 +312,7 @@ def add_target(fields: Fields, targets: list[Target], seen: dict[tuple[str, int]
                                                f"(first at {seen[address]})")
         return
     seen[address] = fields.at("target")
-    targets.append(Target(address[0], address[1], weight))
+    targets.append(Target(address[0], address[1], weight, priority))
 
 
 def read_top_targets(top: Fields, upstreams: list[Upstream], where: dict[str, int],
@@ -323,6 +331,7 @@ def read_top_targets(top: Fields, upstreams: list[Upstream], where: dict[str, in
         if owner is None:
             fields.value("target", target_address)   # still report a bad address
             fields.value("weight", integer(0, 65535, "weight"))
+            fields.value("priority", integer(0, MAX_PRIORITY, "priority"))
             continue
         index = where[owner.lower()]
         targets = list(upstreams[index].targets)

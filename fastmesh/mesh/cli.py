@@ -137,7 +137,13 @@ def add_parser(sub) -> None:
     p.add_argument("--advertise", type=_checked(_address, "address"), metavar="HOST:PORT",
                    help="address registered for this instance (default: the inbound listener's; "
                         "when it listens on all interfaces, this host's primary address)")
-    p.add_argument("--zone", default="", metavar="ZONE", help="registered with the instance")
+    p.add_argument("--zone", default="", metavar="ZONE",
+                   help="registered with the instance; the app's calls go to instances of this "
+                        "zone first (see --locality)")
+    p.add_argument("--locality", choices=("zone", "off"), default="zone",
+                   help="zone (default, with --zone): a destination's instances in this zone "
+                        "take its calls, the others only while none of those is healthy; "
+                        "off: all instances alike")
     p.add_argument("--version", dest="instance_version", default="", metavar="VERSION",
                    help="the app's version, registered with the instance")
     p.add_argument("--weight", type=_checked(_weight, "weight"), default=100, metavar="N",
@@ -206,6 +212,7 @@ def main(args) -> int:
     if getattr(args, "mesh_main", None) is not None:      # `fastmesh mesh ...` (see status.py)
         return args.mesh_main(args)
     from fastmesh.mesh.registry import instance_id
+    from fastmesh.mesh.routes import MeshPolicy
     from fastmesh.mesh.sidecar import SidecarOptions, run_sidecar
     if args.instance_id is not None:
         try:
@@ -230,5 +237,6 @@ def main(args) -> int:
         destinations=args.destinations, destinations_idle=args.destinations_idle,
         mtls=args.mtls or ("permissive" if args.tls_dir or args.ca_url else "disabled"),
         tls_dir=args.tls_dir, ca_url=args.ca_url, ca_token=args.ca_token,
-        authz_file=args.policy)
+        authz_file=args.policy,
+        policy=MeshPolicy(local_zone=args.zone if args.locality == "zone" else ""))
     return run_sidecar(options)

@@ -5,7 +5,8 @@
   inbound Gateway matches routes' hosts against the request's source service (see "Caller
   services" below), so each route's counters are one caller's;
 - outbound: per service known to the registry, an upstream over its instances (p2c-ewma,
-  passive health: 5xx, failures and timeouts eject an instance for a while) and a route by host
+  passive health: 5xx, failures and timeouts eject an instance for a while; with a zone,
+  instances of the caller's zone first: `zone_priorities`) and a route by host
   name: the service's, and its instances' hosts (a call to `http://10.0.0.5:8080/`, redirected
   by interception, is balanced over that instance's service); plus a catch-all route whose
   plugin answers 503 naming the unknown service. With mTLS on (fastmesh.mesh.mtls), services
@@ -53,6 +54,7 @@ class MeshPolicy:
     eject_timeouts: int = 3
     ejection_time: float = 10.0
     eject_statuses: tuple[int, ...] = (502, 503, 504)
+    local_zone: str = ""                # zone-aware: this zone's instances first ("" = none)
 
 
 def _gateway(limits: dict | None = None) -> dict:
@@ -175,6 +177,16 @@ def use_mtls(instances) -> tuple[bool, tuple]:
     return (False, plain) if plain else (True, tuple(instances))
 
 
+def zone_priorities(instances, zone: str) -> list[int]:
+    """Each instance's balancing tier for a caller in `zone`: 0 for that zone's instances, 1 for
+    the others, which then take traffic only while none of the zone's is healthy (the
+    balancer's priority tiers: ejection, active health and weight 0 all count). All 0 when
+    `zone` is "" or no instance is in it."""
+    if not zone or not any(i.zone == zone for i in instances):
+        return [0] * len(instances)
+    return [0 if i.zone == zone else 1 for i in instances]
+
+
 def outbound_document(view: View, policy: MeshPolicy = MeshPolicy(),
                       tls: MeshTLSFiles | None = None, outbound=None,
                       only: frozenset[str] | None = None) -> dict:
@@ -194,14 +206,14 @@ def outbound_document(view: View, policy: MeshPolicy = MeshPolicy(),
         # Two registrations of one address (a restarted instance under a new id, before the
         # old key expires) are one target: the first by id keeps it.
         targets = {}
-        for instance in instances:
-            targets.setdefault(instance.address, instance.weight)
+        for instance, priority in zip(instances, zone_priorities(instances, policy.local_zone)):
+            targets.setdefault(instance.address, (instance.weight, priority))
         if not targets:
             continue
         upstreams.append({
             "name": name, "algorithm": policy.algorithm,
-            "targets": [{"target": address, "weight": weight}
-                        for address, weight in targets.items()],
+            "targets": [{"target": address, "weight": weight, "priority": priority}
+                        for address, (weight, priority) in targets.items()],
             "healthchecks": {"passive": {
                 "unhealthy": {"http_statuses": list(policy.eject_statuses),
                               "failures": policy.eject_failures,
