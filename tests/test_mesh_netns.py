@@ -322,6 +322,26 @@ def test_call_chain_through_interception_by_name_and_by_instance_address(mesh):
         assert reader.readline() == b"hello from c1\n"
         sock.sendall(b"more\n")
         assert reader.readline() == b"c1 more\n"
+        reader.close()                  # (its reference keeps the socket open past `with`)
+    # Counted on both sides: c1's inbound relayed the three opaque connections, a's outbound
+    # those and the call to example.org; bytes as the relays carried them.
+    def opaque(pod, direction: str) -> dict:
+        return mesh.admin(pod, "/status")[1]["opaque_tcp"][direction]
+
+    wait_until(lambda: opaque(a, "outbound")["active"] == 0 == opaque(c, "inbound")["active"],
+               5, "the relays never closed")
+    inbound, outbound = opaque(c, "inbound"), opaque(a, "outbound")
+    assert inbound == {"relayed": 3, "active": 0, "connect_failures": 0,
+                       "bytes_to_destination": 5 + 800_000 + 5,
+                       "bytes_from_destination": 8 + 1_100_000 + 14 + 8}, inbound
+    assert (outbound["relayed"], outbound["connect_failures"]) == (4, 0), outbound
+    for flow in ("bytes_to_destination", "bytes_from_destination"):
+        assert outbound[flow] > inbound[flow], outbound     # plus the example.org exchange
+    metrics = mesh.net.exec_in(a, [sys.executable, "-c", (
+        "import urllib.request; print(urllib.request.urlopen("
+        "'http://127.0.0.1:15000/metrics', timeout=5).read().decode())")])
+    assert 'fastmesh_mesh_opaque_connections_total{direction="outbound",outcome="relayed"} 4' \
+        in metrics, metrics[-1500:]
 
 
 @needs_netns

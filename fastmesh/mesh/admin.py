@@ -8,7 +8,7 @@ Served by fastmesh.admin's connection handling (`AdminProtocol`) with this reque
 | GET | /ready | 200 when both listeners are up and the registry view was loaded, else 503 |
 | GET | /status | the instance, both listeners (requests, statuses, upstream health), registry |
 | GET | /registry | the registry view: every service and its instances |
-| GET | /metrics | Prometheus text: requests per (source, destination, status class), histograms; mTLS handshakes, certificate expiry, authorization decisions |
+| GET | /metrics | Prometheus text: requests per (source, destination, status class), histograms; mTLS handshakes, certificate expiry, authorization decisions; opaque TCP relayed (interception) |
 | GET | /stats | the same as JSON, histograms with their log-linear buckets (mergeable) |
 
 East-west metrics come from the listeners' per-route counters (fastmesh.metrics), which the
@@ -75,7 +75,8 @@ class SidecarAdmin:
 
     def metrics(self) -> Answer:
         return Answer(200, render_pairs(service_pairs(self.sidecar))
-                      + render_security(self.sidecar), content_type=PROMETHEUS)
+                      + render_security(self.sidecar) + render_opaque(self.sidecar),
+                      content_type=PROMETHEUS)
 
     def stats(self) -> Answer:
         sidecar = self.sidecar
@@ -190,3 +191,31 @@ def render_security(sidecar) -> str:
         w.sample("fastmesh_mesh_authorization_decisions_total", found.denied,
                  destination=service, decision="denied")
     return w.text() if w.lines else ""
+
+
+def render_opaque(sidecar) -> str:
+    """Opaque TCP relayed under interception, per direction (nothing without interception)."""
+    found = sidecar.opaque_status()
+    if not found:
+        return ""
+    w = _Writer()
+    w.family("fastmesh_mesh_opaque_connections_total", "counter",
+             "Intercepted connections that were not HTTP for the mesh, by outcome: relayed as "
+             "TCP, or the connect to their destination failed.")
+    for direction, counts in found.items():
+        w.sample("fastmesh_mesh_opaque_connections_total", counts["relayed"],
+                 direction=direction, outcome="relayed")
+        w.sample("fastmesh_mesh_opaque_connections_total", counts["connect_failures"],
+                 direction=direction, outcome="connect_failed")
+    w.family("fastmesh_mesh_opaque_active_connections", "gauge",
+             "Opaque TCP connections being relayed now.")
+    for direction, counts in found.items():
+        w.sample("fastmesh_mesh_opaque_active_connections", counts["active"], direction=direction)
+    w.family("fastmesh_mesh_opaque_bytes_total", "counter",
+             "Bytes relayed as opaque TCP, to the destination and back from it.")
+    for direction, counts in found.items():
+        w.sample("fastmesh_mesh_opaque_bytes_total", counts["bytes_to_destination"],
+                 direction=direction, flow="to_destination")
+        w.sample("fastmesh_mesh_opaque_bytes_total", counts["bytes_from_destination"],
+                 direction=direction, flow="from_destination")
+    return w.text()

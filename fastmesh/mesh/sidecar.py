@@ -136,6 +136,7 @@ class Sidecar:
         self.hosts: frozenset[str] = frozenset()     # what the outbound routes match (intercept)
         self.relays: set = set()                     # open opaque TCP relays (intercept)
         self.inbound_ipv6 = None                     # mTLS + intercept: the IPv6 twin listener
+        self.opaque: dict = {}                       # intercept: direction -> StreamStats
         self.tls = None                              # a fastmesh.mesh.mtls.MeshTLS when on
         self.callers: frozenset[str] = frozenset()   # inbound: the services it has routes for
         self.authz: dict | None = None               # the policy file: service -> rules
@@ -177,6 +178,8 @@ class Sidecar:
         from fastmesh.mesh import unknown_service
         unknown_service.serve(self)         # the catch-all asks `activate` for known services
         if opts.intercept:
+            from fastmesh.streams import StreamStats
+            self.opaque = {"outbound": StreamStats(), "inbound": StreamStats()}
             self.hosts = mesh_hosts(self.registry.view())
             if self.tls is None:
                 await self._intercept(self.inbound, self._inbound_target)
@@ -242,7 +245,7 @@ class Sidecar:
         if self.options.intercept:
             plain = self._detector(gateway, self._inbound_target)
             # Silent through the peek: the detect timeout has been waited once already.
-            silent = self._detector(gateway, self._inbound_target, timeout=0.0)
+            silent = self._detector(gateway, self._inbound_target, 0.0)
             if self.options.opaque_ports:
                 opaque = self._dialled_opaque_port
             detect = self.options.detect_timeout
@@ -348,7 +351,8 @@ class Sidecar:
         from fastmesh.mesh.transparent import Detector
         opts = self.options
         wait = opts.detect_timeout if timeout is None else timeout
-        return lambda: Detector(gateway, target, self.relays, opts.opaque_ports, wait)
+        stats = self.opaque["inbound" if target == self._inbound_target else "outbound"]
+        return lambda: Detector(gateway, target, self.relays, opts.opaque_ports, wait, stats)
 
     def _dialled_opaque_port(self, sock) -> bool:
         """Whether a redirected connection was dialled to one of the --opaque-ports."""
@@ -512,8 +516,16 @@ class Sidecar:
             "registry": {k: v for k, v in self.registry.state().items() if k != "services"}
             if self.registry else None,
             "mtls": self.tls.status() if self.tls is not None else {"mode": "disabled"},
+            "opaque_tcp": self.opaque_status(),
             "authorization": self.authz_status(),
         }
+
+    def opaque_status(self) -> dict | None:
+        """Opaque TCP relayed per direction (interception only; None without it)."""
+        if not self.opaque:
+            return None
+        from fastmesh.mesh.transparent import relay_counts
+        return {side: relay_counts(stats, self.relays) for side, stats in self.opaque.items()}
 
     def authz_status(self) -> dict:
         from fastmesh.plugins.mesh_authorization import decisions

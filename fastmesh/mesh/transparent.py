@@ -12,7 +12,8 @@ pods' at the inbound one, redirected by iptables. A `Detector` takes each new co
   accepted it; nothing in Python stays on the request path afterwards;
 - anything else is relayed as opaque TCP to the original destination (outbound) or to the app's
   port that was asked for (inbound), by the project's one TCP relay (fastmesh.streams.Relay:
-  flow control and half-close as for `streams`; no idle timeout here).
+  flow control and half-close as for `streams`; no idle timeout here), counted per side
+  (`relay_counts`: the sidecar's /status and /metrics).
 
 On the outbound side, "HTTP for the mesh" means that the Host header (or the absolute-form
 target) names a service or an instance host of the registry view (the sidecar decides, see
@@ -89,8 +90,10 @@ class Detector(asyncio.Protocol):
     """
 
     def __init__(self, gateway, route: Callable, relays: set,
-                 opaque_ports: frozenset = frozenset(), timeout: float = DETECT_TIMEOUT):
+                 opaque_ports: frozenset = frozenset(), timeout: float = DETECT_TIMEOUT,
+                 stats=None):
         self.gateway = gateway
+        self.stats = stats              # a fastmesh.streams.StreamStats: this side's relays
         self.route = route
         self.relays = relays
         self.opaque_ports = opaque_ports
@@ -167,10 +170,12 @@ class Detector(asyncio.Protocol):
 
     async def _relay(self, target: tuple[str, int], http: bool) -> None:
         downstream = self.transport
-        relay = Relay(downstream, self.relays)
+        relay = Relay(downstream, self.relays, self.stats)
         try:
             await relay.connect(*target, CONNECT_TIMEOUT)
         except (OSError, asyncio.TimeoutError) as exc:
+            if self.stats is not None:
+                self.stats.connect_failures += 1
             reason = getattr(exc, "strerror", None) or "connect timed out"
             print(f"fastmesh sidecar: cannot relay to {target[0]}:{target[1]}: {reason}",
                   file=sys.stderr, flush=True)
@@ -185,7 +190,19 @@ class Detector(asyncio.Protocol):
         if downstream.is_closing():
             relay.server.transport.close()
             return
+        if self.stats is not None:
+            self.stats.accepted += 1
         relay.start(bytes(self.buffer), self.eof)
+
+
+def relay_counts(stats, relays: set) -> dict:
+    """One side's opaque TCP: connections relayed (and open now), failed connects, and bytes
+    each way, those of open relays included."""
+    live = [r for r in relays if r.stats is stats]
+    return {"relayed": stats.accepted, "active": len(live),
+            "connect_failures": stats.connect_failures,
+            "bytes_to_destination": stats.bytes_in + sum(r.client.received for r in live),
+            "bytes_from_destination": stats.bytes_out + sum(r.server.received for r in live)}
 
 
 def close_relays(relays: set) -> None:
