@@ -193,29 +193,31 @@ def render_security(sidecar) -> str:
     return w.text() if w.lines else ""
 
 
+# (family, type, help, [(key in relay_counts, label name, label value)])
+OPAQUE_FAMILIES = (
+    ("fastmesh_mesh_opaque_connections_total", "counter",
+     "Intercepted connections that were not HTTP for the mesh, by outcome: relayed as TCP, or "
+     "the connect to their destination failed.",
+     (("relayed", "outcome", "relayed"), ("connect_failures", "outcome", "connect_failed"))),
+    ("fastmesh_mesh_opaque_active_connections", "gauge",
+     "Opaque TCP connections being relayed now.", (("active", None, None),)),
+    ("fastmesh_mesh_opaque_bytes_total", "counter",
+     "Bytes relayed as opaque TCP, to the destination and back from it.",
+     (("bytes_to_destination", "flow", "to_destination"),
+      ("bytes_from_destination", "flow", "from_destination"))),
+)
+
+
 def render_opaque(sidecar) -> str:
     """Opaque TCP relayed under interception, per direction (nothing without interception)."""
     found = sidecar.opaque_status()
     if not found:
         return ""
     w = _Writer()
-    w.family("fastmesh_mesh_opaque_connections_total", "counter",
-             "Intercepted connections that were not HTTP for the mesh, by outcome: relayed as "
-             "TCP, or the connect to their destination failed.")
-    for direction, counts in found.items():
-        w.sample("fastmesh_mesh_opaque_connections_total", counts["relayed"],
-                 direction=direction, outcome="relayed")
-        w.sample("fastmesh_mesh_opaque_connections_total", counts["connect_failures"],
-                 direction=direction, outcome="connect_failed")
-    w.family("fastmesh_mesh_opaque_active_connections", "gauge",
-             "Opaque TCP connections being relayed now.")
-    for direction, counts in found.items():
-        w.sample("fastmesh_mesh_opaque_active_connections", counts["active"], direction=direction)
-    w.family("fastmesh_mesh_opaque_bytes_total", "counter",
-             "Bytes relayed as opaque TCP, to the destination and back from it.")
-    for direction, counts in found.items():
-        w.sample("fastmesh_mesh_opaque_bytes_total", counts["bytes_to_destination"],
-                 direction=direction, flow="to_destination")
-        w.sample("fastmesh_mesh_opaque_bytes_total", counts["bytes_from_destination"],
-                 direction=direction, flow="from_destination")
+    for name, kind, help_text, samples in OPAQUE_FAMILIES:
+        w.family(name, kind, help_text)
+        for direction, counts in found.items():
+            for key, label, value in samples:
+                w.sample(name, counts[key], direction=direction,
+                         **({label: value} if label else {}))
     return w.text()
