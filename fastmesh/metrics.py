@@ -240,7 +240,7 @@ class UpstreamStats:
 class Aggregate:
     """Snapshots of all workers merged into one view (plus workers that are gone)."""
 
-    COUNTERS = ("requests", "local_responses")
+    COUNTERS = ("requests", "local_responses", "send_timeouts")
 
     def __init__(self):
         self.gone_routes: dict[tuple[str, str], _Accum] = {}
@@ -497,6 +497,9 @@ def render(merged: dict, info: dict) -> str:
     w.family("fastmesh_local_responses_total", "counter",
              "Responses the gateway answered itself (no route, bad request, upstream errors).")
     w.sample("fastmesh_local_responses_total", merged["local_responses"])
+    w.family("fastmesh_client_send_timeouts_total", "counter",
+             "Client connections cut off for accepting no response bytes for send_timeout.")
+    w.sample("fastmesh_client_send_timeouts_total", merged["send_timeouts"])
     w.family("fastmesh_responses_total", "counter",
              "Responses to clients by status class, routed or not ('none': no response sent).")
     for cls in STATUS_CLASSES:

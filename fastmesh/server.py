@@ -177,6 +177,7 @@ class Worker:
             max_head_size=limits.max_head_size, max_line_size=limits.max_line_size,
             max_headers=limits.max_headers, header_timeout=limits.header_timeout,
             body_timeout=limits.body_timeout, keepalive_timeout=limits.keepalive_timeout,
+            send_timeout=limits.send_timeout,
             max_requests_per_connection=limits.max_requests_per_connection,
             max_connections=limits.max_connections,
             max_response_head_size=limits.max_response_head_size,
@@ -309,6 +310,7 @@ class Worker:
             "index": self.index, "pid": os.getpid(), "version": self.version,
             "started": self.started, "connections": stats["connections"],
             "requests": stats["requests"], "local_responses": stats["local_responses"],
+            "send_timeouts": stats["send_timeouts"],
             "status": stats["status"],
         }
         if self.streams is not None and self.streams.listeners:

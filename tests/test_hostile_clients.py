@@ -160,8 +160,8 @@ def test_idle_connections_up_to_the_limit_do_not_lock_out_a_client(echo, gateway
     assert_served_well(good)
 
 
-def big_upstream(size: int):
-    """/big answers `size` bytes; anything else answers 2 bytes."""
+def big_upstream(size: int, seen: list | None = None):
+    """/big answers `size` bytes; anything else answers 2 bytes. `seen` collects /big's paths."""
     body = b"x" * size
 
     def handler(conn, index):
@@ -173,11 +173,36 @@ def big_upstream(size: int):
                     return
                 buf += data
             head, _, buf = buf.partition(b"\r\n\r\n")
-            if b" /big " in head.split(b"\r\n")[0]:
+            line = head.split(b"\r\n")[0]
+            if line.startswith(b"GET /big"):
+                if seen is not None:
+                    seen.append(line.split()[1])
                 conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + body)
             else:
                 conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
     return handler
+
+
+def read_responses(sock: socket.socket, count: int, timeout: float = 20.0) -> list[tuple[int, int]]:
+    """Read `count` Content-Length responses off a blocking socket: [(status, body length)]."""
+    sock.settimeout(timeout)
+    buf = b""
+    out = []
+    while len(out) < count:
+        while b"\r\n\r\n" not in buf:
+            data = sock.recv(1 << 20)
+            assert data, f"closed after {len(out)} of {count} responses"
+            buf += data
+        head, _, buf = buf.partition(b"\r\n\r\n")
+        length = next(int(l.split(b":")[1]) for l in head.split(b"\r\n")
+                      if l.lower().startswith(b"content-length:"))
+        while len(buf) < length:
+            data = sock.recv(1 << 20)
+            assert data, f"closed inside response {len(out) + 1} of {count}"
+            buf += data
+        out.append((int(head[9:12]), length))
+        buf = buf[length:]
+    return out
 
 
 def test_a_client_that_never_reads_does_not_block_others(gateway):
@@ -204,6 +229,72 @@ def test_a_client_that_never_reads_does_not_block_others(gateway):
         for s in hogs:
             s.close()
         time.sleep(0.2)
+        assert asyncio.run(good_request(gw.port))[0] == 200
+    finally:
+        up.stop()
+
+
+def test_pipelined_requests_wait_while_a_client_reads_nothing_and_none_is_lost(gateway):
+    # Each response fits in one upstream read, so it ends in the very read that fills the
+    # client's buffer: the gateway must not go on to the next pipelined request until the
+    # client takes bytes again (it did once, and buffered every response of the pipeline).
+    n, size = 300, 48 * 1024
+    seen: list = []
+    up = ScriptedUpstream(big_upstream(size, seen))
+    try:
+        gw = gateway(route_all(up.url))
+        kernel = int(open("/proc/sys/net/ipv4/tcp_wmem").read().split()[2])   # send buffer max
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(("127.0.0.1", gw.port))
+        s.sendall(b"".join(b"GET /big/%d HTTP/1.1\r\nHost: x\r\n\r\n" % i for i in range(n)))
+        time.sleep(1.0)
+        forwarded = len(seen)
+        held = (kernel + 256 * 1024) // size + 2    # the kernel's share, the gateway's, in flight
+        assert forwarded <= min(held, n // 2), \
+            f"{forwarded} of {n} requests forwarded to a client reading nothing"
+        assert asyncio.run(good_request(gw.port))[0] == 200     # others are served meanwhile
+        answers = read_responses(s, n)
+        assert answers == [(200, size)] * n
+        assert seen == [b"/big/%d" % i for i in range(n)]      # each once, in order
+        s.close()
+    finally:
+        up.stop()
+
+
+def test_a_client_that_accepts_nothing_is_cut_off_after_send_timeout(gateway):
+    up = ScriptedUpstream(big_upstream(8 << 20))
+    try:
+        gw = gateway(route_all(up.url, send_timeout="1s"))
+        stalled = socket.socket()
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.connect(("127.0.0.1", gw.port))
+        stalled.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        slow = socket.create_connection(("127.0.0.1", gw.port))
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        slow.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        slow.settimeout(5)
+        t0 = time.monotonic()
+        got = 0
+        while time.monotonic() - t0 < 3.5:          # takes bytes slowly but steadily: kept
+            data = slow.recv(16384)
+            assert data, f"the slow reader was cut off after {got} bytes"
+            got += len(data)
+            time.sleep(0.25)
+        # The stalled one was closed: reading now gives what was buffered, then the end.
+        stalled.settimeout(5)
+        received = 0
+        while True:
+            try:
+                data = stalled.recv(1 << 20)
+            except ConnectionResetError:
+                break
+            if not data:
+                break
+            received += len(data)
+        assert received < 8 << 20
+        slow.close()
+        stalled.close()
         assert asyncio.run(good_request(gw.port))[0] == 200
     finally:
         up.stop()

@@ -60,6 +60,7 @@ cdef class Gateway:
     cdef double header_timeout
     cdef double body_timeout
     cdef double keepalive_timeout
+    cdef double send_timeout         # a client that accepts no response bytes this long is cut off
     cdef Py_ssize_t max_requests_per_connection
     cdef Py_ssize_t max_connections
     cdef object sweeper
@@ -67,6 +68,7 @@ cdef class Gateway:
     cdef readonly Py_ssize_t connections
     cdef readonly uint64_t requests
     cdef readonly uint64_t local_responses   # answered by the gateway itself (404, 4xx, 5xx)
+    cdef readonly uint64_t send_timeouts     # clients cut off for accepting no bytes (send_timeout)
     cdef uint64_t status_counts[6]
     cdef readonly bint draining
     cdef bint log_enabled            # collect one record per request (access log)
@@ -123,6 +125,8 @@ cdef class DownstreamProtocol:
     cdef object retry_timer
     cdef UpstreamProtocol up
     cdef bint up_read_paused         # pause_writing stopped reading `up`; undone before reuse
+    cdef bint write_paused           # the client's write buffer is over its high-water mark
+    cdef Py_ssize_t send_mark        # that buffer's size when the send deadline was armed
     cdef object pending_out          # request bytes waiting for the upstream connection
     cdef object replay               # the whole request, kept while it can be resent
     cdef bint replayed
@@ -181,6 +185,7 @@ cdef class DownstreamProtocol:
     cdef int _write_response_head(self, UpstreamProtocol up, const char* b) except -1
     cdef int _relay_body(self, object data, const char* p, Py_ssize_t off, Py_ssize_t n) except -1
     cdef int _response_done(self, bint upstream_reusable) except -1
+    cdef int _next_request(self) except -1
     cdef int _fail(self, int status, str message) except -1
     cdef void _end_target(self, int outcome, int status)
     cdef bint _choose_target(self, const char* b, Head* h) except -1
@@ -199,6 +204,7 @@ cdef class DownstreamProtocol:
     cdef void _trace_context(self, const char* b, Head* h)
     cdef void _detach_upstream(self, bint reusable)
     cdef void _set_deadline(self, double seconds, int kind)
+    cdef void _arm_send_deadline(self)
     # plugins
     cdef Py_ssize_t _forward(self, const char* b, Py_ssize_t consumed, Py_ssize_t avail,
                              Py_ssize_t mlen) except -1

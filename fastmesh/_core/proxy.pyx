@@ -74,6 +74,8 @@ cdef enum:
     D_CLOSED = 4
     D_PLUGIN = 5     # an access phase is waiting (e.g. on Redis): the request is held
     D_BUFFER = 6     # a plugin reads bodies: the request body is collected before access
+    D_DRAIN = 7      # a response ended with the client's write buffer full: the next request
+                     # waits until it drains (else a client that never reads grows it unbounded)
 
 # Reasons reading from the client is paused (bit set)
 cdef enum:
@@ -101,6 +103,7 @@ cdef enum:
     K_READ = 4       # upstream response progress
     K_WRITE = 5      # upstream accepting the request body
     K_BODY = 6       # client sending the request body
+    K_SEND = 7       # client accepting response bytes (its write buffer is full)
 
 # Why a request may be resent (RouteTarget.retry_mask holds the configured ones)
 cdef enum:
@@ -413,7 +416,8 @@ cdef class RouteTarget:
 cdef class Gateway:
     def __init__(self, loop, plan, *, int max_head_size=32768, int max_line_size=8192,
                  int max_headers=100, double header_timeout=10.0, double body_timeout=60.0,
-                 double keepalive_timeout=60.0, Py_ssize_t max_requests_per_connection=10000,
+                 double keepalive_timeout=60.0, double send_timeout=60.0,
+                 Py_ssize_t max_requests_per_connection=10000,
                  Py_ssize_t max_connections=16384, int max_response_head_size=65536):
         self.loop = loop
         limits_default(&self.limits)
@@ -427,6 +431,7 @@ cdef class Gateway:
         self.header_timeout = header_timeout
         self.body_timeout = body_timeout
         self.keepalive_timeout = keepalive_timeout
+        self.send_timeout = send_timeout
         self.max_requests_per_connection = max_requests_per_connection
         self.max_connections = max_connections
         self.log_records = []
@@ -537,6 +542,7 @@ cdef class Gateway:
             "connections": self.connections,
             "requests": self.requests,
             "local_responses": self.local_responses,
+            "send_timeouts": self.send_timeouts,
             "status": {f"{i}xx": self.status_counts[i] for i in range(6) if self.status_counts[i]},
         }
 
@@ -629,19 +635,31 @@ cdef class DownstreamProtocol:
 
     def pause_writing(self):
         # The client reads slower than the upstream sends: stop reading the upstream
-        # (and do not blame the upstream for the silence that follows).
+        # (and do not blame the upstream for the silence that follows); the client gets
+        # send_timeout to accept bytes again.
+        self.write_paused = True
         if self.up is not None and self.up.transport is not None:
             self.up.transport.pause_reading()
             self.up_read_paused = True
-            if self.dkind == K_READ:
-                self.dkind = K_NONE
+        if self.dkind == K_READ or self.dkind == K_NONE and self.state != D_TUNNEL:
+            self._arm_send_deadline()
 
     def resume_writing(self):
+        self.write_paused = False
         if self.up is not None and self.up.transport is not None:
             self.up.transport.resume_reading()
             self.up_read_paused = False
-            if self.dkind == K_NONE and self.state != D_TUNNEL:
+        if self.state == D_DRAIN:
+            self._next_request()
+        elif self.dkind == K_SEND or self.dkind == K_NONE and self.state != D_TUNNEL:
+            if self.up is not None:
                 self._set_deadline(self.route.read_timeout, K_READ)
+            else:
+                self.dkind = K_NONE
+
+    cdef void _arm_send_deadline(self):
+        self.send_mark = self.transport.get_write_buffer_size() if self.transport is not None else 0
+        self._set_deadline(self.gw.send_timeout, K_SEND)
 
     def header_values(self, bytes lower_name):
         """Values of a request header (router callback; only for routes with header rules)."""
@@ -676,8 +694,8 @@ cdef class DownstreamProtocol:
             if self.state == D_BUFFER:
                 buf_add(&self.ibuf, p + off, n - off)
                 return self._body_progress()
-            if self.state == D_WAIT or self.state == D_PLUGIN:
-                # The next pipelined request, before this response ended: hold it.
+            if self.state == D_WAIT or self.state == D_PLUGIN or self.state == D_DRAIN:
+                # The next pipelined request, before this response ended (or drained): hold it.
                 buf_add(&self.ibuf, p + off, n - off)
                 if self.ibuf.len > PIPELINE_MAX:
                     self._pause(P_PIPELINE)
@@ -1413,6 +1431,14 @@ cdef class DownstreamProtocol:
             self.state = D_CLOSED
             self.transport.close()
             return 0
+        if self.write_paused:
+            self.state = D_DRAIN
+            self._arm_send_deadline()
+            return 0
+        return self._next_request()
+
+    cdef int _next_request(self) except -1:
+        """Between requests: wait for the next one, or go on with one already buffered."""
         self.state = D_HEAD
         self._set_deadline(self.gw.keepalive_timeout, K_IDLE)
         self._resume(P_PIPELINE)
@@ -1513,12 +1539,12 @@ cdef class DownstreamProtocol:
                 self.state = D_CLOSED
                 self.transport.close()
             else:
-                self.state = D_HEAD
                 self._resume(P_CONNECT)
-                self._set_deadline(self.gw.keepalive_timeout, K_IDLE)
-                self._resume(P_PIPELINE)
-                if self.ibuf.len:
-                    self._process_buffered()
+                if self.write_paused:
+                    self.state = D_DRAIN
+                    self._arm_send_deadline()
+                else:
+                    self._next_request()
         elif self.transport is not None:
             self.state = D_CLOSED
             self.transport.close()
@@ -1850,6 +1876,9 @@ cdef class DownstreamProtocol:
             self.state = D_CLOSED
             self.dkind = K_NONE
             self.transport.close()
+        elif self.write_paused:
+            self.state = D_DRAIN        # the client reads nothing: answer no more until it does
+            self._arm_send_deadline()
         else:
             self.state = D_HEAD
             self._set_deadline(self.gw.keepalive_timeout, K_IDLE)
@@ -1867,6 +1896,19 @@ cdef class DownstreamProtocol:
                 self.transport.close()
         elif kind == K_IDLE:
             self.transport.close()
+        elif kind == K_SEND:
+            size = self.transport.get_write_buffer_size()
+            if size < self.send_mark:           # it did take bytes: give it another period
+                self.send_mark = size
+                self._set_deadline(self.gw.send_timeout, K_SEND)
+                return
+            self.gw.send_timeouts += 1
+            self.close_after = True
+            if self.up is not None:
+                self._end_target(OUTCOME_ABORTED, 0)
+                self._detach_upstream(False)
+            self.state = D_CLOSED
+            self.transport.abort()
         elif kind == K_CONNECT:
             if self.up is not None:
                 self._detach_upstream(False)

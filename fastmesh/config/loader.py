@@ -62,6 +62,7 @@ LIMIT_PARSERS = {
     "header_timeout": duration,
     "body_timeout": duration,
     "keepalive_timeout": duration,
+    "send_timeout": duration,
     "max_requests_per_connection": integer(0, None, "max_requests_per_connection"),
     "max_connections": integer(1, None, "max_connections"),
     "max_response_head_size": size(1024, "max_response_head_size"),

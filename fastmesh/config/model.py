@@ -20,6 +20,7 @@ class Limits:
     header_timeout: float = 10.0        # time to receive a whole request head -> 408
     body_timeout: float = 60.0          # longest silence while a request body arrives -> 408
     keepalive_timeout: float = 60.0     # idle client keep-alive connection is closed
+    send_timeout: float = 60.0          # a client that accepts no response bytes is cut off
     max_requests_per_connection: int = 10000   # then "Connection: close"; 0 = unlimited
     max_connections: int = 16384        # per worker; more are answered 503 and closed
     max_response_head_size: int = 65536 # upstream response head -> 502
