@@ -122,10 +122,15 @@ class Relay:
         self.done = False
         self.started = False
 
-    async def connect(self, host: str, port: int, timeout: float) -> None:
-        """Connect the server side; OSError or TimeoutError when it cannot."""
+    async def connect(self, host: str, port: int, timeout: float, tls: tuple | None = None) -> None:
+        """Connect the server side; OSError or TimeoutError when it cannot. `tls`: over mTLS
+        with these settings (fastmesh.mesh.opaque_mtls: the sidecars' opaque TCP)."""
         async with asyncio.timeout(timeout):
-            await self.loop.create_connection(lambda: self.server, host, port)
+            if tls is None:
+                await self.loop.create_connection(lambda: self.server, host, port)
+            else:
+                from fastmesh.mesh.opaque_mtls import connect
+                await connect(self.loop, self.server, host, port, tls, timeout)
 
     def start(self, initial: bytes = b"", eof: bool = False) -> None:
         """Relay from now on: the client's transport gets its Side; `initial` (bytes read before
@@ -222,7 +227,7 @@ class StreamStats:
     listener). Bytes are counted when a connection ends (see StreamListener.snapshot)."""
 
     __slots__ = ("accepted", "connect_failures", "no_target", "refused", "idle_closed",
-                 "bytes_in", "bytes_out")
+                 "bytes_in", "bytes_out", "mtls")
 
     def __init__(self):
         self.accepted = 0               # client connections accepted
@@ -232,6 +237,7 @@ class StreamStats:
         self.idle_closed = 0
         self.bytes_in = 0               # client -> server
         self.bytes_out = 0              # server -> client
+        self.mtls = 0                   # the sidecar's opaque TCP: relayed with mTLS on one side
 
 
 class Accepted(asyncio.Protocol):

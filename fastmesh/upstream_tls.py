@@ -214,6 +214,7 @@ class UpstreamTLS:
     client_key: str | None
     server_name: str
     peer_identity: str | None
+    alpn: tuple[str, ...] = tuple(ALPN_HTTP1)   # offered; the mesh's opaque TCP offers its own
 
 
 def settings_for(service) -> UpstreamTLS | None:
@@ -254,7 +255,8 @@ def context(settings: UpstreamTLS) -> ssl.SSLContext:
     # A peer identity to check replaces the host name check: mesh workload certificates carry
     # a SPIFFE URI SAN and no DNS name (the chain is still verified).
     by_identity = settings.peer_identity is not None
-    key = (settings.verify, settings.ca, settings.client_cert, settings.client_key, by_identity)
+    key = (settings.verify, settings.ca, settings.client_cert, settings.client_key, by_identity,
+           settings.alpn)
     cached = _contexts.get(key)
     if cached is not None:
         return cached.ctx
@@ -270,7 +272,7 @@ def context(settings: UpstreamTLS) -> ssl.SSLContext:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
     harden(ctx)
-    ctx.set_alpn_protocols(ALPN_HTTP1)
+    ctx.set_alpn_protocols(list(settings.alpn))
     if settings.client_cert:
         _load_chain(ctx, settings.client_cert, settings.client_key)
     _contexts[key] = _Cached(ctx, settings.ca, settings.client_cert, settings.client_key,

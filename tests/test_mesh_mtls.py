@@ -519,3 +519,60 @@ def test_rotation_under_load_has_no_errors_and_new_connections_see_the_new_cert(
     assert b.status()["mtls"]["rotations"] >= 1
     assert b.status()["mtls"]["last_error"] is None and a.status()["mtls"]["last_error"] is None
     print(f"requests through the chain during rotation: {results['ok']}, errors: 0")
+
+
+# -- opaque TCP over mTLS: the caller's identity check (fastmesh.mesh.opaque_mtls) ----------------
+
+def test_opaque_relay_over_mtls_checks_the_destination_identity_before_any_byte(ca, tmp_path):
+    # A server-first destination: what it sends right after the handshake must never reach the
+    # caller's app when the certificate names another service (only a valid chain).
+    import asyncio
+
+    from fastmesh.mesh.mtls import server_context
+    from fastmesh.mesh.opaque_mtls import OPAQUE_ALPN, Dialer, IdentityRejected, connect
+    from fastmesh.mesh.routes import MeshTLSFiles
+    caller = ca.issue("b", tmp_path / "b")
+    files = MeshTLSFiles(TD, str(caller / "ca.pem"), str(caller / "cert.pem"),
+                         str(caller / "key.pem"))
+
+    class Side(asyncio.Protocol):
+        def __init__(self):
+            self.data = b""
+            self.got = asyncio.Event()
+
+        def data_received(self, data):
+            self.data += data
+            self.got.set()
+
+    async def attempt(serving: str, wanted: str):
+        tls_dir = ca.issue(serving, tmp_path / serving)
+        ctx = server_context(str(tls_dir / "cert.pem"), str(tls_dir / "key.pem"), ca.root)
+        alpn = []
+
+        async def banner(reader, writer):
+            alpn.append(writer.get_extra_info("ssl_object").selected_alpn_protocol())
+            writer.write(b"banner from " + serving.encode())
+            await writer.drain()
+            await asyncio.sleep(0.5)
+            writer.close()
+
+        server = await asyncio.start_server(banner, "127.0.0.1", 0, ssl=ctx)
+        port = server.sockets[0].getsockname()[1]
+        side = Side()
+        try:
+            transport = await connect(asyncio.get_running_loop(), side, "127.0.0.1", port,
+                                      Dialer(files).dial(wanted), 5)
+        except IdentityRejected as exc:
+            await asyncio.sleep(0.2)            # anything the server sent would be here now
+            return str(exc), side.data, alpn
+        finally:
+            server.close()
+        await asyncio.wait_for(side.got.wait(), 5)
+        transport.close()
+        return None, side.data, alpn
+
+    rejected, data, _ = asyncio.run(attempt("x", "c"))
+    assert rejected == ("identity rejected: expected spiffe://example.org/svc/c, certificate "
+                        "has URI SAN spiffe://example.org/svc/x")
+    assert data == b""
+    assert asyncio.run(attempt("c", "c")) == (None, b"banner from c", [OPAQUE_ALPN])

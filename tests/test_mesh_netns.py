@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -193,6 +194,20 @@ class Mesh:
         return len(self.admin(pod, "/registry")[1].get("services", {}).get(service, ())) == count
 
 
+def read_to_end(sock, limit: int = 1 << 16) -> bytes:
+    """Everything until the peer's EOF (a reset counts as one)."""
+    data = b""
+    while len(data) < limit:
+        try:
+            chunk = sock.recv(4096)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 @pytest.fixture
 def mesh(tmp_path):
     netns.cleanup_stale()
@@ -331,7 +346,7 @@ def test_call_chain_through_interception_by_name_and_by_instance_address(mesh):
     wait_until(lambda: opaque(a, "outbound")["active"] == 0 == opaque(c, "inbound")["active"],
                5, "the relays never closed")
     inbound, outbound = opaque(c, "inbound"), opaque(a, "outbound")
-    assert inbound == {"relayed": 3, "active": 0, "connect_failures": 0,
+    assert inbound == {"relayed": 3, "active": 0, "mtls": 0, "connect_failures": 0, "refused": 0,
                        "bytes_to_destination": 5 + 800_000 + 5,
                        "bytes_from_destination": 8 + 1_100_000 + 14 + 8}, inbound
     assert (outbound["relayed"], outbound["connect_failures"]) == (4, 0), outbound
@@ -376,12 +391,18 @@ def test_opaque_ports_skip_protocol_detection_in_both_directions(mesh):
     assert mesh.admin(a, "/status")[1]["outbound"]["requests"] == before + 1
     assert mesh.admin(c, "/status")[1]["mtls"]["handshakes"]["plaintext"] >= 3
 
+    # a1 has no mTLS, so its opaque TCP is plaintext, which d1 refuses: a client-first
+    # protocol at its first byte; a server-first one (silent) once the peek gives up (strict
+    # mode peeks on opaque ports too: mesh callers send them a ClientHello).
     started = time.monotonic()
+    with mesh.net.connect(a, (d.address, 9000), timeout=10) as sock:
+        sock.sendall(b"ping\n")
+        assert read_to_end(sock) == b""              # closed by d1's strict inbound side
+    assert time.monotonic() - started < 1.5
     with mesh.net.connect(a, (d.address, 9001), timeout=10) as sock:
-        assert sock.recv(100) == b""                # closed by d1's strict inbound side
-    assert time.monotonic() - started < 2.0
+        assert read_to_end(sock) == b""
     refused = mesh.admin(d, "/status")[1]["mtls"]["handshakes"]["refused"]
-    assert refused["plaintext"] == 1 and refused["timeout"] == 0, refused
+    assert refused["plaintext"] == 1 and refused["timeout"] == 1, refused
 
     # A server-first protocol on a port NOT declared opaque, to a permissive inbound side: the
     # detect timeout (1 s for e1) is waited once, by the peek, not once more by the detector.
@@ -395,6 +416,66 @@ def test_opaque_ports_skip_protocol_detection_in_both_directions(mesh):
         sock.sendall(b"more\n")
         assert reader.readline() == b"e1 more\n"
     assert 0.9 < waited < 1.8, f"the banner took {waited:.2f}s (1 s expected: one detect wait)"
+
+
+@needs_netns
+def test_opaque_tcp_between_sidecars_is_mtls_checked_and_authorized(mesh, tmp_path):
+    # c1 is strict: before, opaque TCP to it was refused (sent in plaintext). Now the caller's
+    # sidecar wraps it in mTLS (ALPN fastmesh-tcp), checks c1's identity, and c1 authorizes
+    # the caller's identity for TCP: b may (a rule without methods), a may not (its rule is
+    # for GET only), a caller without mTLS never gets in.
+    ca = CA(mesh.workdir / "ca")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(json.dumps({"authorization": [
+        {"to": "c", "from": ["spiffe://example.org/svc/a"], "methods": ["GET"]},
+        {"to": "c", "from": ["spiffe://example.org/svc/b"]}]}))
+    opaque = ("--opaque-ports", "9001", "--detect-timeout", "4")
+
+    def tls(service: str, mode: str = "strict") -> tuple:
+        return ("--mtls", mode, "--tls-dir", str(ca.issue(service, mesh.workdir / f"{service}-tls")))
+
+    c = mesh.pod("c", "c1", sidecar_args=(*opaque, *tls("c"), "--policy", str(policy)))
+    e = mesh.pod("e", "e1", sidecar_args=(*opaque, *tls("e", "permissive")))
+    b = mesh.pod("b", "b1", sidecar_args=(*opaque, *tls("b")))
+    a = mesh.pod("a", "a1", sidecar_args=(*opaque, *tls("a")))
+    plain = mesh.pod("p", "p1", sidecar_args=opaque)
+    # Client-first, with half-close: b's app sends, shuts its side, reads to the end.
+    with mesh.net.connect(b, (c.address, 9000), timeout=10) as sock:
+        sock.sendall(b"ping\n")
+        sock.shutdown(socket.SHUT_WR)
+        assert read_to_end(sock) == b"c1 ping\n"
+    # Server-first on an opaque port (no sniffing on either side): the banner comes at once.
+    started = time.monotonic()
+    with mesh.net.connect(b, (c.address, 9001), timeout=10) as sock:
+        reader = sock.makefile("rb")
+        assert reader.readline() == b"hello from c1\n"
+        waited = time.monotonic() - started
+        sock.sendall(b"x" * 200_000 + b"\n")              # many TLS records each way
+        assert reader.readline() == b"c1 " + b"x" * 200_000 + b"\n"
+        reader.close()
+    assert waited < 2.0, f"the banner took {waited:.2f}s"
+    status = mesh.admin(c, "/status")[1]
+    assert status["opaque_tcp"]["inbound"]["mtls"] == 2, status["opaque_tcp"]
+    assert status["mtls"]["handshakes"]["tls"] >= 2
+    assert mesh.admin(b, "/status")[1]["opaque_tcp"]["outbound"]["mtls"] == 2
+    # a's identity is valid, but no rule allows it TCP; p1 has no certificate at all.
+    for caller in (a, plain):
+        with mesh.net.connect(caller, (c.address, 9000), timeout=10) as sock:
+            sock.sendall(b"ping\n")
+            assert read_to_end(sock) == b""
+    status = mesh.admin(c, "/status")[1]
+    assert status["opaque_tcp"]["inbound"]["refused"] == 1          # a (p1: no handshake)
+    assert status["mtls"]["handshakes"]["refused"]["plaintext"] == 1
+    assert status["authorization"]["decisions"] == {"allowed": 2, "denied": 1}
+    assert "opaque TCP from spiffe://example.org/svc/a to 'c' denied" in mesh.log("c1")
+    # A permissive destination: mTLS where it peeks, plaintext on its declared opaque port.
+    for port, line in ((9000, b"e1 ping\n"), (9001, b"hello from e1\n")):
+        with mesh.net.connect(a, (e.address, port), timeout=10) as sock:
+            if port == 9000:
+                sock.sendall(b"ping\n")
+            assert sock.makefile("rb").readline() == line
+    inbound = mesh.admin(e, "/status")[1]["opaque_tcp"]["inbound"]
+    assert (inbound["relayed"], inbound["mtls"]) == (2, 1), inbound
 
 
 @needs_netns

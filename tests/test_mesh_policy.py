@@ -104,3 +104,19 @@ def test_the_gateway_schema_checks_destination_settings(tmp_path):
         raise AssertionError("an invalid policy was accepted")
     assert f"{source}: services[0].retries" in text
     assert f"{source}: services[1].plugins[0]" in text and "no-such-plugin" in text
+
+
+def test_opaque_tcp_is_allowed_only_by_rules_without_methods_or_paths():
+    from fastmesh.plugins.mesh_authorization import allows_tcp
+    a, b = "spiffe://example.org/svc/a", "spiffe://example.org/svc/b"
+    assert allows_tcp([], None) and allows_tcp([], a)           # no rules: open
+    http_only = [{"from": [a], "methods": ["GET"], "paths": None},
+                 {"from": [a], "methods": None, "paths": ["/x"]}]
+    assert not allows_tcp(http_only, a)
+    assert allows_tcp(http_only + [{"from": [b], "methods": None, "paths": None}], b)
+    domain = [{"from": ["spiffe://example.org/*"], "methods": None, "paths": None}]
+    assert allows_tcp(domain, a) and not allows_tcp(domain, "spiffe://other.org/svc/a")
+    assert not allows_tcp(domain, None)                         # plaintext: no identity
+    authenticated = [{"from": None, "methods": None, "paths": None}]
+    assert allows_tcp(authenticated, a) and not allows_tcp(authenticated, None)
+    assert allows_tcp([{"from": ["*"], "methods": None, "paths": None}], None)

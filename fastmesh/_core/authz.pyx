@@ -27,6 +27,13 @@ cdef class Decisions:
     def as_dict(self):
         return {"allowed": self.allowed, "denied": self.denied}
 
+    def count(self, bint allowed):
+        """One decision made outside the HTTP data path (opaque TCP, fastmesh.mesh.opaque_mtls)."""
+        if allowed:
+            self.allowed += 1
+        else:
+            self.denied += 1
+
 
 cdef dict _decisions = {}
 

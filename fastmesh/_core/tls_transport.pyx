@@ -171,6 +171,7 @@ cdef class TLSTransport:
     cdef str server_hostname
     cdef double handshake_timeout
     cdef bint server_side, native, eof_seen, queued
+    cdef bint write_shut            # write_eof sent our close_notify: reading goes on
     cdef State state
     cdef void* ssl
     cdef void* rbio
@@ -424,7 +425,7 @@ cdef class TLSTransport:
     # -- the app's transport --------------------------------------------------------------------
     def write(self, data):
         cdef Py_buffer view
-        if self.state != OPEN:
+        if self.state != OPEN or self.write_shut:
             return
         if not self.native:
             self.c_sslobj.write(data)
@@ -460,10 +461,21 @@ cdef class TLSTransport:
         self.write(b"".join(list_of_data))
 
     def write_eof(self):
-        raise NotImplementedError("TLS has no half-close; close() sends close_notify")
+        """Half-close: our close_notify says we send no more, and the peer's bytes are still
+        read (TLS 1.3 allows it, RFC 8446 6.1; OpenSSL 3 keeps reading after SSL_shutdown).
+        The relays of opaque TCP over mTLS need it (a client that shuts down its side)."""
+        if not self.can_write_eof():
+            raise NotImplementedError("half-close needs TLS 1.3 with native records")
+        if self.write_shut:
+            return
+        self.write_shut = True
+        fm_ERR_clear_error()
+        fm_SSL_shutdown(self.ssl)
+        fm_ERR_clear_error()
+        self._flush()
 
     def can_write_eof(self):
-        return False
+        return self.state == OPEN and self.native and self.sslobj.version() == "TLSv1.3"
 
     def close(self):
         """Send close_notify, then close the socket once what is buffered has gone."""

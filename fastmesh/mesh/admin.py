@@ -196,9 +196,13 @@ def render_security(sidecar) -> str:
 # (family, type, help, [(key in relay_counts, label name, label value)])
 OPAQUE_FAMILIES = (
     ("fastmesh_mesh_opaque_connections_total", "counter",
-     "Intercepted connections that were not HTTP for the mesh, by outcome: relayed as TCP, or "
-     "the connect to their destination failed.",
-     (("relayed", "outcome", "relayed"), ("connect_failures", "outcome", "connect_failed"))),
+     "Intercepted connections that were not HTTP for the mesh, by outcome: relayed as TCP, "
+     "the connect to their destination failed, or refused by the authorization policy.",
+     (("relayed", "outcome", "relayed"), ("connect_failures", "outcome", "connect_failed"),
+      ("refused", "outcome", "refused"))),
+    ("fastmesh_mesh_opaque_mtls_connections_total", "counter",
+     "Of the relayed opaque TCP connections, those carried over mTLS between sidecars.",
+     (("mtls", None, None),)),
     ("fastmesh_mesh_opaque_active_connections", "gauge",
      "Opaque TCP connections being relayed now.", (("active", None, None),)),
     ("fastmesh_mesh_opaque_bytes_total", "counter",

@@ -8,8 +8,10 @@ DETECT_TIMEOUT (permissive with interception: the sidecar's --detect-timeout): 0
 handshake record, the ClientHello) means TLS; anything else is plaintext, refused in strict
 mode and served as before in permissive mode (one that stays silent through the peek goes
 to the silent factory: with interception, a Detector that decides at once instead of waiting
-the detect timeout a second time). A connection dialled to one of the sidecar's
---opaque-ports is plaintext without a peek (the mesh relays opaque TCP as it is). TLS connections are
+the detect timeout a second time). In permissive mode, a connection dialled to one of the
+sidecar's --opaque-ports is plaintext without a peek (callers relay it as it is: a server-first
+protocol never waits); in strict mode callers wrap it in mTLS (fastmesh.mesh.opaque_mtls),
+and the TLS factory of an intercepting sidecar tells it from HTTP by ALPN. TLS connections are
 handed to the Gateway through fastmesh._core.tls_transport (`accept`), which returns once the
 handshake is done, so a failed one is seen here: the connection is closed and counted under
 one reason of a fixed set (REASONS). The server context requires a client certificate that
@@ -49,7 +51,9 @@ def server_context(cert_file: str, key_file: str, ca_file: str) -> ssl.SSLContex
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.load_verify_locations(cafile=ca_file)
     ctx.load_cert_chain(cert_file, key_file)
-    ctx.set_alpn_protocols(ALPN_HTTP1)
+    # http/1.1 for the mesh's HTTP; the relays of opaque TCP offer theirs (fastmesh.mesh.opaque_mtls)
+    from fastmesh.mesh.opaque_mtls import OPAQUE_ALPN
+    ctx.set_alpn_protocols(ALPN_HTTP1 + [OPAQUE_ALPN])
     return ctx
 
 
@@ -135,8 +139,9 @@ class MtlsListener:
 
     async def _serve(self, conn: socket.socket) -> None:
         try:
-            if self.opaque is not None and self.opaque(conn):
-                # Declared opaque TCP (--opaque-ports): never mTLS in this mesh, so no peek.
+            if self.mode == "permissive" and self.opaque is not None and self.opaque(conn):
+                # Declared opaque TCP (--opaque-ports): callers relay it in plaintext to a
+                # permissive sidecar, so no peek (strict: they use mTLS, peeked as any other).
                 await self._plaintext(conn, self.plain_factory)
                 return
             try:

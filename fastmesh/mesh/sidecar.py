@@ -134,6 +134,8 @@ class Sidecar:
         self._scheduled = False
         self.stopping = False
         self.hosts: frozenset[str] = frozenset()     # what the outbound routes match (intercept)
+        self.peers: dict = {}                        # address -> opaque_mtls.Peer (intercept)
+        self.dialer = None                           # opaque_mtls.Dialer (intercept with mTLS)
         self.relays: set = set()                     # open opaque TCP relays (intercept)
         self.inbound_ipv6 = None                     # mTLS + intercept: the IPv6 twin listener
         self.opaque: dict = {}                       # intercept: direction -> StreamStats
@@ -180,7 +182,10 @@ class Sidecar:
         if opts.intercept:
             from fastmesh.streams import StreamStats
             self.opaque = {"outbound": StreamStats(), "inbound": StreamStats()}
-            self.hosts = mesh_hosts(self.registry.view())
+            self._learn_hosts(self.registry.view())
+            if self.tls is not None:
+                from fastmesh.mesh.opaque_mtls import Dialer
+                self.dialer = Dialer(self._tls_files())
             if self.tls is None:
                 await self._intercept(self.inbound, self._inbound_target)
             else:                           # the mTLS accept path takes it over (below)
@@ -195,6 +200,10 @@ class Sidecar:
         metadata = opts.metadata
         if self.tls is not None:
             metadata = tuple(sorted(dict(metadata, **{MTLS_KEY: self.tls.mode}).items()))
+        if opts.intercept:                  # TCP to this address reaches this sidecar
+            from fastmesh.mesh.opaque_mtls import TCP_KEY, tcp_metadata
+            metadata = tuple(sorted(dict(metadata, **{
+                TCP_KEY: tcp_metadata(opts.opaque_ports)}).items()))
         self.instance = Instance(opts.service, ident, host, port, opts.zone, opts.version,
                                  opts.weight, metadata)
         await self.registry.register(self.instance)
@@ -249,9 +258,14 @@ class Sidecar:
             if self.options.opaque_ports:
                 opaque = self._dialled_opaque_port
             detect = self.options.detect_timeout
+        secure = gateway.protocol_factory
+        if self.options.intercept:          # opaque TCP over mTLS too, told apart by ALPN
+            from fastmesh.mesh.opaque_mtls import Dispatch
+            relay = self._detector(gateway, self._inbound_tls_target, opaque=True)
+            secure = lambda: Dispatch(gateway.protocol_factory, relay, self._tcp_allowed_over_tls)   # noqa: E731
+
         def take(server):
-            return self.tls.listen(self.loop, server, gateway.protocol_factory, plain, opaque,
-                                   detect, silent)
+            return self.tls.listen(self.loop, server, secure, plain, opaque, detect, silent)
         self.inbound.server = take(self.inbound.server)
         if self.inbound_ipv6 is not None:
             at = self.inbound.servers.index(self.inbound_ipv6)
@@ -345,14 +359,43 @@ class Sidecar:
         worker.servers.append(server)
         return server
 
-    def _detector(self, gateway, target, timeout: float | None = None):
+    def _detector(self, gateway, target, timeout: float | None = None, opaque: bool = False):
         """The protocol factory of an intercepting listener: a Detector before `gateway`
-        (waiting `timeout` for the first bytes, the --detect-timeout by default)."""
+        (waiting `timeout` for the first bytes, the --detect-timeout by default; `opaque`:
+        none, the connection is opaque TCP)."""
         from fastmesh.mesh.transparent import Detector
         opts = self.options
         wait = opts.detect_timeout if timeout is None else timeout
-        stats = self.opaque["inbound" if target == self._inbound_target else "outbound"]
-        return lambda: Detector(gateway, target, self.relays, opts.opaque_ports, wait, stats)
+        stats = self.opaque["outbound" if target == self._outbound_target else "inbound"]
+        return lambda: Detector(gateway, target, self.relays, opts.opaque_ports, wait, stats,
+                                opaque)
+
+    def _learn_hosts(self, view) -> None:
+        """What the outbound Detector needs of the view: the hosts the Gateway routes, and the
+        instances that take opaque TCP at their address (maybe over mTLS)."""
+        from fastmesh.mesh.opaque_mtls import peers
+        self.hosts = mesh_hosts(view)
+        self.peers = peers(view)
+
+    def _tcp_allowed(self, peer: str | None) -> bool:
+        """The authorization policy's answer for opaque TCP from `peer` (None: plaintext),
+        counted with the HTTP decisions of this service; a refusal is logged."""
+        from fastmesh.plugins.mesh_authorization import allows_tcp, decisions
+        service = self.options.service
+        rules = (self.authz or {}).get(service, [])
+        if not rules:
+            return True
+        allowed = allows_tcp(rules, peer)
+        decisions(service).count(allowed)
+        if not allowed:
+            self.opaque["inbound"].refused += 1
+            say(f"authorization: opaque TCP from {peer or 'a caller without mTLS'} to "
+                f"'{service}' denied (no rule without methods and paths allows it)", err=True)
+        return allowed
+
+    def _tcp_allowed_over_tls(self, transport) -> bool:
+        from fastmesh.mesh.mtls import peer_id
+        return self._tcp_allowed(peer_id(transport.get_extra_info("peercert")))
 
     def _dialled_opaque_port(self, sock) -> bool:
         """Whether a redirected connection was dialled to one of the --opaque-ports."""
@@ -361,7 +404,15 @@ class Sidecar:
         return original is not None and original[1] in self.options.opaque_ports
 
     def _inbound_target(self, original, head: bytes, http: bool):
-        """None: the inbound Gateway (HTTP for the app's port); else the local port asked for."""
+        """None: the inbound Gateway (HTTP for the app's port); else the local port asked for
+        (False: opaque TCP the authorization policy refuses to a caller without mTLS)."""
+        target = self._inbound_tls_target(original, head, http)
+        if target is not None and not self._tcp_allowed(None):
+            return False
+        return target
+
+    def _inbound_tls_target(self, original, head: bytes, http: bool):
+        """As _inbound_target, for a caller whose mTLS identity has been authorized already."""
         opts = self.options
         port = opts.app_port
         if original is not None and original[1] != self.inbound.address[1]:
@@ -389,6 +440,11 @@ class Sidecar:
                 host = f"[{dialled}]" if ":" in dialled else dialled
             if host in self.hosts or (host and "." not in host and not host.startswith("[")):
                 return None
+        if self.dialer is not None:
+            from fastmesh.mesh.opaque_mtls import lookup, wraps
+            peer = lookup(self.peers, original[0])
+            if peer is not None and wraps(peer, original[1]):
+                return original[0], original[1], self.dialer.dial(peer.service)
         return original
 
     @staticmethod
@@ -433,7 +489,7 @@ class Sidecar:
         def build():
             config = self._outbound_config(view)
             if self.options.intercept:      # the whole view's addresses, called or not
-                self.hosts = mesh_hosts(view)
+                self._learn_hosts(view)
             return config
 
         if self._swap_plan(self.outbound, build, "outbound"):

@@ -13,7 +13,9 @@ pods' at the inbound one, redirected by iptables. A `Detector` takes each new co
 - anything else is relayed as opaque TCP to the original destination (outbound) or to the app's
   port that was asked for (inbound), by the project's one TCP relay (fastmesh.streams.Relay:
   flow control and half-close as for `streams`; no idle timeout here), counted per side
-  (`relay_counts`: the sidecar's /status and /metrics).
+  (`relay_counts`: the sidecar's /status and /metrics). The outbound relay to a sidecar with
+  mTLS is wrapped in it (fastmesh.mesh.opaque_mtls); the route may also refuse a connection
+  (the inbound side's authorization of opaque TCP).
 
 On the outbound side, "HTTP for the mesh" means that the Host header (or the absolute-form
 target) names a service or an instance host of the registry view (the sidecar decides, see
@@ -86,12 +88,14 @@ class Detector(asyncio.Protocol):
     """The first protocol of every connection on an intercepting listener; see the module doc.
 
     `route(original_destination, first_bytes, is_http)` decides: None to hand the connection
-    to `gateway`, else the (host, port) to relay it to.
+    to `gateway`, False to close it (refused), else the (host, port) to relay it to, or
+    (host, port, tls) to relay it over mTLS (fastmesh.streams.Relay.connect's `tls`).
+    `opaque`: known to be opaque TCP already (the mTLS inbound's ALPN said so): no sniffing.
     """
 
     def __init__(self, gateway, route: Callable, relays: set,
                  opaque_ports: frozenset = frozenset(), timeout: float = DETECT_TIMEOUT,
-                 stats=None):
+                 stats=None, opaque: bool = False):
         self.gateway = gateway
         self.stats = stats              # a fastmesh.streams.StreamStats: this side's relays
         self.route = route
@@ -104,11 +108,12 @@ class Detector(asyncio.Protocol):
         self.timer = None
         self.eof = False
         self.decided = False
+        self.opaque = opaque
 
     def connection_made(self, transport) -> None:
         self.transport = transport
         self.original = original_destination(transport.get_extra_info("socket"))
-        if self.original is not None and self.original[1] in self.opaque_ports:
+        if self.opaque or self.original is not None and self.original[1] in self.opaque_ports:
             self._decide(False)             # declared opaque: no waiting, no sniffing
             return
         self.timer = asyncio.get_running_loop().call_later(self.timeout, self._timed_out)
@@ -147,6 +152,8 @@ class Detector(asyncio.Protocol):
         target = self.route(self.original, bytes(self.buffer), http)
         if target is None:
             self._to_gateway()
+        elif target is False:
+            self.transport.abort()
         else:
             self.transport.pause_reading()
             task = asyncio.get_running_loop().create_task(self._relay(target, http))
@@ -168,15 +175,16 @@ class Detector(asyncio.Protocol):
         if self.eof and not transport.is_closing():
             protocol.eof_received()
 
-    async def _relay(self, target: tuple[str, int], http: bool) -> None:
+    async def _relay(self, target: tuple, http: bool) -> None:
         downstream = self.transport
         relay = Relay(downstream, self.relays, self.stats)
         try:
-            await relay.connect(*target, CONNECT_TIMEOUT)
+            await relay.connect(target[0], target[1], CONNECT_TIMEOUT,
+                                target[2] if len(target) > 2 else None)
         except (OSError, asyncio.TimeoutError) as exc:
             if self.stats is not None:
                 self.stats.connect_failures += 1
-            reason = getattr(exc, "strerror", None) or "connect timed out"
+            reason = getattr(exc, "strerror", None) or str(exc) or "connect timed out"
             print(f"fastmesh sidecar: cannot relay to {target[0]}:{target[1]}: {reason}",
                   file=sys.stderr, flush=True)
             if downstream.is_closing():
@@ -192,15 +200,17 @@ class Detector(asyncio.Protocol):
             return
         if self.stats is not None:
             self.stats.accepted += 1
+            if len(target) > 2 or downstream.get_extra_info("sslcontext") is not None:
+                self.stats.mtls += 1
         relay.start(bytes(self.buffer), self.eof)
 
 
 def relay_counts(stats, relays: set) -> dict:
-    """One side's opaque TCP: connections relayed (and open now), failed connects, and bytes
-    each way, those of open relays included."""
+    """One side's opaque TCP: connections relayed (and open now, and over mTLS), failed
+    connects, refused by authorization, and bytes each way, those of open relays included."""
     live = [r for r in relays if r.stats is stats]
-    return {"relayed": stats.accepted, "active": len(live),
-            "connect_failures": stats.connect_failures,
+    return {"relayed": stats.accepted, "active": len(live), "mtls": stats.mtls,
+            "connect_failures": stats.connect_failures, "refused": stats.refused,
             "bytes_to_destination": stats.bytes_in + sum(r.client.received for r in live),
             "bytes_from_destination": stats.bytes_out + sum(r.server.received for r in live)}
 

@@ -14,6 +14,11 @@ When at least one rule names a service, a request to it that no rule allows is a
 service that no rule names is open. `from: ["*"]` allows anyone, callers without a certificate
 (plaintext, permissive mode) included. The sidecar of service `to` puts this plugin on its
 inbound route with that service's rules; the per-request check is native (fastmesh/_core/authz.pyx).
+
+Opaque TCP to a protected service (relayed by an intercepting sidecar, over mTLS or plaintext)
+has no method or path: a connection is allowed by a rule whose `from` takes its caller and that
+names neither `methods` nor `paths` (`allows_tcp`); otherwise it is closed. Both count in the
+same decisions.
 """
 from __future__ import annotations
 
@@ -145,6 +150,27 @@ def compiled(rule: dict) -> tuple:
     paths = rule.get("paths")
     return (who, tuple(m.encode() for m in methods) if methods is not None else None,
             tuple(p.encode() for p in paths) if paths is not None else None)
+
+
+def allows_tcp(rules: list[dict], peer: str | None) -> bool:
+    """Whether opaque TCP from `peer` (a verified SPIFFE id, None for plaintext) may reach a
+    service with `rules` (its rules of the policy, without `to`); see the module doc."""
+    if not rules:
+        return True
+    for rule in rules:
+        if rule.get("methods") is not None or rule.get("paths") is not None:
+            continue                        # narrowed to some HTTP requests: no TCP
+        peers = rule.get("from")
+        if peers is None:                   # any authenticated caller
+            if peer is not None:
+                return True
+        elif ANYONE in peers:
+            return True
+        elif peer is not None and any(
+                peer == p or (p.endswith("/*") and len(peer) > len(p) - 1
+                              and peer.startswith(p[:-1])) for p in peers):
+            return True
+    return False
 
 
 class MeshAuthorization(AuthzFilter):

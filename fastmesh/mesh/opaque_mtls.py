@@ -1,0 +1,168 @@
+"""Opaque TCP between sidecars over mTLS (interception): which calls are wrapped, and how the
+inbound side tells them from HTTP.
+
+Without this, a relayed TCP connection (not HTTP, or HTTP for a host outside the mesh, sent to
+a pod's address) crossed the network in plaintext and a strict destination refused it.
+
+- Who takes it: an intercepting sidecar publishes TCP_KEY in its instance metadata (its
+  --opaque-ports, comma-separated, maybe none): TCP sent to that instance's address reaches its
+  inbound listener. With MTLS_KEY (its mode) that says whether to wrap (`wraps`): always when
+  it is strict; when it is permissive, unless the port is one of its opaque ports (served as
+  plaintext without a peek there, so a server-first protocol never waits).
+- The caller's side: the outbound relay connects with TLS (fastmesh._core.tls_transport),
+  presents this workload's certificate, offers ALPN OPAQUE_ALPN and accepts only the SPIFFE id
+  of the service that owns the address (`Dialer`: the peer is checked before a byte of the
+  server reaches the app). Rotation: the context comes from fastmesh.upstream_tls, so its
+  refresh() reloads it in place as for the HTTP pools.
+- The destination's side: the mTLS accept path (fastmesh.mesh.mtls) hands the handshaken
+  connection to `Dispatch`: ALPN OPAQUE_ALPN is opaque TCP, authorized by identity
+  (mesh_authorization.allows_tcp) and relayed by a Detector to the port the caller dialled
+  (SO_ORIGINAL_DST); anything else is HTTP for the inbound Gateway, as before.
+"""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+from fastmesh.mesh.routes import MTLS_KEY, MeshTLSFiles
+
+log = logging.getLogger("fastmesh")
+
+OPAQUE_ALPN = "fastmesh-tcp"        # offered by the caller's relay; the inbound accepts it too
+TCP_KEY = "fastmesh.tcp"            # instance metadata: intercepts inbound; its opaque ports
+
+
+@dataclass(frozen=True)
+class Peer:
+    """An instance that takes TCP at its address through its sidecar."""
+
+    service: str
+    mode: str                       # its inbound mTLS mode (strict, permissive, disabled)
+    opaque_ports: frozenset[int]
+
+
+def tcp_metadata(opaque_ports: frozenset[int]) -> str:
+    return ",".join(str(p) for p in sorted(opaque_ports))
+
+
+def _ports(text: str) -> frozenset[int]:
+    return frozenset(int(p) for p in text.split(",") if p.strip().isdigit())
+
+
+def _address(host: str) -> str | None:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).compressed
+    except ValueError:
+        return None
+
+
+def peers(view) -> dict[str, Peer]:
+    """Address -> Peer for the instances of the registry view that intercept inbound; an
+    address two services share is left out (its owner, hence its identity, is unknown)."""
+    found: dict[str, Peer] = {}
+    shared: set[str] = set()
+    for name, instances in view.items():
+        for instance in instances:
+            meta = dict(instance.metadata)
+            address = _address(instance.host)
+            if TCP_KEY not in meta or address is None:
+                continue
+            peer = Peer(name, meta.get(MTLS_KEY, "disabled"), _ports(meta[TCP_KEY]))
+            if address in found and found[address].service != name:
+                shared.add(address)
+            found[address] = peer
+    for address in shared:
+        del found[address]
+    return found
+
+
+def wraps(peer: Peer, port: int) -> bool:
+    """Whether a relayed connection to `peer` on `port` goes over mTLS (module doc)."""
+    return peer.mode == "strict" or (peer.mode == "permissive" and port not in peer.opaque_ports)
+
+
+def lookup(table: dict[str, Peer], host: str) -> Peer | None:
+    address = _address(host)
+    return table.get(address) if address is not None else None
+
+
+class IdentityRejected(OSError):
+    """The destination's certificate is valid but names another service."""
+
+
+class Dialer:
+    """TLS settings of the outbound relays: one client context (this workload's certificate,
+    the mesh root, ALPN OPAQUE_ALPN), one identity check per destination service."""
+
+    def __init__(self, files: MeshTLSFiles):
+        self.files = files
+        self.checks: dict[str, Callable] = {}
+
+    def dial(self, service: str) -> tuple:
+        """What fastmesh.streams.Relay.connect takes as `tls` for a destination of `service`."""
+        from fastmesh import upstream_tls
+        f = self.files
+        identity = f"spiffe://{f.trust_domain}/svc/{service}"
+        ctx = upstream_tls.context(upstream_tls.UpstreamTLS(
+            True, f.ca, f.cert, f.key, service, identity, (OPAQUE_ALPN,)))
+        check = self.checks.get(identity)
+        if check is None:
+            check = self.checks[identity] = upstream_tls.peer_checker(identity)
+        return ctx, check
+
+
+class Gate(asyncio.Protocol):
+    """The server side's protocol while its TLS handshake is checked: the identity is looked at
+    before the real protocol (`side`) sees the connection; a wrong one aborts it."""
+
+    def __init__(self, side: asyncio.Protocol, check: Callable):
+        self.side = side
+        self.check = check
+        self.problem: str | None = None
+
+    def connection_made(self, transport) -> None:
+        self.problem = self.check(transport)
+        if self.problem is not None:
+            transport.abort()
+            return
+        transport.set_protocol(self.side)
+        self.side.connection_made(transport)
+
+    def connection_lost(self, exc) -> None:
+        pass                        # only reached for a rejected peer: `connect` raises
+
+
+async def connect(loop, side: asyncio.Protocol, host: str, port: int, tls: tuple,
+                  timeout: float):
+    """Connect `side` over mTLS (`tls`: Dialer.dial's answer); IdentityRejected, ssl.SSLError,
+    OSError or TimeoutError when it cannot."""
+    from fastmesh._core.tls_transport import connect as tls_connect
+    ctx, check = tls
+    gate = Gate(side, check)
+    transport = await tls_connect(loop, gate, host, port, ctx, None, timeout)
+    if gate.problem is not None:
+        raise IdentityRejected(f"identity rejected: {gate.problem}")
+    return transport
+
+
+class Dispatch(asyncio.Protocol):
+    """The inbound protocol of a connection whose mTLS handshake is done: opaque TCP (ALPN
+    OPAQUE_ALPN) to `relay()` after authorization, anything else to `http()` (the Gateway)."""
+
+    def __init__(self, http: Callable, relay: Callable, authorize: Callable):
+        self.http = http
+        self.relay = relay
+        self.authorize = authorize
+
+    def connection_made(self, transport) -> None:
+        sslobj = transport.get_extra_info("ssl_object")
+        opaque = sslobj is not None and sslobj.selected_alpn_protocol() == OPAQUE_ALPN
+        if opaque and not self.authorize(transport):
+            transport.abort()
+            return
+        protocol = self.relay() if opaque else self.http()
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
