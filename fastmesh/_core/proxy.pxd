@@ -186,6 +186,7 @@ cdef class DownstreamProtocol:
     cdef int _relay_body(self, object data, const char* p, Py_ssize_t off, Py_ssize_t n) except -1
     cdef int _response_done(self, bint upstream_reusable) except -1
     cdef int _next_request(self) except -1
+    cdef bint _hold_for_client(self)
     cdef int _fail(self, int status, str message) except -1
     cdef void _end_target(self, int outcome, int status)
     cdef bint _choose_target(self, const char* b, Head* h) except -1

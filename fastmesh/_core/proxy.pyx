@@ -1431,14 +1431,21 @@ cdef class DownstreamProtocol:
             self.state = D_CLOSED
             self.transport.close()
             return 0
-        if self.write_paused:
-            self.state = D_DRAIN
-            self._arm_send_deadline()
-            return 0
         return self._next_request()
 
+    cdef bint _hold_for_client(self):
+        """The client's write buffer is full: take no next request until it drains (D_DRAIN)."""
+        if not self.write_paused:
+            return False
+        self.state = D_DRAIN
+        self._arm_send_deadline()
+        return True
+
     cdef int _next_request(self) except -1:
-        """Between requests: wait for the next one, or go on with one already buffered."""
+        """Between requests: wait for the next one, or go on with one already buffered (once
+        the client has taken what it was sent)."""
+        if self._hold_for_client():
+            return 0
         self.state = D_HEAD
         self._set_deadline(self.gw.keepalive_timeout, K_IDLE)
         self._resume(P_PIPELINE)
@@ -1540,11 +1547,7 @@ cdef class DownstreamProtocol:
                 self.transport.close()
             else:
                 self._resume(P_CONNECT)
-                if self.write_paused:
-                    self.state = D_DRAIN
-                    self._arm_send_deadline()
-                else:
-                    self._next_request()
+                self._next_request()
         elif self.transport is not None:
             self.state = D_CLOSED
             self.transport.close()
@@ -1876,10 +1879,7 @@ cdef class DownstreamProtocol:
             self.state = D_CLOSED
             self.dkind = K_NONE
             self.transport.close()
-        elif self.write_paused:
-            self.state = D_DRAIN        # the client reads nothing: answer no more until it does
-            self._arm_send_deadline()
-        else:
+        elif not self._hold_for_client():
             self.state = D_HEAD
             self._set_deadline(self.gw.keepalive_timeout, K_IDLE)
         return 0

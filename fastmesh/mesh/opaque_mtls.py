@@ -22,12 +22,11 @@ a pod's address) crossed the network in plaintext and a strict destination refus
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 from dataclasses import dataclass
 from typing import Callable
 
-from fastmesh.mesh.routes import MTLS_KEY, MeshTLSFiles
+from fastmesh.mesh.routes import MTLS_KEY, MeshTLSFiles, routable_host
 
 log = logging.getLogger("fastmesh")
 
@@ -52,13 +51,6 @@ def _ports(text: str) -> frozenset[int]:
     return frozenset(int(p) for p in text.split(",") if p.strip().isdigit())
 
 
-def _address(host: str) -> str | None:
-    try:
-        return ipaddress.ip_address(host.strip("[]")).compressed
-    except ValueError:
-        return None
-
-
 def peers(view) -> dict[str, Peer]:
     """Address -> Peer for the instances of the registry view that intercept inbound; an
     address two services share is left out (its owner, hence its identity, is unknown)."""
@@ -67,7 +59,7 @@ def peers(view) -> dict[str, Peer]:
     for name, instances in view.items():
         for instance in instances:
             meta = dict(instance.metadata)
-            address = _address(instance.host)
+            address = routable_host(instance.host)
             if TCP_KEY not in meta or address is None:
                 continue
             peer = Peer(name, meta.get(MTLS_KEY, "disabled"), _ports(meta[TCP_KEY]))
@@ -85,7 +77,8 @@ def wraps(peer: Peer, port: int) -> bool:
 
 
 def lookup(table: dict[str, Peer], host: str) -> Peer | None:
-    address = _address(host)
+    """The Peer at `host` (an original destination: an IP address as the kernel gives it)."""
+    address = routable_host(host)
     return table.get(address) if address is not None else None
 
 
@@ -99,19 +92,20 @@ class Dialer:
 
     def __init__(self, files: MeshTLSFiles):
         self.files = files
-        self.checks: dict[str, Callable] = {}
+        self.dials: dict[str, tuple] = {}
 
     def dial(self, service: str) -> tuple:
-        """What fastmesh.streams.Relay.connect takes as `tls` for a destination of `service`."""
-        from fastmesh import upstream_tls
-        f = self.files
-        identity = f"spiffe://{f.trust_domain}/svc/{service}"
-        ctx = upstream_tls.context(upstream_tls.UpstreamTLS(
-            True, f.ca, f.cert, f.key, service, identity, (OPAQUE_ALPN,)))
-        check = self.checks.get(identity)
-        if check is None:
-            check = self.checks[identity] = upstream_tls.peer_checker(identity)
-        return ctx, check
+        """What fastmesh.streams.Relay.connect takes as `tls` for a destination of `service`
+        (made once per service: refresh() rotates the context in place)."""
+        found = self.dials.get(service)
+        if found is None:
+            from fastmesh import upstream_tls
+            f = self.files
+            identity = f"spiffe://{f.trust_domain}/svc/{service}"
+            ctx = upstream_tls.context(upstream_tls.UpstreamTLS(
+                True, f.ca, f.cert, f.key, service, identity, (OPAQUE_ALPN,)))
+            found = self.dials[service] = (ctx, upstream_tls.peer_checker(identity))
+        return found
 
 
 class Gate(asyncio.Protocol):

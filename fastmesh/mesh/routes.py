@@ -118,7 +118,7 @@ def use_sources(inbound: Gateway | None, outbound: Gateway | None, service: str,
         outbound.set_source(SOURCE_HEADER, stamp=service)
 
 
-def _routable_host(host: str) -> str | None:
+def routable_host(host: str) -> str | None:
     """An instance host as a route host: loopback and unspecified addresses name no instance
     (every sidecar of a host has them), IPv6 literals are bracketed as the loader keeps them."""
     try:
@@ -137,7 +137,7 @@ def instance_hosts(view: View) -> dict[str, tuple[str, ...]]:
     owners: dict[str, set[str]] = {}
     for name, instances in view.items():
         for instance in instances:
-            host = _routable_host(instance.host)
+            host = routable_host(instance.host)
             if host is not None:
                 owners.setdefault(host, set()).add(name)
     found: dict[str, list[str]] = {}

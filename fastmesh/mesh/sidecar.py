@@ -183,12 +183,11 @@ class Sidecar:
             from fastmesh.streams import StreamStats
             self.opaque = {"outbound": StreamStats(), "inbound": StreamStats()}
             self._learn_hosts(self.registry.view())
-            if self.tls is not None:
-                from fastmesh.mesh.opaque_mtls import Dialer
-                self.dialer = Dialer(self._tls_files())
             if self.tls is None:
                 await self._intercept(self.inbound, self._inbound_target)
             else:                           # the mTLS accept path takes it over (below)
+                from fastmesh.mesh.opaque_mtls import Dialer
+                self.dialer = Dialer(self._tls_files())
                 self.inbound_ipv6 = await self._listen_ipv6(self.inbound,
                                                             self.inbound.gateway.protocol_factory)
             await self._intercept(self.outbound, self._outbound_target)
