@@ -490,14 +490,26 @@ def test_ipv6_tcp_is_intercepted_like_ipv4(mesh):
     ca = CA(mesh.workdir / "ca")
     d = mesh.pod("d", "d1", sidecar_args=("--mtls", "strict", "--tls-dir",
                                           str(ca.issue("d", mesh.workdir / "d-tls"))))
+    e = mesh.pod("e", "e1", sidecar_args=("--mtls", "strict", "--tls-dir",
+                                          str(ca.issue("e", mesh.workdir / "e-tls"))))
     client = net.add_pod("client")                                  # no sidecar, no rules
+    # Each intercepting sidecar registered its pod's IPv6 address beside its IPv4 one.
+    wait_until(lambda: mesh.sees(b, "c", 1) and mesh.sees(e, "d", 1), 5, "b or e never saw c, d")
+    listed = mesh.admin(b, "/registry")[1]["services"]["c"][0]
+    assert (listed["address"], listed["metadata"]["fastmesh.addresses"]) == \
+        (f"{c.address}:15006", c.address6), listed
+    routed = mesh.admin(b, "/status")[1]["outbound"]["requests"]
     status, body = mesh.http(client, (b.address6, APP_PORT), "/six?x=1")
     assert status == 200, (body, mesh.log("b1"))
     assert (body["instance"], body["host"], body["peer"]) == \
         ("b1", f"[{b.address6}]:{APP_PORT}", "127.0.0.1")      # through b1's inbound sidecar
     leaf = body["next"]                 # b1's app -> b1's outbound -> c1's inbound -> c1's app
+    # b1's outbound knew [c6] for c's: it routed the call (balanced, retried as by name, Host
+    # the service's as for a call by IPv4 instance address); it did not relay it as sent.
     assert (leaf["instance"], leaf["host"], leaf["path"], leaf["peer"]) == \
-        ("c1", f"[{c.address6}]:{APP_PORT}", "/six?x=1", "127.0.0.1")
+        ("c1", "c", "/six?x=1", "127.0.0.1")
+    assert mesh.admin(b, "/status")[1]["outbound"]["requests"] == routed + 1
+    assert mesh.admin(b, "/status")[1]["opaque_tcp"]["outbound"]["relayed"] == 0
     # Opaque TCP over IPv6, client-first and server-first, through both sidecars.
     with net.connect(b, (c.address6, 9000)) as sock:
         sock.sendall(b"ping\n")
@@ -514,6 +526,14 @@ def test_ipv6_tcp_is_intercepted_like_ipv4(mesh):
         assert answer == b""
     refused = mesh.admin(d, "/status")[1]["mtls"]["handshakes"]["refused"]
     assert refused["plaintext"] == 1, refused
+    # From a pod with mTLS, opaque TCP to d1's IPv6 address is wrapped in mTLS as to its IPv4
+    # one (d1's identity checked, then relayed to the dialled port), so strict d1 takes it.
+    with net.connect(e, (d.address6, 9000), timeout=10) as sock:
+        sock.sendall(b"ping\n")
+        sock.shutdown(socket.SHUT_WR)
+        assert read_to_end(sock) == b"d1 ping\n", mesh.log("e1")
+    assert mesh.admin(e, "/status")[1]["opaque_tcp"]["outbound"]["mtls"] == 1
+    assert mesh.admin(d, "/status")[1]["opaque_tcp"]["inbound"]["mtls"] == 1
 
 
 @needs_netns
@@ -724,6 +744,44 @@ def test_instance_hosts_route_to_their_service_unless_ambiguous():
         "b": ("b", "10.0.0.5"), "c": ("c",), "d": ("d",), "e": ("e", "[fd00::1]"),
         "f": ("f", "pod-f.local")}
     assert mesh_hosts(view) == {"b", "c", "d", "e", "f", "10.0.0.5", "[fd00::1]", "pod-f.local"}
+
+
+def test_more_addresses_of_an_instance_route_to_its_service_and_take_opaque_mtls():
+    from fastmesh.mesh.opaque_mtls import lookup, peers
+    from fastmesh.mesh.registry import make_view, parse_instance
+    from fastmesh.mesh.routes import destination_of, mesh_hosts
+    c1 = parse_instance({"service": "c", "id": "c1", "address": "10.0.0.5:15006", "metadata": {
+        "fastmesh.addresses": "[FD00::0005], fd00::6,", "fastmesh.tcp": "",
+        "fastmesh.mtls": "strict"}})
+    assert c1.hosts == ("10.0.0.5", "fd00::5", "fd00::6")          # as registered, normalized
+    assert dict(c1.metadata)["fastmesh.addresses"] == "fd00::5,fd00::6"
+    d1 = parse_instance({"service": "d", "id": "d1", "address": "10.0.0.7:15006",
+                         "metadata": {"fastmesh.addresses": "fd00::6", "fastmesh.tcp": ""}})
+    view = make_view([c1, d1])
+    # fd00::6 is claimed by both: it names neither (as a shared IPv4 address).
+    assert mesh_hosts(view) == {"c", "d", "10.0.0.5", "10.0.0.7", "[fd00::5]"}
+    assert destination_of(view, "[fd00::5]") == "c" and destination_of(view, "[fd00::6]") is None
+    table = peers(view)
+    assert lookup(table, "fd00::5").service == "c" and lookup(table, "fd00::5").mode == "strict"
+    assert lookup(table, "fd00::6") is None
+    with pytest.raises(ValueError, match=r"metadata: fastmesh.addresses: invalid host 'fd00::5:1:2"):
+        parse_instance({"service": "c", "address": "10.0.0.5:1",
+                        "metadata": {"fastmesh.addresses": "fd00::5:1:2:3:4:5:6:7"}})
+
+
+def test_own_ipv6_addresses_are_the_usable_global_ones(tmp_path):
+    from fastmesh.mesh.sidecar import own_ipv6_addresses
+    table = tmp_path / "if_inet6"
+    table.write_text(
+        "fd000000000000000000000000000005 02 40 00 80     eth0\n"   # global (ULA), permanent
+        "00000000000000000000000000000001 01 80 10 80       lo\n"   # loopback scope
+        "fe800000000000000000000000000001 02 40 20 80     eth0\n"   # link-local
+        "20010db8000000000000000000000007 02 40 00 c0     eth0\n"   # tentative
+        "20010db8000000000000000000000008 02 40 00 20     eth0\n"   # deprecated
+        "20010db8000000000000000000000009 03 40 00 00     eth1\n"
+        "short line\n")
+    assert own_ipv6_addresses(str(table)) == ("2001:db8::9", "fd00::5")
+    assert own_ipv6_addresses(str(tmp_path / "missing")) == ()
 
 
 def test_protocol_detection_and_the_requested_host():

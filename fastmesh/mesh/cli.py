@@ -39,6 +39,11 @@ def _address(value: str) -> tuple[str, int]:
     return instance_address(value)
 
 
+def _host(value: str) -> str:
+    from fastmesh.config.schema import address_host
+    return address_host(value)
+
+
 def _listen(value: str) -> str:
     return listen_address(value)
 
@@ -137,6 +142,10 @@ def add_parser(sub) -> None:
     p.add_argument("--advertise", type=_checked(_address, "address"), metavar="HOST:PORT",
                    help="address registered for this instance (default: the inbound listener's; "
                         "when it listens on all interfaces, this host's primary address)")
+    p.add_argument("--advertise-also", action="append", type=_checked(_host, "address"),
+                   metavar="HOST", help="another address of this instance (repeatable; a "
+                   "dual-stack pod's IPv6 one): calls sent to it are calls to this service "
+                   "(default with --intercept on all interfaces: this pod's IPv6 addresses)")
     p.add_argument("--zone", default="", metavar="ZONE",
                    help="registered with the instance; the app's calls go to instances of this "
                         "zone first (see --locality)")
@@ -211,7 +220,7 @@ def main(args) -> int:
     import sys
     if getattr(args, "mesh_main", None) is not None:      # `fastmesh mesh ...` (see status.py)
         return args.mesh_main(args)
-    from fastmesh.mesh.registry import instance_id
+    from fastmesh.mesh.registry import ADDRESSES_KEY, addresses_value, instance_id
     from fastmesh.mesh.routes import MeshPolicy
     from fastmesh.mesh.sidecar import SidecarOptions, run_sidecar
     if args.instance_id is not None:
@@ -222,6 +231,14 @@ def main(args) -> int:
             return 2
     admin = "127.0.0.1:15000" if args.admin is None else args.admin
     metadata = dict(args.meta)
+    also = args.advertise_also
+    if ADDRESSES_KEY in metadata:           # --meta fastmesh.addresses=...: --advertise-also
+        try:
+            written = addresses_value(metadata.pop(ADDRESSES_KEY))
+        except Invalid as exc:
+            print(f"fastmesh sidecar: --meta: {exc.message}", file=sys.stderr)
+            return 2
+        also = [*(written.split(",") if written else ()), *(also or ())]
     if admin != "off" and not admin.endswith(":0"):
         # Registered so that `fastmesh mesh status` finds this sidecar's admin API.
         from fastmesh.mesh.registry import ADMIN_KEY
@@ -229,6 +246,7 @@ def main(args) -> int:
     options = SidecarOptions(
         service=args.service, app_port=args.app_port, registry=args.registry,
         inbound=args.inbound, outbound=args.outbound, advertise=args.advertise,
+        advertise_also=None if also is None else tuple(dict.fromkeys(also)),
         zone=args.zone, version=args.instance_version, weight=args.weight,
         metadata=tuple(sorted(metadata.items())), instance_id=args.instance_id,
         admin=None if admin == "off" else admin, admin_explicit=args.admin is not None,

@@ -52,20 +52,20 @@ def _ports(text: str) -> frozenset[int]:
 
 
 def peers(view) -> dict[str, Peer]:
-    """Address -> Peer for the instances of the registry view that intercept inbound; an
-    address two services share is left out (its owner, hence its identity, is unknown)."""
+    """Address -> Peer for the instances of the registry view that intercept inbound (each of
+    their `Instance.hosts`); an address two services share is left out (its owner, hence its identity, is unknown)."""
     found: dict[str, Peer] = {}
     shared: set[str] = set()
     for name, instances in view.items():
         for instance in instances:
             meta = dict(instance.metadata)
-            address = routable_host(instance.host)
-            if TCP_KEY not in meta or address is None:
+            if TCP_KEY not in meta:
                 continue
             peer = Peer(name, meta.get(MTLS_KEY, "disabled"), _ports(meta[TCP_KEY]))
-            if address in found and found[address].service != name:
-                shared.add(address)
-            found[address] = peer
+            for address in filter(None, map(routable_host, instance.hosts)):
+                if address in found and found[address].service != name:
+                    shared.add(address)
+                found[address] = peer
     for address in shared:
         del found[address]
     return found

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from fastmesh.config.schema import (
-    Fields, Invalid, Issues, hostname, integer, string,
+    Fields, Invalid, Issues, address_host, hostname, integer, string,
 )
 from fastmesh.config.streams import connect_address
 
@@ -26,6 +26,10 @@ DEFAULT_WEIGHT = 100
 # entry rather than a new field: entries without it still parse, and sidecars that predate it
 # (which refuse unknown fields) still accept entries that carry it.
 ADMIN_KEY = "fastmesh.admin"
+# More addresses of the instance (a dual-stack pod's IPv6 ones), comma-separated hosts: TCP or a
+# Host header sent to one of them is for this instance's service, as to `address`'s host. The
+# mesh dials `address` only. A metadata entry for the same reason as ADMIN_KEY.
+ADDRESSES_KEY = "fastmesh.addresses"
 
 View = dict  # service name -> tuple[Instance, ...] (sorted by id)
 
@@ -46,6 +50,12 @@ class Instance:
     @property
     def address(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        """Every host this instance is reached at: its address's, then ADDRESSES_KEY's."""
+        more = dict(self.metadata).get(ADDRESSES_KEY)
+        return (self.host, *more.split(",")) if more else (self.host,)
 
     @property
     def admin(self) -> str | None:
@@ -95,8 +105,19 @@ def _metadata(value: object) -> tuple[tuple[str, str], ...]:
     for key, item_value in value.items():
         if not isinstance(key, str) or not isinstance(item_value, (str, int, float, bool)):
             raise Invalid(f"expected string keys and scalar values, found {key!r}: {item_value!r}")
-        pairs.append((_label(key), _label(str(item_value))))
+        text = _label(str(item_value))
+        pairs.append((_label(key), addresses_value(text) if key == ADDRESSES_KEY else text))
     return tuple(sorted(pairs))
+
+
+def addresses_value(text: str) -> str:
+    """ADDRESSES_KEY's value, each host checked and written as `Instance.host` is (IPv6
+    without brackets, compressed; names lower-cased); Invalid names the bad one."""
+    hosts = [part.strip() for part in text.split(",") if part.strip()]
+    try:
+        return ",".join(address_host(host) for host in hosts)
+    except Invalid as exc:
+        raise Invalid(f"{ADDRESSES_KEY}: {exc}") from None
 
 
 def read_instance(fields: Fields, service: str | None = None) -> Instance | None:

@@ -132,14 +132,14 @@ def routable_host(host: str) -> str | None:
 
 def instance_hosts(view: View) -> dict[str, tuple[str, ...]]:
     """service -> the hosts of its instances that a call may be addressed to (`Host: 10.0.0.5`
-    or `10.0.0.5:8080`: the port is not matched). A host shared by two services, or equal to a
+    or `10.0.0.5:8080`: the port is not matched; every one of `Instance.hosts`). A host shared by two services, or equal to a
     service name, is left out: it could not tell them apart."""
     owners: dict[str, set[str]] = {}
     for name, instances in view.items():
         for instance in instances:
-            host = routable_host(instance.host)
-            if host is not None:
-                owners.setdefault(host, set()).add(name)
+            for host in map(routable_host, instance.hosts):
+                if host is not None:
+                    owners.setdefault(host, set()).add(name)
     found: dict[str, list[str]] = {}
     for host, names in owners.items():
         if len(names) == 1 and host not in view:

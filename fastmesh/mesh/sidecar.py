@@ -24,8 +24,9 @@ app's calls to each destination get (timeouts, retries, plugins); the file is re
 changes (a broken change keeps the rules in force).
 
 Lifecycle: ready (admin `GET /ready`) when both listeners are up and the registry view was loaded
-once. The instance is registered (address: --advertise, else the inbound listener's address)
-with a TTL heartbeat. SIGTERM/SIGINT: deregister first (callers stop picking this instance),
+once. The instance is registered (address: --advertise, else the inbound listener's address;
+its other addresses: --advertise-also, else with --intercept on all interfaces this pod's IPv6
+ones) with a TTL heartbeat. SIGTERM/SIGINT: deregister first (callers stop picking this instance),
 then drain the inbound side while the outbound side keeps serving the app, then drain the
 outbound side, and exit 0.
 """
@@ -43,7 +44,7 @@ from dataclasses import dataclass, field
 
 from fastmesh import __version__
 from fastmesh.config import ConfigError
-from fastmesh.mesh.registry import Instance, Registry, open_registry
+from fastmesh.mesh.registry import ADDRESSES_KEY, Instance, Registry, open_registry
 from fastmesh.mesh.routes import (
     MTLS_KEY, MeshPolicy, MeshTLSFiles, destination_of, inbound_config, mesh_hosts,
     outbound_config, use_sources,
@@ -66,6 +67,7 @@ class SidecarOptions:
     inbound: str = "0.0.0.0:15006"
     outbound: str = "127.0.0.1:15001"
     advertise: tuple[str, int] | None = None
+    advertise_also: tuple[str, ...] | None = None   # more hosts (ADDRESSES_KEY); None: detect
     zone: str = ""
     version: str = ""
     weight: int = 100
@@ -103,6 +105,32 @@ def own_address() -> str:
             return probe.getsockname()[0]
         except OSError:
             return "127.0.0.1"
+
+
+# /proc/net/if_inet6 flags of an address not to advertise: IFA_F_DADFAILED, _DEPRECATED, _TENTATIVE
+UNUSABLE_IPV6 = 0x08 | 0x20 | 0x40
+
+
+def own_ipv6_addresses(path: str = "/proc/net/if_inet6") -> tuple[str, ...]:
+    """This host's global-scope IPv6 addresses (a dual-stack pod's; not loopback or link-local,
+    none that is tentative, deprecated or failed duplicate detection): registered with the
+    instance (ADDRESSES_KEY) so that the mesh knows IPv6 calls to them. () where the file
+    cannot be read (not Linux, IPv6 off)."""
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return ()
+    found = set()
+    for line in lines:
+        fields = line.split()
+        try:
+            scope, flags = int(fields[3], 16), int(fields[4], 16)
+            if scope == 0 and not flags & UNUSABLE_IPV6:
+                found.add(ipaddress.IPv6Address(bytes.fromhex(fields[0])).compressed)
+        except (IndexError, ValueError):
+            continue
+    return tuple(sorted(found))
 
 
 def check_free(host: str, port: int) -> int:
@@ -179,24 +207,30 @@ class Sidecar:
                     self.tls.identity if self.tls is not None else None)
         from fastmesh.mesh import unknown_service
         unknown_service.serve(self)         # the catch-all asks `activate` for known services
+        also = opts.advertise_also or ()
         if opts.intercept:
             from fastmesh.streams import StreamStats
             self.opaque = {"outbound": StreamStats(), "inbound": StreamStats()}
             self._learn_hosts(self.registry.view())
             if self.tls is None:
-                await self._intercept(self.inbound, self._inbound_target)
+                twin = await self._intercept(self.inbound, self._inbound_target)
             else:                           # the mTLS accept path takes it over (below)
                 from fastmesh.mesh.opaque_mtls import Dialer
                 self.dialer = Dialer(self._tls_files())
-                self.inbound_ipv6 = await self._listen_ipv6(self.inbound,
-                                                            self.inbound.gateway.protocol_factory)
+                twin = self.inbound_ipv6 = await self._listen_ipv6(
+                    self.inbound, self.inbound.gateway.protocol_factory)
             await self._intercept(self.outbound, self._outbound_target)
+            if opts.advertise_also is None and twin is not None and \
+                    IPV6_TWINS.get(self.inbound.address[0]) == "::":
+                also = own_ipv6_addresses()     # IPv6 sent to any of them reaches this sidecar
         if self.tls is not None:
             self._listen_mtls()
         host, port = opts.advertise or (self._advertised_host(self.inbound.address[0]),
                                         self.inbound.address[1])
         ident = opts.instance_id or f"{socket.gethostname()}-{os.getpid()}-{os.urandom(2).hex()}"
         metadata = opts.metadata
+        if also:
+            metadata = tuple(sorted(dict(metadata, **{ADDRESSES_KEY: ",".join(also)}).items()))
         if self.tls is not None:
             metadata = tuple(sorted(dict(metadata, **{MTLS_KEY: self.tls.mode}).items()))
         if opts.intercept:                  # TCP to this address reaches this sidecar
@@ -328,13 +362,14 @@ class Sidecar:
     # -- transparent interception ---------------------------------------------------------------
     async def _intercept(self, worker: Worker, target) -> None:
         """Put a Detector in front of `worker`'s Gateway: its listener is replaced by one on the
-        same address whose connections are sniffed first (before the sidecar is registered)."""
+        same address whose connections are sniffed first (before the sidecar is registered).
+        Returns the IPv6 twin listener (_listen_ipv6), if any."""
         host, port = worker.address
         factory = self._detector(worker.gateway, target)
         worker.server.close()
         worker.server = await start_server(self.loop, factory, host, port, reuse_port=True,
                                            backlog=4096)
-        await self._listen_ipv6(worker, factory)
+        return await self._listen_ipv6(worker, factory)
 
     async def _listen_ipv6(self, worker: Worker, factory):
         """With interception, the IPv6 twin of `worker`'s listener (:: for 0.0.0.0, ::1 for
