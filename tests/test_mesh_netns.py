@@ -479,6 +479,42 @@ def test_opaque_tcp_between_sidecars_is_mtls_checked_and_authorized(mesh, tmp_pa
 
 
 @needs_netns
+def test_opaque_tcp_to_a_service_address_goes_to_its_instances_in_turn(mesh):
+    # What the name `b` resolves to in every pod (VIPS, like a cluster IP) is no pod's address:
+    # relayed as sent, TCP to it went nowhere. b's instances register it (--advertise-also),
+    # so a's sidecar sends TCP for it to them in turn, over mTLS as they are strict, and a
+    # connect that fails tries the next instance.
+    ca = CA(mesh.workdir / "ca")
+
+    def tls(service: str, instance: str) -> tuple:
+        return ("--mtls", "strict", "--tls-dir",
+                str(ca.issue(service, mesh.workdir / f"{instance}-tls")))
+
+    for name in ("b1", "b2"):
+        mesh.pod("b", name, sidecar_args=("--advertise-also", VIPS["b"], *tls("b", name)))
+    a = mesh.pod("a", "a1", sidecar_args=tls("a", "a1"))
+    wait_until(lambda: mesh.sees(a, "b", 2), 5, "a never saw both b instances")
+
+    def ping() -> bytes:
+        with mesh.net.connect(a, (VIPS["b"], 9000), timeout=10) as sock:
+            sock.sendall(b"ping\n")
+            sock.shutdown(socket.SHUT_WR)
+            return read_to_end(sock)
+
+    answers = [ping() for _ in range(6)]
+    assert sorted(answers) == [b"b1 ping\n"] * 3 + [b"b2 ping\n"] * 3, answers
+    outbound = mesh.admin(a, "/status")[1]["opaque_tcp"]["outbound"]
+    assert (outbound["relayed"], outbound["mtls"], outbound["connect_failures"]) == (6, 6, 0)
+    # b2's sidecar dies; until its registration expires, connects to it fail and go to b1.
+    mesh.sidecars["b2"].kill()
+    mesh.sidecars["b2"].wait(timeout=10)
+    assert [ping() for _ in range(4)] == [b"b1 ping\n"] * 4
+    outbound = mesh.admin(a, "/status")[1]["opaque_tcp"]["outbound"]
+    assert outbound["relayed"] == 10 and outbound["connect_failures"] == 2, outbound
+    assert "cannot relay to" in mesh.log("a1")
+
+
+@needs_netns
 def test_ipv6_tcp_is_intercepted_like_ipv4(mesh):
     # Each pod also has an IPv6 address, and its app listens on IPv4 only: IPv6 reaches an app
     # only through the sidecars (mesh-init's ip6tables rules, the sidecars' IPv6 listeners,
@@ -762,8 +798,9 @@ def test_more_addresses_of_an_instance_route_to_its_service_and_take_opaque_mtls
     assert mesh_hosts(view) == {"c", "d", "10.0.0.5", "10.0.0.7", "[fd00::5]"}
     assert destination_of(view, "[fd00::5]") == "c" and destination_of(view, "[fd00::6]") is None
     table = peers(view)
-    assert lookup(table, "fd00::5").service == "c" and lookup(table, "fd00::5").mode == "strict"
-    assert lookup(table, "fd00::6") is None
+    assert [(p.service, p.host, p.mode) for p in lookup(table, "fd00::5")] == \
+        [("c", "10.0.0.5", "strict")]                    # dialled at its registered address
+    assert lookup(table, "fd00::6") == () and lookup(table, "10.0.0.7")[0].service == "d"
     with pytest.raises(ValueError, match=r"metadata: fastmesh.addresses: invalid host 'fd00::5:1:2"):
         parse_instance({"service": "c", "address": "10.0.0.5:1",
                         "metadata": {"fastmesh.addresses": "fd00::5:1:2:3:4:5:6:7"}})

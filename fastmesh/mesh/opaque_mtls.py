@@ -39,6 +39,7 @@ class Peer:
     """An instance that takes TCP at its address through its sidecar."""
 
     service: str
+    host: str                       # where it is dialled: its registered address's host
     mode: str                       # its inbound mTLS mode (strict, permissive, disabled)
     opaque_ports: frozenset[int]
 
@@ -51,24 +52,25 @@ def _ports(text: str) -> frozenset[int]:
     return frozenset(int(p) for p in text.split(",") if p.strip().isdigit())
 
 
-def peers(view) -> dict[str, Peer]:
-    """Address -> Peer for the instances of the registry view that intercept inbound (each of
-    their `Instance.hosts`); an address two services share is left out (its owner, hence its identity, is unknown)."""
-    found: dict[str, Peer] = {}
-    shared: set[str] = set()
+def peers(view) -> dict[str, tuple[Peer, ...]]:
+    """Address -> the Peers that take TCP sent to it: the instances of the registry view that
+    intercept inbound (and are registered at a routable address), under each of their
+    `Instance.hosts`. An instance's own address has one; a service's virtual address, which
+    all its instances register (--advertise-also), has each of them. An address two services
+    claim is left out (its owner, hence its identity, is unknown)."""
+    found: dict[str, list[Peer]] = {}
+    owners: dict[str, set[str]] = {}
     for name, instances in view.items():
         for instance in instances:
             meta = dict(instance.metadata)
-            if TCP_KEY not in meta:
+            if TCP_KEY not in meta or routable_host(instance.host) is None:
                 continue
-            peer = Peer(name, meta.get(MTLS_KEY, "disabled"), _ports(meta[TCP_KEY]))
-            for address in filter(None, map(routable_host, instance.hosts)):
-                if address in found and found[address].service != name:
-                    shared.add(address)
-                found[address] = peer
-    for address in shared:
-        del found[address]
-    return found
+            peer = Peer(name, instance.host, meta.get(MTLS_KEY, "disabled"),
+                        _ports(meta[TCP_KEY]))
+            for address in dict.fromkeys(filter(None, map(routable_host, instance.hosts))):
+                found.setdefault(address, []).append(peer)
+                owners.setdefault(address, set()).add(name)
+    return {address: tuple(at) for address, at in found.items() if len(owners[address]) == 1}
 
 
 def wraps(peer: Peer, port: int) -> bool:
@@ -76,10 +78,10 @@ def wraps(peer: Peer, port: int) -> bool:
     return peer.mode == "strict" or (peer.mode == "permissive" and port not in peer.opaque_ports)
 
 
-def lookup(table: dict[str, Peer], host: str) -> Peer | None:
-    """The Peer at `host` (an original destination: an IP address as the kernel gives it)."""
+def lookup(table: dict[str, tuple[Peer, ...]], host: str) -> tuple[Peer, ...]:
+    """The Peers at `host` (an original destination: an IP address as the kernel gives it)."""
     address = routable_host(host)
-    return table.get(address) if address is not None else None
+    return table.get(address, ()) if address is not None else ()
 
 
 class IdentityRejected(OSError):

@@ -55,6 +55,7 @@ from fastmesh.server import DRAIN_TIMEOUT, Worker, format_url, parse_listen, sta
 INITIAL_WAIT = 3.0              # at start, wait this long at most for the first registry view
 DEREGISTER_TIMEOUT = 3.0
 DEFAULT_TTL = 10.0
+TCP_CONNECT_TRIES = 3           # opaque TCP to a service's address: instances tried at most
 POLICY_POLL = 1.0               # the --policy file is checked for changes this often
 
 
@@ -162,7 +163,8 @@ class Sidecar:
         self._scheduled = False
         self.stopping = False
         self.hosts: frozenset[str] = frozenset()     # what the outbound routes match (intercept)
-        self.peers: dict = {}                        # address -> opaque_mtls.Peer (intercept)
+        self.peers: dict = {}                 # address -> opaque_mtls.Peers there (intercept)
+        self.tcp_turn = 0                     # round robin over them (_tcp_targets)
         self.dialer = None                           # opaque_mtls.Dialer (intercept with mTLS)
         self.relays: set = set()                     # open opaque TCP relays (intercept)
         self.inbound_ipv6 = None                     # mTLS + intercept: the IPv6 twin listener
@@ -474,12 +476,22 @@ class Sidecar:
                 host = f"[{dialled}]" if ":" in dialled else dialled
             if host in self.hosts or (host and "." not in host and not host.startswith("[")):
                 return None
-        if self.dialer is not None:
-            from fastmesh.mesh.opaque_mtls import lookup, wraps
-            peer = lookup(self.peers, original[0])
-            if peer is not None and wraps(peer, original[1]):
-                return original[0], original[1], self.dialer.dial(peer.service)
-        return original
+        from fastmesh.mesh.opaque_mtls import lookup
+        at = lookup(self.peers, original[0])
+        return self._tcp_targets(at, original[1]) if at else original
+
+    def _tcp_targets(self, at: tuple, port: int) -> list[tuple]:
+        """Where TCP sent to a registered address goes: to the instances that registered it
+        (opaque_mtls.peers), from the next one in turn (round robin over a service's virtual
+        address), TCP_CONNECT_TRIES of them at most: a connect that fails tries the next. Each
+        over mTLS where it takes it (opaque_mtls.wraps) and this sidecar has mTLS."""
+        from fastmesh.mesh.opaque_mtls import wraps
+        self.tcp_turn += 1
+        first = self.tcp_turn % len(at)
+        dialer = self.dialer
+        return [(peer.host, port, dialer.dial(peer.service)
+                 if dialer is not None and wraps(peer, port) else None)
+                for peer in (at[first:] + at[:first])[:TCP_CONNECT_TRIES]]
 
     @staticmethod
     def _advertised_host(bound: str) -> str:

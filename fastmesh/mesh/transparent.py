@@ -10,8 +10,9 @@ pods' at the inbound one, redirected by iptables. A `Detector` takes each new co
 - HTTP for the mesh goes to the listener's Gateway (the Cython data path): the transport is
   handed over with the bytes read so far, so the Gateway serves it exactly as if it had
   accepted it; nothing in Python stays on the request path afterwards;
-- anything else is relayed as opaque TCP to the original destination (outbound) or to the app's
-  port that was asked for (inbound), by the project's one TCP relay (fastmesh.streams.Relay:
+- anything else is relayed as opaque TCP to the original destination (outbound: or, sent to an
+  address an instance registered, to the instances that registered it, in turn) or to the
+  app's port that was asked for (inbound), by the project's one TCP relay (fastmesh.streams.Relay:
   flow control and half-close as for `streams`; no idle timeout here), counted per side
   (`relay_counts`: the sidecar's /status and /metrics). The outbound relay to a sidecar with
   mTLS is wrapped in it (fastmesh.mesh.opaque_mtls); the route may also refuse a connection
@@ -89,7 +90,8 @@ class Detector(asyncio.Protocol):
 
     `route(original_destination, first_bytes, is_http)` decides: None to hand the connection
     to `gateway`, False to close it (refused), else the (host, port) to relay it to, or
-    (host, port, tls) to relay it over mTLS (fastmesh.streams.Relay.connect's `tls`).
+    (host, port, tls) to relay it over mTLS (fastmesh.streams.Relay.connect's `tls`; None:
+    plaintext), or a list of those to try in order until one connects.
     `opaque`: known to be opaque TCP already (the mTLS inbound's ALPN said so): no sniffing.
     """
 
@@ -175,20 +177,26 @@ class Detector(asyncio.Protocol):
         if self.eof and not transport.is_closing():
             protocol.eof_received()
 
-    async def _relay(self, target: tuple, http: bool) -> None:
+    async def _relay(self, targets, http: bool) -> None:
+        """Relay to the first of `targets` that connects ((host, port[, tls]), or a list of
+        them: a service's instances, tried in turn); when none does, the Gateway answers HTTP
+        (503 naming the service) and anything else is aborted."""
         downstream = self.transport
         relay = Relay(downstream, self.relays, self.stats)
-        try:
-            await relay.connect(target[0], target[1], CONNECT_TIMEOUT,
-                                target[2] if len(target) > 2 else None)
-        except (OSError, asyncio.TimeoutError) as exc:
-            if self.stats is not None:
-                self.stats.connect_failures += 1
-            reason = getattr(exc, "strerror", None) or str(exc) or "connect timed out"
-            print(f"fastmesh sidecar: cannot relay to {target[0]}:{target[1]}: {reason}",
-                  file=sys.stderr, flush=True)
-            if downstream.is_closing():
-                return
+        for target in targets if isinstance(targets, list) else (targets,):
+            tls = target[2] if len(target) > 2 else None
+            try:
+                await relay.connect(target[0], target[1], CONNECT_TIMEOUT, tls)
+                break
+            except (OSError, asyncio.TimeoutError) as exc:
+                if self.stats is not None:
+                    self.stats.connect_failures += 1
+                reason = getattr(exc, "strerror", None) or str(exc) or "connect timed out"
+                print(f"fastmesh sidecar: cannot relay to {target[0]}:{target[1]}: {reason}",
+                      file=sys.stderr, flush=True)
+                if downstream.is_closing():
+                    return
+        else:
             if http:                    # let the Gateway answer (503 naming the service)
                 downstream.resume_reading()
                 self._to_gateway()
@@ -200,7 +208,7 @@ class Detector(asyncio.Protocol):
             return
         if self.stats is not None:
             self.stats.accepted += 1
-            if len(target) > 2 or downstream.get_extra_info("sslcontext") is not None:
+            if tls is not None or downstream.get_extra_info("sslcontext") is not None:
                 self.stats.mtls += 1
         relay.start(bytes(self.buffer), self.eof)
 
