@@ -252,12 +252,6 @@ def registry_file(pods: list[Pod], mtls: str | None = None) -> str:
         for i, p in enumerate(pods)}}, indent=1) + "\n"     # JSON is YAML
 
 
-def fastmesh_env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(servers.REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
 def issue_certificates(home: Path, python: str, count: int) -> list[Path]:
     """A CA for this run (`fastmesh ca init`) and one workload directory per service
     (`fastmesh ca issue`): home/certs/sN with cert.pem, key.pem, ca.pem."""
@@ -269,7 +263,7 @@ def issue_certificates(home: Path, python: str, count: int) -> list[Path]:
               for i, d in enumerate(dirs)]
     for argv in steps:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=60,
-                              env=fastmesh_env(), cwd=servers.REPO)
+                              env=servers.fastmesh_env(servers.REPO, python), cwd=servers.REPO)
         if done.returncode != 0:
             raise servers.StartError(f"{shlex.join(argv[2:])} exited {done.returncode}: "
                                      f"{(done.stderr or done.stdout).strip()[-300:]}")
@@ -340,8 +334,8 @@ def build(name: str, tmp: Path, tools: dict, python: str, net=None) -> Layout:
                     "--admin", f"127.0.0.1:{pod.admin}", "--instance-id", f"{service(i)}-1"]
             if tls_dirs:
                 argv += ["--mtls", "strict", "--tls-dir", str(tls_dirs[i])]
-            sidecar = _server(pod, side, argv, pod.admin, home, local=True, env=fastmesh_env(),
-                              cwd=servers.REPO)
+            sidecar = _server(pod, side, argv, pod.admin, home, local=True,
+                              env=servers.fastmesh_env(servers.REPO, python), cwd=servers.REPO)
         elif name == "nginx":
             sidecar = _nginx(pod, side, nginx_sidecar_conf(home, side, pod, pods), pod.inbound,
                              home, tools["nginx"])

@@ -30,7 +30,6 @@ same interleaved rounds: before/after in one run, on one machine state.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import sys
@@ -40,7 +39,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import loadgen  # noqa: E402
 from servers import (  # noqa: E402
-    Server, fastmesh_server, free_port, nginx_server, nginx_upstream_conf, server_cpu_seconds)
+    Server, fastmesh_env, fastmesh_server, free_port, nginx_server, nginx_upstream_conf,
+    server_cpu_seconds)
 
 KEY = "bench-key-0123456789"
 HEADERS = [f"apikey: {KEY}", "Origin: https://app.example"]
@@ -85,9 +85,7 @@ def baseline_server(name: str, conf: str, port: int, workdir: Path, tree: Path) 
     cfg.write_text(conf)
     argv = [sys.executable, "-m", "fastmesh", "run", "--config", str(cfg),
             "--listen", f"127.0.0.1:{port}", "--workers", "1", "--admin", "off"]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(tree)
-    return Server(name, argv, port, workdir, env=env, cwd=tree)
+    return Server(name, argv, port, workdir, env=fastmesh_env(tree), cwd=tree)
 
 
 def summary(rows: dict, base_label: str, labels: list) -> list:

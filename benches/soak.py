@@ -36,7 +36,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from servers import REPO, Server, StartError, fastmesh_server, free_port, memory  # noqa: E402
+from servers import (  # noqa: E402
+    REPO, Server, StartError, fastmesh_env, fastmesh_server, free_port, memory,
+)
 from conformance import CASES  # noqa: E402
 
 # rules whose request is legitimate: a 200 for them is correct
@@ -295,8 +297,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="fastmesh-soak-") as tmp:
         work = Path(tmp)
         echo_port, gw_port = free_port(), free_port()
-        env = dict(os.environ)
-        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+        env = fastmesh_env()
         echo = Server("echo", [sys.executable, "-m", "fastmesh", "echo", "--listen", f"127.0.0.1:{echo_port}"],
                       echo_port, work, env=env, cwd=REPO)
         conf = (f'_format_version: "1"\n'

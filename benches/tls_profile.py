@@ -128,8 +128,7 @@ class Case:
 
 
 def env_for(path: Path, openssl_conf: Path | None) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(path) + os.pathsep + env.get("PYTHONPATH", "")
+    env = servers.fastmesh_env(path)
     if openssl_conf is not None:
         env["OPENSSL_CONF"] = str(openssl_conf)
     return env
