@@ -490,25 +490,32 @@ def test_opaque_tcp_to_a_service_address_goes_to_its_instances_in_turn(mesh):
         return ("--mtls", "strict", "--tls-dir",
                 str(ca.issue(service, mesh.workdir / f"{instance}-tls")))
 
-    for name in ("b1", "b2"):
-        mesh.pod("b", name, sidecar_args=("--advertise-also", VIPS["b"], *tls("b", name)))
+    b = {name: mesh.pod("b", name, sidecar_args=("--advertise-also", VIPS["b"],
+                                                  *tls("b", name))) for name in ("b1", "b2")}
     a = mesh.pod("a", "a1", sidecar_args=tls("a", "a1"))
-    wait_until(lambda: mesh.sees(a, "b", 2), 5, "a never saw both b instances")
+    wait_until(lambda: mesh.sees(a, "b", 2) and mesh.sees(b["b1"], "b", 2), 5,
+               "a or b1 never saw both b instances")
 
-    def ping() -> bytes:
-        with mesh.net.connect(a, (VIPS["b"], 9000), timeout=10) as sock:
+    def ping(pod) -> bytes:
+        with mesh.net.connect(pod, (VIPS["b"], 9000), timeout=10) as sock:
             sock.sendall(b"ping\n")
             sock.shutdown(socket.SHUT_WR)
             return read_to_end(sock)
 
-    answers = [ping() for _ in range(6)]
+    answers = [ping(a) for _ in range(6)]
     assert sorted(answers) == [b"b1 ping\n"] * 3 + [b"b2 ping\n"] * 3, answers
     outbound = mesh.admin(a, "/status")[1]["opaque_tcp"]["outbound"]
     assert (outbound["relayed"], outbound["mtls"], outbound["connect_failures"]) == (6, 6, 0)
+    # b1's own app calling its service's address: its own instance is served locally (its
+    # sidecar's dial of its pod address is not redirected: it would reach the app past TLS).
+    answers = [ping(b["b1"]) for _ in range(4)]
+    assert sorted(answers) == [b"b1 ping\n"] * 2 + [b"b2 ping\n"] * 2, answers
+    outbound = mesh.admin(b["b1"], "/status")[1]["opaque_tcp"]["outbound"]
+    assert (outbound["relayed"], outbound["mtls"], outbound["connect_failures"]) == (4, 2, 0)
     # b2's sidecar dies; until its registration expires, connects to it fail and go to b1.
     mesh.sidecars["b2"].kill()
     mesh.sidecars["b2"].wait(timeout=10)
-    assert [ping() for _ in range(4)] == [b"b1 ping\n"] * 4
+    assert [ping(a) for _ in range(4)] == [b"b1 ping\n"] * 4
     outbound = mesh.admin(a, "/status")[1]["opaque_tcp"]["outbound"]
     assert outbound["relayed"] == 10 and outbound["connect_failures"] == 2, outbound
     assert "cannot relay to" in mesh.log("a1")
@@ -784,26 +791,57 @@ def test_instance_hosts_route_to_their_service_unless_ambiguous():
 
 def test_more_addresses_of_an_instance_route_to_its_service_and_take_opaque_mtls():
     from fastmesh.mesh.opaque_mtls import lookup, peers
-    from fastmesh.mesh.registry import make_view, parse_instance
+    from fastmesh.mesh.registry import Instance, make_view, parse_instance
     from fastmesh.mesh.routes import destination_of, mesh_hosts
-    c1 = parse_instance({"service": "c", "id": "c1", "address": "10.0.0.5:15006", "metadata": {
-        "fastmesh.addresses": "[FD00::0005], fd00::6,", "fastmesh.tcp": "",
-        "fastmesh.mtls": "strict"}})
+
+    def instance(service, ident, address, addresses, tcp=True, mode=None):
+        meta = {"fastmesh.addresses": addresses, **({"fastmesh.tcp": ""} if tcp else {}),
+                **({"fastmesh.mtls": mode} if mode else {})}
+        return parse_instance({"service": service, "id": ident, "address": address,
+                               "metadata": meta})
+
+    c1 = instance("c", "c1", "10.0.0.5:15006", "[FD00::0005], fd00::6,", mode="strict")
     assert c1.hosts == ("10.0.0.5", "fd00::5", "fd00::6")          # as registered, normalized
     assert dict(c1.metadata)["fastmesh.addresses"] == "fd00::5,fd00::6"
-    d1 = parse_instance({"service": "d", "id": "d1", "address": "10.0.0.7:15006",
-                         "metadata": {"fastmesh.addresses": "fd00::6", "fastmesh.tcp": ""}})
-    view = make_view([c1, d1])
-    # fd00::6 is claimed by both: it names neither (as a shared IPv4 address).
-    assert mesh_hosts(view) == {"c", "d", "10.0.0.5", "10.0.0.7", "[fd00::5]"}
+    view = make_view([
+        c1, instance("d", "d1", "10.0.0.7:15006", "fd00::6"),         # fd00::6: c's and d's
+        instance("e", "e1", "10.0.0.8:15006", "10.0.0.5,10.96.0.9"),  # 10.0.0.5 is c1's
+        instance("f", "f1", "10.0.0.9:15006", "10.96.0.9", tcp=False),   # 10.96.0.9: e's and f's
+        Instance("g", "g1", "10.0.0.10", 15006)])
+    # A claimed address names its service, unless another instance is registered at it (c1
+    # keeps 10.0.0.5) or two services claim it (fd00::6, 10.96.0.9: neither, for HTTP and TCP).
+    assert mesh_hosts(view) == {"c", "d", "e", "f", "g", "10.0.0.5", "10.0.0.7", "10.0.0.8",
+                                "10.0.0.9", "10.0.0.10", "[fd00::5]"}
     assert destination_of(view, "[fd00::5]") == "c" and destination_of(view, "[fd00::6]") is None
+    assert destination_of(view, "10.0.0.5") == "c" and destination_of(view, "10.96.0.9") is None
     table = peers(view)
     assert [(p.service, p.host, p.mode) for p in lookup(table, "fd00::5")] == \
         [("c", "10.0.0.5", "strict")]                    # dialled at its registered address
-    assert lookup(table, "fd00::6") == () and lookup(table, "10.0.0.7")[0].service == "d"
-    with pytest.raises(ValueError, match=r"metadata: fastmesh.addresses: invalid host 'fd00::5:1:2"):
-        parse_instance({"service": "c", "address": "10.0.0.5:1",
-                        "metadata": {"fastmesh.addresses": "fd00::5:1:2:3:4:5:6:7"}})
+    assert [p.service for p in lookup(table, "10.0.0.5")] == ["c"]
+    assert lookup(table, "fd00::6") == () and lookup(table, "10.96.0.9") == ()
+    assert lookup(table, "10.0.0.9") == () and lookup(table, "10.0.0.10") == ()   # no TCP key
+    for bad in ("fd00::5:1:2:3:4:5:6:7", "c1.pods.local", "fe80::1%eth0", "[10.0.0.1]",
+                ",".join(f"10.0.1.{i}" for i in range(17))):
+        with pytest.raises(ValueError, match=r"metadata: fastmesh.addresses: (expected IP|at most 16)"):
+            instance("c", "c1", "10.0.0.5:1", bad)
+
+
+def test_opaque_tcp_targets_take_turns_prefer_plaintext_without_mtls_and_serve_their_own():
+    from fastmesh.mesh.opaque_mtls import Peer, targets
+    b1, b2, b3 = (Peer("b", f"10.0.0.{i}", mode, frozenset())
+                  for i, mode in ((1, "strict"), (2, "disabled"), (3, "permissive")))
+    at = (b1, b2, b3)
+    # Without mTLS: strict b1 is skipped while another instance takes plaintext.
+    assert targets(at, 9000, 0, None, None, "127.0.0.1") == \
+        [("10.0.0.2", 9000, None), ("10.0.0.3", 9000, None)]
+    assert targets(at, 9000, 1, None, None, "127.0.0.1")[0] == ("10.0.0.3", 9000, None)
+    assert targets((b1,), 9000, 5, None, None, "127.0.0.1") == [("10.0.0.1", 9000, None)]
+    # This pod's own instance is its app's port, locally, never over TLS.
+    assert targets(at, 9000, 1, None, ("b", "10.0.0.3"), "127.0.0.1") == \
+        [("127.0.0.1", 9000, None), ("10.0.0.2", 9000, None)]
+    many = tuple(Peer("b", f"10.0.1.{i}", "disabled", frozenset()) for i in range(5))
+    assert [t[0] for t in targets(many, 1, 3, None, None, "::1")] == \
+        ["10.0.1.3", "10.0.1.4", "10.0.1.0"]                        # 3 tries at most
 
 
 def test_own_ipv6_addresses_are_the_usable_global_ones(tmp_path):
@@ -815,6 +853,7 @@ def test_own_ipv6_addresses_are_the_usable_global_ones(tmp_path):
         "fe800000000000000000000000000001 02 40 20 80     eth0\n"   # link-local
         "20010db8000000000000000000000007 02 40 00 c0     eth0\n"   # tentative
         "20010db8000000000000000000000008 02 40 00 20     eth0\n"   # deprecated
+        "2001db8000000000000000000000000a 02 40 00 01     eth0\n"   # temporary (privacy)
         "20010db8000000000000000000000009 03 40 00 00     eth1\n"
         "short line\n")
     assert own_ipv6_addresses(str(table)) == ("2001:db8::9", "fd00::5")

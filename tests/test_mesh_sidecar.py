@@ -501,24 +501,26 @@ def test_registration_records_the_instance_fields(mesh):
 
 
 def test_more_addresses_are_registered_checked_and_routed(mesh):
-    # --advertise-also (a dual-stack pod's IPv6 address; --meta fastmesh.addresses too) goes
-    # into the registered metadata, normalized; calls with it as Host are calls to b.
+    # --advertise-also (an IP address of the pod, or of its service; --meta fastmesh.addresses
+    # too) goes into the registered metadata, normalized; calls with it as Host are calls to b.
     b1 = mesh.pod("b", "b1", "--advertise-also", "FD00::0005", "--meta",
-                  "fastmesh.addresses=fd00::6,b1.pods.local")
+                  "fastmesh.addresses=fd00::6,[fd00::5], 10.9.9.9")
     a = mesh.pod("a", "a1")
     raw = mesh.redis.command("GET", instance_key("b", "b1"))
     value = json.loads(raw.split(b"\r\n", 1)[1].rsplit(b"\r\n", 1)[0])
-    assert value["metadata"]["fastmesh.addresses"] == "fd00::6,b1.pods.local,fd00::5"
+    assert value["metadata"]["fastmesh.addresses"] == "fd00::6,fd00::5,10.9.9.9"
     wait_until(lambda: get(a.outbound, "/", host="[fd00::5]:8080").status == 200, 5,
                "a never routed b's IPv6 address", interval=0.05)
-    assert call(a.outbound, "b1.pods.local")[1]["instance"] == "b1"
+    assert call(a.outbound, "10.9.9.9")[1]["instance"] == "b1"
     assert b1.proc.proc.poll() is None
-    for bad in (("--advertise-also", "fd00::5:80:1:2:3:4:5:6"),
-                ("--meta", "fastmesh.addresses=10.0.0.1:80")):
+    # Addresses only (a name would let an instance take HTTP for it), and no zone index.
+    for bad, says in ((("--advertise-also", "b1.pods.local"), "expected one IP address"),
+                      (("--advertise-also", "fe80::1%eth0"), "expected one IP address"),
+                      (("--meta", "fastmesh.addresses=10.0.0.1:80"), "expected IP addresses")):
         done = subprocess.run(fastmesh_cmd("sidecar", "--service", "x", "--app-port", "1", *bad),
                               capture_output=True, text=True, timeout=30, cwd=ROOT)
         assert done.returncode == 2, done
-        assert "invalid host" in done.stderr and "Traceback" not in done.stderr, done.stderr
+        assert says in done.stderr and "Traceback" not in done.stderr, done.stderr
 
 
 def test_file_registry_reloads_on_change(file_mesh):

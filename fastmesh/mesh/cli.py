@@ -39,9 +39,15 @@ def _address(value: str) -> tuple[str, int]:
     return instance_address(value)
 
 
-def _host(value: str) -> str:
-    from fastmesh.config.schema import address_host
-    return address_host(value)
+def _extra_address(value: str) -> str:
+    from fastmesh.mesh.registry import addresses_value
+    try:
+        found = addresses_value(value)
+    except Invalid:
+        found = ""
+    if not found or "," in found:
+        raise Invalid(f"expected one IP address (IPv6 without a zone), found {value!r}")
+    return found
 
 
 def _listen(value: str) -> str:
@@ -142,10 +148,11 @@ def add_parser(sub) -> None:
     p.add_argument("--advertise", type=_checked(_address, "address"), metavar="HOST:PORT",
                    help="address registered for this instance (default: the inbound listener's; "
                         "when it listens on all interfaces, this host's primary address)")
-    p.add_argument("--advertise-also", action="append", type=_checked(_host, "address"),
-                   metavar="HOST", help="another address of this instance (repeatable; a "
-                   "dual-stack pod's IPv6 one): calls sent to it are calls to this service "
-                   "(default with --intercept on all interfaces: this pod's IPv6 addresses)")
+    p.add_argument("--advertise-also", action="append", default=[],
+                   type=_checked(_extra_address, "address"), metavar="IP",
+                   help="another address of this instance (repeatable): its service's virtual "
+                   "address, or one of its pod's; calls and TCP sent to it are for this service "
+                   "(with --intercept on all interfaces, this pod's IPv6 addresses are added)")
     p.add_argument("--zone", default="", metavar="ZONE",
                    help="registered with the instance; the app's calls go to instances of this "
                         "zone first (see --locality)")
@@ -238,7 +245,7 @@ def main(args) -> int:
         except Invalid as exc:
             print(f"fastmesh sidecar: --meta: {exc.message}", file=sys.stderr)
             return 2
-        also = [*(written.split(",") if written else ()), *(also or ())]
+        also = [*(written.split(",") if written else ()), *also]
     if admin != "off" and not admin.endswith(":0"):
         # Registered so that `fastmesh mesh status` finds this sidecar's admin API.
         from fastmesh.mesh.registry import ADMIN_KEY
@@ -246,7 +253,7 @@ def main(args) -> int:
     options = SidecarOptions(
         service=args.service, app_port=args.app_port, registry=args.registry,
         inbound=args.inbound, outbound=args.outbound, advertise=args.advertise,
-        advertise_also=None if also is None else tuple(dict.fromkeys(also)),
+        advertise_also=tuple(dict.fromkeys(also)),
         zone=args.zone, version=args.instance_version, weight=args.weight,
         metadata=tuple(sorted(metadata.items())), instance_id=args.instance_id,
         admin=None if admin == "off" else admin, admin_explicit=args.admin is not None,

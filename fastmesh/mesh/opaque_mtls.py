@@ -26,7 +26,7 @@ import logging
 from dataclasses import dataclass
 from typing import Callable
 
-from fastmesh.mesh.routes import MTLS_KEY, MeshTLSFiles, routable_host
+from fastmesh.mesh.routes import MTLS_KEY, MeshTLSFiles, host_owners, routable_host
 
 log = logging.getLogger("fastmesh")
 
@@ -55,27 +55,57 @@ def _ports(text: str) -> frozenset[int]:
 def peers(view) -> dict[str, tuple[Peer, ...]]:
     """Address -> the Peers that take TCP sent to it: the instances of the registry view that
     intercept inbound (and are registered at a routable address), under each of their
-    `Instance.hosts`. An instance's own address has one; a service's virtual address, which
-    all its instances register (--advertise-also), has each of them. An address two services
-    claim is left out (its owner, hence its identity, is unknown)."""
+    `Instance.hosts` that names their service only (routes.host_owners). An instance's own
+    address has one; a service's virtual address, which all its instances register
+    (--advertise-also), has each of them. An address registered by an instance is its alone;
+    one that two services claim is left out (its owner, hence its identity, is unknown)."""
+    owners = host_owners(view)
     found: dict[str, list[Peer]] = {}
-    owners: dict[str, set[str]] = {}
     for name, instances in view.items():
         for instance in instances:
             meta = dict(instance.metadata)
-            if TCP_KEY not in meta or routable_host(instance.host) is None:
+            own = routable_host(instance.host)
+            if TCP_KEY not in meta or own is None:
                 continue
             peer = Peer(name, instance.host, meta.get(MTLS_KEY, "disabled"),
                         _ports(meta[TCP_KEY]))
             for address in dict.fromkeys(filter(None, map(routable_host, instance.hosts))):
-                found.setdefault(address, []).append(peer)
-                owners.setdefault(address, set()).add(name)
-    return {address: tuple(at) for address, at in found.items() if len(owners[address]) == 1}
+                names, registered = owners[address]
+                if names == {name} and (address == own or not registered):
+                    found.setdefault(address, []).append(peer)
+    return {address: tuple(at) for address, at in found.items()}
 
 
 def wraps(peer: Peer, port: int) -> bool:
     """Whether a relayed connection to `peer` on `port` goes over mTLS (module doc)."""
     return peer.mode == "strict" or (peer.mode == "permissive" and port not in peer.opaque_ports)
+
+
+CONNECT_TRIES = 3           # TCP to a service's virtual address: instances tried at most
+
+
+def targets(at: tuple[Peer, ...], port: int, turn: int, dialer: "Dialer | None",
+            own: tuple[str, str] | None, app_host: str) -> list[tuple]:
+    """Where TCP sent to `port` of an address with the Peers `at` goes: (host, port, tls or
+    None) for each to try in order (fastmesh.mesh.transparent.Detector), from `at[turn]` on,
+    CONNECT_TRIES at most (a connect that fails tries the next). Each over mTLS where the peer
+    takes it (`wraps`) and there is a `dialer` (this sidecar has mTLS); without one, strict
+    peers only when no other one takes plaintext. The peer that is this pod's own instance
+    (`own`: its service and host) is `app_host`:port, as its inbound side would relay it: the
+    sidecar's own connections are not redirected, so a dial of its pod address would reach the
+    app directly, past TLS."""
+    if dialer is None:
+        at = tuple(peer for peer in at if peer.mode != "strict") or at
+    first = turn % len(at)
+    found = []
+    for peer in (at[first:] + at[:first])[:CONNECT_TRIES]:
+        if own == (peer.service, peer.host):
+            found.append((app_host, port, None))
+        elif dialer is not None and wraps(peer, port):
+            found.append((peer.host, port, dialer.dial(peer.service)))
+        else:
+            found.append((peer.host, port, None))
+    return found
 
 
 def lookup(table: dict[str, tuple[Peer, ...]], host: str) -> tuple[Peer, ...]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from fastmesh.config.schema import (
-    Fields, Invalid, Issues, address_host, hostname, integer, string,
+    Fields, Invalid, Issues, hostname, integer, ip_literal, string,
 )
 from fastmesh.config.streams import connect_address
 
@@ -26,9 +26,11 @@ DEFAULT_WEIGHT = 100
 # entry rather than a new field: entries without it still parse, and sidecars that predate it
 # (which refuse unknown fields) still accept entries that carry it.
 ADMIN_KEY = "fastmesh.admin"
-# More addresses of the instance (a dual-stack pod's IPv6 ones), comma-separated hosts: TCP or a
-# Host header sent to one of them is for this instance's service, as to `address`'s host. The
-# mesh dials `address` only. A metadata entry for the same reason as ADMIN_KEY.
+# More addresses of the instance (a dual-stack pod's IPv6 ones, its service's virtual address),
+# comma-separated IP addresses: TCP or a Host header sent to one of them is for this instance's
+# service, as to `address`'s host, unless another instance is registered at it (see
+# fastmesh.mesh.routes.host_owners). The mesh dials `address` only. A metadata entry for the
+# same reason as ADMIN_KEY.
 ADDRESSES_KEY = "fastmesh.addresses"
 
 View = dict  # service name -> tuple[Instance, ...] (sorted by id)
@@ -105,19 +107,35 @@ def _metadata(value: object) -> tuple[tuple[str, str], ...]:
     for key, item_value in value.items():
         if not isinstance(key, str) or not isinstance(item_value, (str, int, float, bool)):
             raise Invalid(f"expected string keys and scalar values, found {key!r}: {item_value!r}")
-        text = _label(str(item_value))
-        pairs.append((_label(key), addresses_value(text) if key == ADDRESSES_KEY else text))
+        if key == ADDRESSES_KEY:            # its own limit: up to ADDRESSES_MAX addresses
+            pairs.append((key, addresses_value(str(item_value))))
+        else:
+            pairs.append((_label(key), _label(str(item_value))))
     return tuple(sorted(pairs))
 
 
+ADDRESSES_MAX = 16
+
+
 def addresses_value(text: str) -> str:
-    """ADDRESSES_KEY's value, each host checked and written as `Instance.host` is (IPv6
-    without brackets, compressed; names lower-cased); Invalid names the bad one."""
-    hosts = [part.strip() for part in text.split(",") if part.strip()]
-    try:
-        return ",".join(address_host(host) for host in hosts)
-    except Invalid as exc:
-        raise Invalid(f"{ADDRESSES_KEY}: {exc}") from None
+    """ADDRESSES_KEY's value: at most ADDRESSES_MAX IP addresses (IPv6 with or without
+    brackets, no zone index), written as `Instance.host` is (compressed, without brackets),
+    each once; Invalid names the bad one. Addresses only: a host name there would let an
+    instance take HTTP for that name from the mesh's callers."""
+    found = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        bare = part[1:-1] if part.startswith("[") and part.endswith("]") else part
+        address = ip_literal(bare) if "%" not in bare else None
+        if address is None or (bare is not part and address.version != 6):
+            raise Invalid(f"{ADDRESSES_KEY}: expected IP addresses, found {part[:60]!r}")
+        found.append(address.compressed)
+    found = list(dict.fromkeys(found))
+    if len(found) > ADDRESSES_MAX:
+        raise Invalid(f"{ADDRESSES_KEY}: at most {ADDRESSES_MAX} addresses, found {len(found)}")
+    return ",".join(found)
 
 
 def read_instance(fields: Fields, service: str | None = None) -> Instance | None:

@@ -130,18 +130,30 @@ def routable_host(host: str) -> str | None:
     return f"[{address.compressed}]" if address.version == 6 else address.compressed
 
 
-def instance_hosts(view: View) -> dict[str, tuple[str, ...]]:
-    """service -> the hosts of its instances that a call may be addressed to (`Host: 10.0.0.5`
-    or `10.0.0.5:8080`: the port is not matched; every one of `Instance.hosts`). A host shared by two services, or equal to a
-    service name, is left out: it could not tell them apart."""
-    owners: dict[str, set[str]] = {}
+def host_owners(view: View) -> dict[str, tuple[frozenset[str], bool]]:
+    """Routable host -> (the services it names, registered: whether some instance's address is
+    at it). Those are the services of the instances registered at the host, else, when none
+    is, of those that claim it as another address (`Instance.hosts`): an instance cannot take a
+    host away from the instance registered there."""
+    registered: dict[str, set[str]] = {}
+    claimed: dict[str, set[str]] = {}
     for name, instances in view.items():
         for instance in instances:
-            for host in map(routable_host, instance.hosts):
+            for i, host in enumerate(map(routable_host, instance.hosts)):
                 if host is not None:
-                    owners.setdefault(host, set()).add(name)
+                    (claimed if i else registered).setdefault(host, set()).add(name)
+    owners = {host: (frozenset(names), False) for host, names in claimed.items()}
+    owners.update((host, (frozenset(names), True)) for host, names in registered.items())
+    return owners
+
+
+def instance_hosts(view: View) -> dict[str, tuple[str, ...]]:
+    """service -> the hosts of its instances that a call may be addressed to (`Host: 10.0.0.5`
+    or `10.0.0.5:8080`: the port is not matched; `Instance.hosts`, as host_owners says). A host
+    that names two services, or equal to a service name, is left out: it could not tell them
+    apart."""
     found: dict[str, list[str]] = {}
-    for host, names in owners.items():
+    for host, (names, _) in host_owners(view).items():
         if len(names) == 1 and host not in view:
             found.setdefault(next(iter(names)), []).append(host)
     return {name: tuple(sorted(hosts)) for name, hosts in found.items()}

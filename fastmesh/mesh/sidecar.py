@@ -25,7 +25,7 @@ changes (a broken change keeps the rules in force).
 
 Lifecycle: ready (admin `GET /ready`) when both listeners are up and the registry view was loaded
 once. The instance is registered (address: --advertise, else the inbound listener's address;
-its other addresses: --advertise-also, else with --intercept on all interfaces this pod's IPv6
+its other addresses: --advertise-also, and with --intercept on all interfaces this pod's IPv6
 ones) with a TTL heartbeat. SIGTERM/SIGINT: deregister first (callers stop picking this instance),
 then drain the inbound side while the outbound side keeps serving the app, then drain the
 outbound side, and exit 0.
@@ -44,7 +44,9 @@ from dataclasses import dataclass, field
 
 from fastmesh import __version__
 from fastmesh.config import ConfigError
-from fastmesh.mesh.registry import ADDRESSES_KEY, Instance, Registry, open_registry
+from fastmesh.mesh.registry import (
+    ADDRESSES_KEY, ADDRESSES_MAX, Instance, Registry, addresses_value, open_registry,
+)
 from fastmesh.mesh.routes import (
     MTLS_KEY, MeshPolicy, MeshTLSFiles, destination_of, inbound_config, mesh_hosts,
     outbound_config, use_sources,
@@ -55,7 +57,6 @@ from fastmesh.server import DRAIN_TIMEOUT, Worker, format_url, parse_listen, sta
 INITIAL_WAIT = 3.0              # at start, wait this long at most for the first registry view
 DEREGISTER_TIMEOUT = 3.0
 DEFAULT_TTL = 10.0
-TCP_CONNECT_TRIES = 3           # opaque TCP to a service's address: instances tried at most
 POLICY_POLL = 1.0               # the --policy file is checked for changes this often
 
 
@@ -68,7 +69,7 @@ class SidecarOptions:
     inbound: str = "0.0.0.0:15006"
     outbound: str = "127.0.0.1:15001"
     advertise: tuple[str, int] | None = None
-    advertise_also: tuple[str, ...] | None = None   # more hosts (ADDRESSES_KEY); None: detect
+    advertise_also: tuple[str, ...] = ()   # more addresses (ADDRESSES_KEY), beside detected ones
     zone: str = ""
     version: str = ""
     weight: int = 100
@@ -108,13 +109,15 @@ def own_address() -> str:
             return "127.0.0.1"
 
 
-# /proc/net/if_inet6 flags of an address not to advertise: IFA_F_DADFAILED, _DEPRECATED, _TENTATIVE
-UNUSABLE_IPV6 = 0x08 | 0x20 | 0x40
+# /proc/net/if_inet6 flags of an address not to advertise: IFA_F_DADFAILED, _DEPRECATED, _TENTATIVE;
+# IFA_F_TEMPORARY too: a privacy address is a source address, nobody dials it.
+UNUSABLE_IPV6 = 0x01 | 0x08 | 0x20 | 0x40
 
 
 def own_ipv6_addresses(path: str = "/proc/net/if_inet6") -> tuple[str, ...]:
     """This host's global-scope IPv6 addresses (a dual-stack pod's; not loopback or link-local,
-    none that is tentative, deprecated or failed duplicate detection): registered with the
+    none that is temporary, tentative, deprecated or failed duplicate detection; read once, at
+    start): registered with the
     instance (ADDRESSES_KEY) so that the mesh knows IPv6 calls to them. () where the file
     cannot be read (not Linux, IPv6 off)."""
     try:
@@ -164,7 +167,7 @@ class Sidecar:
         self.stopping = False
         self.hosts: frozenset[str] = frozenset()     # what the outbound routes match (intercept)
         self.peers: dict = {}                 # address -> opaque_mtls.Peers there (intercept)
-        self.tcp_turn = 0                     # round robin over them (_tcp_targets)
+        self.tcp_turns: dict[str, int] = {}   # address -> round robin over its Peers
         self.dialer = None                           # opaque_mtls.Dialer (intercept with mTLS)
         self.relays: set = set()                     # open opaque TCP relays (intercept)
         self.inbound_ipv6 = None                     # mTLS + intercept: the IPv6 twin listener
@@ -209,7 +212,7 @@ class Sidecar:
                     self.tls.identity if self.tls is not None else None)
         from fastmesh.mesh import unknown_service
         unknown_service.serve(self)         # the catch-all asks `activate` for known services
-        also = opts.advertise_also or ()
+        also = opts.advertise_also
         if opts.intercept:
             from fastmesh.streams import StreamStats
             self.opaque = {"outbound": StreamStats(), "inbound": StreamStats()}
@@ -222,9 +225,10 @@ class Sidecar:
                 twin = self.inbound_ipv6 = await self._listen_ipv6(
                     self.inbound, self.inbound.gateway.protocol_factory)
             await self._intercept(self.outbound, self._outbound_target)
-            if opts.advertise_also is None and twin is not None and \
-                    IPV6_TWINS.get(self.inbound.address[0]) == "::":
-                also = own_ipv6_addresses()     # IPv6 sent to any of them reaches this sidecar
+            bound = self.inbound.address[0]
+            if bound == "::" or twin is not None and IPV6_TWINS.get(bound) == "::":
+                # IPv6 TCP to any of this pod's addresses reaches this sidecar.
+                also = tuple(dict.fromkeys(also + own_ipv6_addresses()))
         if self.tls is not None:
             self._listen_mtls()
         host, port = opts.advertise or (self._advertised_host(self.inbound.address[0]),
@@ -232,7 +236,8 @@ class Sidecar:
         ident = opts.instance_id or f"{socket.gethostname()}-{os.getpid()}-{os.urandom(2).hex()}"
         metadata = opts.metadata
         if also:
-            metadata = tuple(sorted(dict(metadata, **{ADDRESSES_KEY: ",".join(also)}).items()))
+            value = addresses_value(",".join(also[:ADDRESSES_MAX]))     # as callers will read it
+            metadata = tuple(sorted(dict(metadata, **{ADDRESSES_KEY: value}).items()))
         if self.tls is not None:
             metadata = tuple(sorted(dict(metadata, **{MTLS_KEY: self.tls.mode}).items()))
         if opts.intercept:                  # TCP to this address reaches this sidecar
@@ -478,20 +483,18 @@ class Sidecar:
                 return None
         from fastmesh.mesh.opaque_mtls import lookup
         at = lookup(self.peers, original[0])
-        return self._tcp_targets(at, original[1]) if at else original
+        return self._tcp_targets(original[0], at, original[1]) if at else original
 
-    def _tcp_targets(self, at: tuple, port: int) -> list[tuple]:
-        """Where TCP sent to a registered address goes: to the instances that registered it
-        (opaque_mtls.peers), from the next one in turn (round robin over a service's virtual
-        address), TCP_CONNECT_TRIES of them at most: a connect that fails tries the next. Each
-        over mTLS where it takes it (opaque_mtls.wraps) and this sidecar has mTLS."""
-        from fastmesh.mesh.opaque_mtls import wraps
-        self.tcp_turn += 1
-        first = self.tcp_turn % len(at)
-        dialer = self.dialer
-        return [(peer.host, port, dialer.dial(peer.service)
-                 if dialer is not None and wraps(peer, port) else None)
-                for peer in (at[first:] + at[:first])[:TCP_CONNECT_TRIES]]
+    def _tcp_targets(self, address: str, at: tuple, port: int) -> list[tuple]:
+        """Where TCP sent to a registered `address` goes (opaque_mtls.targets), the instances
+        there taken in turn: round robin over a service's virtual address."""
+        from fastmesh.mesh.opaque_mtls import targets
+        turn = 0
+        if len(at) > 1:
+            turn = self.tcp_turns[address] = self.tcp_turns.get(address, -1) + 1
+        me = self.instance
+        return targets(at, port, turn, self.dialer, (me.service, me.host) if me else None,
+                       self.options.app_host)
 
     @staticmethod
     def _advertised_host(bound: str) -> str:
