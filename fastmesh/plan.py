@@ -162,7 +162,29 @@ def _rank(entry, route: Route, consumer: str | None) -> int:
                         entry.service is not None)]
 
 
+class _Scopes:
+    """The plugin entries by the (route, service) they are scoped to, in config order: a
+    route's chain looks only at the four groups that may apply to it. Looking at every entry
+    for every route made a Plan's compilation quadratic: a sidecar's inbound config with 1,000
+    caller routes, each with its authorization entry, spent ~0.3 s there."""
+
+    def __init__(self, entries):
+        self.groups: dict[tuple, list] = {}
+        for entry in entries:
+            self.groups.setdefault((entry.route, entry.service), []).append(entry)
+
+    def of(self, route: Route) -> list:
+        """The entries that may apply to `route`, each group in config order."""
+        found = []
+        for key in ((None, None), (None, route.service), (route.name, None),
+                    (route.name, route.service)):
+            found += self.groups.get(key, ())
+        return found
+
+
 def _chain(entries, instances: dict, route: Route, consumer: str | None) -> tuple:
+    """`entries`: those that may apply (_Scopes.of); per plugin name the highest rank wins,
+    the first in config order among equals (entries of one rank are in one group)."""
     chosen: dict[str, tuple[int, object]] = {}
     for entry in entries:
         rank = _rank(entry, route, consumer)
@@ -199,8 +221,9 @@ def plugin_chains(config: Config, instances: dict | None = None) -> dict[str, tu
     if instances is None:
         instances = plugin_instances(config)
     chains: dict[str, tuple] = {}
+    scopes = _Scopes(entries)
     for route in config.routes:
-        chain = _chain(entries, instances, route, None)
+        chain = _chain(scopes.of(route), instances, route, None)
         if chain:
             chains[route.name] = chain
     return chains
@@ -222,12 +245,15 @@ def consumer_chains(config: Config, instances: dict | None = None) -> dict[str, 
     if instances is None:
         instances = plugin_instances(config)
     result: dict[str, dict[str, tuple]] = {}
+    scopes = _Scopes(entries)
     for route in config.routes:
-        users = {e.consumer for e in scoped if _rank(e, route, e.consumer) >= 0}
+        applying = scopes.of(route)
+        users = {e.consumer for e in applying
+                 if e.consumer is not None and _rank(e, route, e.consumer) >= 0}
         # a route without a chain of its own has nothing that could identify a consumer: it stays
         # plugin-free (chain None) rather than paying for a consumer chain that never runs
-        if users and _chain(entries, instances, route, None):
-            result[route.name] = {u: _chain(entries, instances, route, u) for u in sorted(users)}
+        if users and _chain(applying, instances, route, None):
+            result[route.name] = {u: _chain(applying, instances, route, u) for u in sorted(users)}
     return result
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastmesh.config.consumers import Consumer, consumer_names, read_consumers
-from fastmesh.config.schema import Fields, boolean, child, describe, item, name, string
+from fastmesh.config.schema import Fields, boolean, child, describe, item, name, plain, string
 
 PLUGIN_FIELDS = ("name", "module", "config", "service", "route", "consumer", "enabled")
 NESTED_FIELDS = ("name", "module", "config", "enabled")
@@ -174,12 +174,11 @@ def plugins_version(version: str, plugins: tuple, consumers: tuple) -> str:
     """`version` unchanged without plugins or consumers; else a hash that also covers them."""
     if not plugins and not consumers:
         return version
-    import dataclasses
     import json
 
     from fastmesh.osutil import sha256
     canonical = json.dumps({"base": version,
-                            "plugins": [dataclasses.asdict(p) for p in plugins],
-                            "consumers": [dataclasses.asdict(c) for c in consumers]},
+                            "plugins": [plain(p) for p in plugins],
+                            "consumers": [plain(c) for c in consumers]},
                            sort_keys=True, separators=(",", ":"), default=repr)
     return sha256(canonical.encode()).hexdigest()[:12]

@@ -23,17 +23,30 @@ from fastmesh.config.model import ConfigIssue
 Parser = Callable[[Any], Any]
 
 
+def plain(value):
+    """A dataclass value as plain data (dicts, lists, leaves as they are), as
+    dataclasses.asdict gives it, without its deep copy of every leaf: the config's version hash
+    is computed over it, and asdict made that a third of loading 1,000 routes."""
+    fields = getattr(value, "__dataclass_fields__", None)
+    if fields is not None:
+        return {name: plain(getattr(value, name)) for name in fields}
+    if isinstance(value, (list, tuple)):
+        return [plain(item) for item in value]
+    if isinstance(value, dict):
+        return {plain(k): plain(v) for k, v in value.items()}
+    return value
+
+
 def entities_version(base: str, **entities: tuple) -> str:
     """The config version `base` extended with lists of entity dataclasses (upstreams, streams,
     listeners, ...): `base` itself when every list is empty, so a config without them keeps its
     version; else 12 hex digits of a SHA-256 over a canonical JSON of everything."""
     if not any(entities.values()):
         return base
-    import dataclasses
     import json
 
     from fastmesh.osutil import sha256
-    canonical = json.dumps({"base": base, **{kind: [dataclasses.asdict(e) for e in values]
+    canonical = json.dumps({"base": base, **{kind: [plain(e) for e in values]
                                              for kind, values in entities.items()}},
                            sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return sha256(canonical.encode()).hexdigest()[:12]
