@@ -53,6 +53,38 @@ def test_destination_plugins_and_settings_apply_to_the_apps_calls(file_mesh, tmp
         assert resp.status == 200 and resp.header("x-mesh-policy") == "v2", host
 
 
+def test_a_split_by_version_gives_each_version_its_share_of_the_calls(file_mesh, tmp_path):
+    # b1, b2 are v1, b3 is v2 (registered versions). versions {v1: 75, v2: 25}: of every four
+    # calls, three go to v1 (between b1 and b2) and one to b3, exactly (smooth weighted round
+    # robin). Changed live: the canary takes everything; an unlisted version takes nothing.
+    policy = tmp_path / "policy.yaml"
+    write(policy, {"services": [{"name": "b", "versions": {"v1": 75, "v2": 25}}]})
+    bs = [file_mesh.pod("b", name) for name in ("b1", "b2", "b3", "b4")]
+    a = file_mesh.pod("a", "a1", "--policy", str(policy))
+    versions = {"b1": "v1", "b2": "v1", "b3": "v2", "b4": "v3"}
+    write(file_mesh.path, {"services": {"b": [
+        {"id": s.app.instance, "address": f"127.0.0.1:{s.inbound}",
+         "version": versions[s.app.instance]} for s in bs]}})
+    wait_until(lambda: get(a.outbound, "/", host="b").status == 200, 5, "b never routable",
+               interval=0.05)
+
+    def counts(calls: int) -> dict[str, int]:
+        seen: dict[str, int] = {}
+        for _ in range(calls):
+            resp = get(a.outbound, "/", host="b")
+            assert resp.status == 200, resp.body
+            seen[resp.json()["instance"]] = seen.get(resp.json()["instance"], 0) + 1
+        return seen
+
+    assert counts(40) == {"b1": 15, "b2": 15, "b3": 10}
+    write(policy, {"services": [{"name": "b", "versions": {"v1": 0, "v2": 100}}]})
+    wait_until(lambda: counts(4) == {"b3": 4}, 10, "the new split was never applied",
+               interval=0.1)
+    # Without a split, every version is balanced over again (b4 included).
+    write(policy, {"services": [{"name": "b", "retries": 1}]})
+    wait_until(lambda: "b4" in counts(20), 10, "the split was never lifted", interval=0.1)
+
+
 def test_a_broken_policy_change_keeps_the_old_settings(file_mesh, tmp_path):
     policy = tmp_path / "policy.yaml"
     write(policy, {"services": [{"name": "b", "plugins": [
@@ -104,6 +136,14 @@ def test_the_gateway_schema_checks_destination_settings(tmp_path):
         raise AssertionError("an invalid policy was accepted")
     assert f"{source}: services[0].retries" in text
     assert f"{source}: services[1].plugins[0]" in text and "no-such-plugin" in text
+    for versions, says in (({"v1": -1}, "share of version 'v1': expected an integer 0..10000"),
+                           ({"v1": 0}, "every share is 0"), ([90, 10], "expected a mapping")):
+        try:
+            parse_policy_file({"services": [{"name": "b", "versions": versions}]}, source)
+        except ValueError as exc:
+            assert f"{source}: services[0].versions: {says}" in str(exc), str(exc)
+        else:
+            raise AssertionError(f"versions {versions} were accepted")
 
 
 def test_opaque_tcp_is_allowed_only_by_rules_without_methods_or_paths():

@@ -9,6 +9,7 @@ service, and what the app's calls to each destination get.
         read_timeout: 5s
         retries: 1
         retry_on: [connect-failure]
+        versions: {v1: 90, v2: 10}  #   a canary: shares of the calls by registered version
         plugins:
           - {name: rate-limiting, config: {second: 50, policy: local}}
     plugins: [...]                  # on every outbound call (global scope)
@@ -27,7 +28,9 @@ from fastmesh.config.schema import Fields, Issues
 
 TOP_FIELDS = ("_format_version", "authorization", "services", "plugins", "consumers")
 DESTINATION_FIELDS = ("name", "connect_timeout", "read_timeout", "write_timeout", "retries",
-                      "retry_on", "per_try_timeout", "plugins")
+                      "retry_on", "per_try_timeout", "plugins", "versions")
+MESH_FIELDS = ("versions",)             # read here, not by the gateway schema (routes.py)
+SHARE_MAX = 10000
 REGISTRY_FIELDS = ("url", "protocol", "host", "port", "path")   # what the registry decides
 UNUSED_ADDRESS = "http://127.0.0.1:9"   # validation only: the destinations' real address is theirs
 
@@ -105,17 +108,41 @@ def _read_outbound(top: Fields, data: dict, issues: Issues) -> Outbound | None:
         if fields is None:
             continue
         name = fields.value("name", service_name, required=True)
+        versions = fields.value("versions", version_shares)
         if name is None:
             continue
         if name in services:
             issues.add(fields.at("name"), f"destination {name!r} is listed twice")
             continue
         services[name] = {k: v for k, v in element.items() if k != "name"}
+        if versions is not None:
+            services[name]["versions"] = versions
     plugins = tuple(element for _, element in top.items("plugins"))
     consumers = tuple(element for _, element in top.items("consumers"))
     if len(issues.items) != before:
         return None
     return Outbound(services, plugins, consumers)
+
+
+def version_shares(value: object) -> dict[str, int]:
+    """`versions`: registered version -> its share of the calls (0..SHARE_MAX, some above 0)."""
+    from fastmesh.config.schema import Invalid
+    from fastmesh.mesh.registry import _label
+    if not isinstance(value, dict) or not value:
+        raise Invalid("expected a mapping of registered versions to shares, e.g. "
+                      "{v1: 90, v2: 10}")
+    shares = {}
+    for version, share in value.items():
+        if not isinstance(version, str) or not version:
+            raise Invalid(f"expected version names, found {version!r}")
+        _label(version)
+        if isinstance(share, bool) or not isinstance(share, int) or not 0 <= share <= SHARE_MAX:
+            raise Invalid(f"share of version {version!r}: expected an integer 0..{SHARE_MAX}, "
+                          f"found {share!r}")
+        shares[version] = share
+    if not any(shares.values()):
+        raise Invalid("every share is 0: at least one version must take calls")
+    return shares
 
 
 def _check_with_gateway_schema(outbound: Outbound, source: str) -> list[str]:
@@ -124,7 +151,8 @@ def _check_with_gateway_schema(outbound: Outbound, source: str) -> list[str]:
     from fastmesh.config import ConfigError, load_config_data
     document = {
         "_format_version": "1", "gateway": {"admin": {"listen": "off"}},
-        "services": [{"name": name, "url": UNUSED_ADDRESS, **fields}
+        "services": [{"name": name, "url": UNUSED_ADDRESS,
+                      **{k: v for k, v in fields.items() if k not in MESH_FIELDS}}
                      for name, fields in outbound.services.items()],
         **outbound.document_parts(),
     }

@@ -199,6 +199,27 @@ def zone_priorities(instances, zone: str) -> list[int]:
     return [0 if i.zone == zone else 1 for i in instances]
 
 
+SPLIT_SCALE = 10000      # a split's weights: a version's share of this, among its instances
+
+
+def version_weights(instances, shares: dict[str, int]) -> list[int]:
+    """Each instance's balancing weight for a destination split by version (the policy file's
+    `versions`): a version's share of the calls divided among its instances by their own
+    weights; instances of other versions 0 (registered, never picked). Balanced round robin,
+    whose smooth weighted cycle keeps the shares exact; a version without a healthy instance
+    leaves its share to the others."""
+    total = sum(shares.values())
+    per_version: dict[str, int] = {}
+    for instance in instances:
+        per_version[instance.version] = per_version.get(instance.version, 0) + instance.weight
+    weights = []
+    for instance in instances:
+        share, own = shares.get(instance.version, 0), per_version[instance.version]
+        weights.append(0 if not share or not instance.weight else
+                       max(1, round(SPLIT_SCALE * share * instance.weight / (total * own))))
+    return weights
+
+
 def outbound_document(view: View, policy: MeshPolicy = MeshPolicy(),
                       tls: MeshTLSFiles | None = None, outbound=None,
                       only: frozenset[str] | None = None) -> dict:
@@ -217,13 +238,24 @@ def outbound_document(view: View, policy: MeshPolicy = MeshPolicy(),
             secure, instances = use_mtls(instances)
         # Two registrations of one address (a restarted instance under a new id, before the
         # old key expires) are one target: the first by id keeps it.
-        targets = {}
-        for instance, priority in zip(instances, zone_priorities(instances, policy.local_zone)):
-            targets.setdefault(instance.address, (instance.weight, priority))
+        unique, seen = [], set()
+        for instance in instances:
+            if instance.address not in seen:
+                seen.add(instance.address)
+                unique.append(instance)
+        overlay = dict(overlays.get(name, {}))
+        shares = overlay.pop("versions", None)
+        algorithm = policy.algorithm
+        if shares:          # a split by version: round robin, one tier (it overrides zones)
+            algorithm = "round-robin"
+            tiers = zip(version_weights(unique, shares), [0] * len(unique))
+        else:
+            tiers = zip([i.weight for i in unique], zone_priorities(unique, policy.local_zone))
+        targets = {i.address: tier for i, tier in zip(unique, tiers)}
         if not targets:
             continue
         upstreams.append({
-            "name": name, "algorithm": policy.algorithm,
+            "name": name, "algorithm": algorithm,
             "targets": [{"target": address, "weight": weight, "priority": priority}
                         for address, (weight, priority) in targets.items()],
             "healthchecks": {"passive": {
@@ -247,7 +279,7 @@ def outbound_document(view: View, policy: MeshPolicy = MeshPolicy(),
             "routes": [{"name": name, "hosts": [name, *by_instance.get(name, ())],
                         "strip_path": False,
                         "preserve_host": False}],
-            **overlays.get(name, {}),
+            **overlay,
         })
     services.append({
         "name": UNKNOWN, "url": "http://127.0.0.1:9",     # never contacted: the plugin answers
