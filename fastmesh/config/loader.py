@@ -19,7 +19,6 @@ Normalization choices the plan compiler can rely on:
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -36,8 +35,8 @@ from fastmesh.upstream_tls import TLS_FIELDS, check_upstream_tls, read_service_t
 from fastmesh.osutil import sha256
 from fastmesh.config.schema import (
     Fields, Invalid, Issues, address_host, boolean, child, describe, duration, host, integer,
-    ip_literal, hostname, listen_address, name, plain, port_number, size, split_host_port, string,
-    token,
+    ip_literal, hostname, listen_address, name, port_number, size, split_host_port, string,
+    token, version_json,
 )
 
 TOP_FIELDS = ("_format_version", "gateway", "services", "routes", "upstreams", "targets",
@@ -150,10 +149,8 @@ def config_version(gateway: GatewaySettings, services: list[Service], routes: li
     Computed from the validated values (not the file text), so comments, key order, formatting,
     "60s" vs 60000 and the file name do not change it; any effective change does.
     """
-    canonical = json.dumps(
-        {"gateway": plain(gateway), "services": [plain(s) for s in services],
-         "routes": [plain(r) for r in routes]},
-        sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    canonical = version_json({"gateway": gateway, "services": services, "routes": routes},
+                             ensure_ascii=False)
     return sha256(canonical.encode()).hexdigest()[:12]
 
 

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastmesh.config.consumers import Consumer, consumer_names, read_consumers
-from fastmesh.config.schema import Fields, boolean, child, describe, item, name, plain, string
+from fastmesh.config.schema import (
+    Fields, boolean, child, describe, item, name, string, version_json,
+)
 
 PLUGIN_FIELDS = ("name", "module", "config", "service", "route", "consumer", "enabled")
 NESTED_FIELDS = ("name", "module", "config", "enabled")
@@ -174,11 +176,7 @@ def plugins_version(version: str, plugins: tuple, consumers: tuple) -> str:
     """`version` unchanged without plugins or consumers; else a hash that also covers them."""
     if not plugins and not consumers:
         return version
-    import json
-
     from fastmesh.osutil import sha256
-    canonical = json.dumps({"base": version,
-                            "plugins": [plain(p) for p in plugins],
-                            "consumers": [plain(c) for c in consumers]},
-                           sort_keys=True, separators=(",", ":"), default=repr)
+    canonical = version_json({"base": version, "plugins": plugins, "consumers": consumers},
+                             fallback=repr)
     return sha256(canonical.encode()).hexdigest()[:12]
