@@ -488,6 +488,31 @@ def test_inherit_keeps_health_for_unchanged_addresses():
     assert new.targets[0] in [new.pick_py() for _ in range(3)]
 
 
+def test_an_unchanged_round_robin_cycle_goes_on_across_rebuilds_and_new_plans():
+    # 9:1 (a mesh canary): b is 6th in the cycle. A new Plan every 4 picks (registry changes
+    # elsewhere) or a change in another tier must not restart the cycle, or b is never picked.
+    targets = [("a", 1, 9000), ("b", 1, 1000)]
+    b = Balancer("u", targets, algorithm="round-robin")
+    picks = []
+    for _ in range(20):
+        picks += names(b, 4)
+        new = Balancer("u", targets, algorithm="round-robin")
+        new.inherit(b)
+        b = new
+    assert picks.count("b") == 8 and picks.count("a") == 72
+    # Another tier's target coming and going leaves the pick set's cycle where it was.
+    tiered = Balancer("u", [*targets, ("c", 1, 100, 1)], algorithm="round-robin",
+                      passive_failures=1)
+    seen = names(tiered, 3)
+    fail(tiered, tiered.targets[2])             # c (tier 1) ejected: a rebuild
+    seen += names(tiered, 7)
+    assert seen == ["a"] * 5 + ["b"] + ["a"] * 4
+    # A changed cycle starts over.
+    changed = Balancer("u", [("a", 1, 1), ("b", 1, 1)], algorithm="round-robin")
+    changed.inherit(b)
+    assert names(changed, 2) == ["a", "b"]
+
+
 def test_health_rows():
     b = passive()
     a = b.targets[0]

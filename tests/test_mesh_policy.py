@@ -80,9 +80,10 @@ def test_a_split_by_version_gives_each_version_its_share_of_the_calls(file_mesh,
     write(policy, {"services": [{"name": "b", "versions": {"v1": 0, "v2": 100}}]})
     wait_until(lambda: counts(4) == {"b3": 4}, 10, "the new split was never applied",
                interval=0.1)
-    # Without a split, every version is balanced over again (b4 included).
-    write(policy, {"services": [{"name": "b", "retries": 1}]})
-    wait_until(lambda: "b4" in counts(20), 10, "the split was never lifted", interval=0.1)
+    # A split none of whose versions is registered (a canary listed before it starts) is not
+    # applied: every instance takes calls, b4 included, rather than none.
+    write(policy, {"services": [{"name": "b", "versions": {"v9": 100}}]})
+    wait_until(lambda: "b4" in counts(20), 10, "the unmatched split was applied", interval=0.1)
 
 
 def test_a_broken_policy_change_keeps_the_old_settings(file_mesh, tmp_path):

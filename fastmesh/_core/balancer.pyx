@@ -364,9 +364,13 @@ cdef class Balancer:
         for k in range(m):
             total += (<Target>self.tp[self.eligible[k]]).weight // g
             self.cw[self.eligible[k]] = 0
-        self.sched_pos = 0
+        # An unchanged cycle keeps its position: a rebuild that changes nothing for it (a new
+        # Plan, a target of another tier) must not restart it, or its first targets would be
+        # picked more often than their weights say (a canary late in the cycle, never).
+        same = total == self.sched_len
         if m == 0 or total > self.sched_cap:
             self.sched_len = 0      # live smooth WRR (cw) instead
+            self.sched_pos = 0
             return
         for steps in range(total):
             best = -1
@@ -378,8 +382,12 @@ cdef class Balancer:
                     best = <int>i
                     best_cw = self.cw[i]
             self.cw[best] -= total
+            if same and self.schedule[steps] != best:
+                same = False
             self.schedule[steps] = best
         self.sched_len = total
+        if not same:
+            self.sched_pos = 0
         for k in range(m):
             self.cw[self.eligible[k]] = 0
 
@@ -800,6 +808,14 @@ cdef class Balancer:
                 if self.next_wakeup == 0 or t.ejected_until < self.next_wakeup:
                     self.next_wakeup = t.ejected_until
         self._rebuild()
+        # The same round-robin cycle over the same targets goes on where the old one was.
+        if self.sched_len and self.sched_len == old.sched_len and \
+                [(t.host, t.port) for t in self.targets] == [(o.host, o.port) for o in old.targets]:
+            for i in range(self.sched_len):
+                if self.schedule[i] != old.schedule[i]:
+                    break
+            else:
+                self.sched_pos = old.sched_pos
 
     @property
     def algorithm_name(self):

@@ -204,19 +204,27 @@ SPLIT_SCALE = 10000      # a split's weights: a version's share of this, among i
 
 def version_weights(instances, shares: dict[str, int]) -> list[int]:
     """Each instance's balancing weight for a destination split by version (the policy file's
-    `versions`): a version's share of the calls divided among its instances by their own
-    weights; instances of other versions 0 (registered, never picked). Balanced round robin,
-    whose smooth weighted cycle keeps the shares exact; a version without a healthy instance
-    leaves its share to the others."""
+    `versions`): a listed version's share of SPLIT_SCALE (at least 1) divided among its
+    instances by their own weights, whole numbers by largest remainder (so a small share over
+    many instances stays small: some of them get 0); instances of other versions 0
+    (registered, never picked). Balanced round robin, whose smooth weighted cycle gives each
+    version its share; a version without a healthy instance leaves it to the others."""
     total = sum(shares.values())
-    per_version: dict[str, int] = {}
-    for instance in instances:
-        per_version[instance.version] = per_version.get(instance.version, 0) + instance.weight
-    weights = []
-    for instance in instances:
-        share, own = shares.get(instance.version, 0), per_version[instance.version]
-        weights.append(0 if not share or not instance.weight else
-                       max(1, round(SPLIT_SCALE * share * instance.weight / (total * own))))
+    members: dict[str, list[int]] = {}
+    for k, instance in enumerate(instances):
+        if shares.get(instance.version) and instance.weight:
+            members.setdefault(instance.version, []).append(k)
+    weights = [0] * len(instances)
+    for version, ks in members.items():
+        budget = max(1, round(SPLIT_SCALE * shares[version] / total))
+        own = sum(instances[k].weight for k in ks)
+        exact = [budget * instances[k].weight / own for k in ks]
+        whole = [int(x) for x in exact]
+        by_remainder = sorted(range(len(ks)), key=lambda j: whole[j] - exact[j])
+        for j in by_remainder[:budget - sum(whole)]:
+            whole[j] += 1
+        for j, k in enumerate(ks):
+            weights[k] = whole[j]
     return weights
 
 
@@ -245,11 +253,12 @@ def outbound_document(view: View, policy: MeshPolicy = MeshPolicy(),
                 unique.append(instance)
         overlay = dict(overlays.get(name, {}))
         shares = overlay.pop("versions", None)
+        split = version_weights(unique, shares) if shares else None
         algorithm = policy.algorithm
-        if shares:          # a split by version: round robin, one tier (it overrides zones)
+        if split and any(split):    # by version: round robin, one tier (it overrides zones)
             algorithm = "round-robin"
-            tiers = zip(version_weights(unique, shares), [0] * len(unique))
-        else:
+            tiers = zip(split, [0] * len(unique))
+        else:       # no split, or none of its versions has an instance yet: all, as usual
             tiers = zip([i.weight for i in unique], zone_priorities(unique, policy.local_zone))
         targets = {i.address: tier for i, tier in zip(unique, tiers)}
         if not targets:
