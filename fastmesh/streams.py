@@ -102,7 +102,7 @@ class Relay:
     the client's transport over to the relay). `owner` (a set) holds it while it runs.
     """
 
-    __slots__ = ("loop", "owner", "stats", "client", "server", "idle_timeout", "timer",
+    __slots__ = ("loop", "owner", "stats", "pair", "client", "server", "idle_timeout", "timer",
                  "seen", "quiet_since", "balancer", "target", "done", "started")
 
     def __init__(self, downstream, owner: set, stats: "StreamStats | None" = None,
@@ -121,6 +121,7 @@ class Relay:
         self.target = None
         self.done = False
         self.started = False
+        self.pair = None            # a second StreamStats that counts it (the sidecar's per pair)
 
     async def connect(self, host: str, port: int, timeout: float, tls: tuple | None = None) -> None:
         """Connect the server side; OSError or TimeoutError when it cannot. `tls`: over mTLS
@@ -202,9 +203,10 @@ class Relay:
             self.timer.cancel()
             self.timer = None
         self.owner.discard(self)
-        if self.stats is not None:
-            self.stats.bytes_in += self.client.received
-            self.stats.bytes_out += self.server.received
+        for stats in (self.stats, self.pair):
+            if stats is not None:
+                stats.bytes_in += self.client.received
+                stats.bytes_out += self.server.received
         self.release()
 
     def release(self) -> None:

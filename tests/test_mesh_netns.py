@@ -519,6 +519,18 @@ def test_opaque_tcp_to_a_service_address_goes_to_its_instances_in_turn(mesh):
     outbound = mesh.admin(a, "/status")[1]["opaque_tcp"]["outbound"]
     assert outbound["relayed"] == 10 and outbound["connect_failures"] == 2, outbound
     assert "cannot relay to" in mesh.log("a1")
+    # Counted per destination too: a's TCP to b, in /status and /metrics.
+    to_b = outbound["by_destination"]["b"]
+    assert (to_b["relayed"], to_b["mtls"], to_b["connect_failures"]) == (10, 10, 2), \
+        outbound["by_destination"]
+    assert to_b["bytes_to_destination"] == 50 and to_b["bytes_from_destination"] == 80
+    metrics = mesh.net.exec_in(a, [sys.executable, "-c", (
+        "import urllib.request; print(urllib.request.urlopen("
+        "'http://127.0.0.1:15000/metrics', timeout=5).read().decode())")])
+    assert 'fastmesh_mesh_tcp_connections_total{source="a",destination="b",' \
+           'outcome="relayed"} 10' in metrics
+    assert 'fastmesh_mesh_tcp_bytes_total{source="a",destination="b",' \
+           'flow="from_destination"} 80' in metrics
 
 
 @needs_netns
@@ -833,12 +845,12 @@ def test_opaque_tcp_targets_take_turns_prefer_plaintext_without_mtls_and_serve_t
     at = (b1, b2, b3)
     # Without mTLS: strict b1 is skipped while another instance takes plaintext.
     assert targets(at, 9000, 0, None, None, "127.0.0.1") == \
-        [("10.0.0.2", 9000, None), ("10.0.0.3", 9000, None)]
-    assert targets(at, 9000, 1, None, None, "127.0.0.1")[0] == ("10.0.0.3", 9000, None)
-    assert targets((b1,), 9000, 5, None, None, "127.0.0.1") == [("10.0.0.1", 9000, None)]
+        [("10.0.0.2", 9000, None, "b"), ("10.0.0.3", 9000, None, "b")]
+    assert targets(at, 9000, 1, None, None, "127.0.0.1")[0] == ("10.0.0.3", 9000, None, "b")
+    assert targets((b1,), 9000, 5, None, None, "127.0.0.1") == [("10.0.0.1", 9000, None, "b")]
     # This pod's own instance is its app's port, locally, never over TLS.
     assert targets(at, 9000, 1, None, ("b", "10.0.0.3"), "127.0.0.1") == \
-        [("127.0.0.1", 9000, None), ("10.0.0.2", 9000, None)]
+        [("127.0.0.1", 9000, None, "b"), ("10.0.0.2", 9000, None, "b")]
     many = tuple(Peer("b", f"10.0.1.{i}", "disabled", frozenset()) for i in range(5))
     assert [t[0] for t in targets(many, 1, 3, None, None, "::1")] == \
         ["10.0.1.3", "10.0.1.4", "10.0.1.0"]                        # 3 tries at most

@@ -212,8 +212,22 @@ OPAQUE_FAMILIES = (
 )
 
 
+# The app's opaque TCP per destination service, as fastmesh_mesh_requests_total is for HTTP.
+PAIR_FAMILIES = (
+    ("fastmesh_mesh_tcp_connections_total", "counter",
+     "The app's opaque TCP connections by destination service ((external): an address outside "
+     "the mesh): relayed, or a connect that failed.",
+     (("relayed", "outcome", "relayed"), ("connect_failures", "outcome", "connect_failed"))),
+    ("fastmesh_mesh_tcp_bytes_total", "counter",
+     "Bytes of the app's opaque TCP by destination service, to it and back from it.",
+     (("bytes_to_destination", "flow", "to_destination"),
+      ("bytes_from_destination", "flow", "from_destination"))),
+)
+
+
 def render_opaque(sidecar) -> str:
-    """Opaque TCP relayed under interception, per direction (nothing without interception)."""
+    """Opaque TCP relayed under interception, per direction and, outbound, per destination
+    (nothing without interception)."""
     found = sidecar.opaque_status()
     if not found:
         return ""
@@ -224,4 +238,11 @@ def render_opaque(sidecar) -> str:
             for key, label, value in samples:
                 w.sample(name, counts[key], direction=direction,
                          **({label: value} if label else {}))
+    pairs = found["outbound"]["by_destination"]
+    for name, kind, help_text, samples in PAIR_FAMILIES if pairs else ():
+        w.family(name, kind, help_text)
+        for destination, counts in pairs.items():
+            for key, label, value in samples:
+                w.sample(name, counts[key], source=sidecar.options.service,
+                         destination=destination, **{label: value})
     return w.text()

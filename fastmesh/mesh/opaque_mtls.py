@@ -87,7 +87,7 @@ CONNECT_TRIES = 3           # TCP to a service's virtual address: instances trie
 def targets(at: tuple[Peer, ...], port: int, turn: int, dialer: "Dialer | None",
             own: tuple[str, str] | None, app_host: str) -> list[tuple]:
     """Where TCP sent to `port` of an address with the Peers `at` goes: (host, port, tls or
-    None) for each to try in order (fastmesh.mesh.transparent.Detector), from `at[turn]` on,
+    None, service) for each to try in order (fastmesh.mesh.transparent.Detector), from `at[turn]` on,
     CONNECT_TRIES at most (a connect that fails tries the next). Each over mTLS where the peer
     takes it (`wraps`) and there is a `dialer` (this sidecar has mTLS); without one, strict
     peers only when no other one takes plaintext. The peer that is this pod's own instance
@@ -100,11 +100,11 @@ def targets(at: tuple[Peer, ...], port: int, turn: int, dialer: "Dialer | None",
     found = []
     for peer in (at[first:] + at[:first])[:CONNECT_TRIES]:
         if own == (peer.service, peer.host):
-            found.append((app_host, port, None))
+            found.append((app_host, port, None, peer.service))
         elif dialer is not None and wraps(peer, port):
-            found.append((peer.host, port, dialer.dial(peer.service)))
+            found.append((peer.host, port, dialer.dial(peer.service), peer.service))
         else:
-            found.append((peer.host, port, None))
+            found.append((peer.host, port, None, peer.service))
     return found
 
 

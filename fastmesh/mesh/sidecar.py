@@ -168,6 +168,7 @@ class Sidecar:
         self.hosts: frozenset[str] = frozenset()     # what the outbound routes match (intercept)
         self.peers: dict = {}                 # address -> opaque_mtls.Peers there (intercept)
         self.tcp_turns: dict[str, int] = {}   # address -> round robin over its Peers
+        self.tcp_pairs: dict = {}             # destination -> StreamStats (_tcp_pair)
         self.dialer = None                           # opaque_mtls.Dialer (intercept with mTLS)
         self.relays: set = set()                     # open opaque TCP relays (intercept)
         self.inbound_ipv6 = None                     # mTLS + intercept: the IPv6 twin listener
@@ -407,9 +408,20 @@ class Sidecar:
         from fastmesh.mesh.transparent import Detector
         opts = self.options
         wait = opts.detect_timeout if timeout is None else timeout
-        stats = self.opaque["outbound" if target == self._outbound_target else "inbound"]
+        outbound = target == self._outbound_target
+        stats = self.opaque["outbound" if outbound else "inbound"]
+        pairs = self._tcp_pair if outbound else None
         return lambda: Detector(gateway, target, self.relays, opts.opaque_ports, wait, stats,
-                                opaque)
+                                opaque, pairs)
+
+    def _tcp_pair(self, destination: str):
+        """The StreamStats of the app's opaque TCP to `destination` (a service, or
+        transparent.EXTERNAL): one per destination it has called."""
+        found = self.tcp_pairs.get(destination)
+        if found is None:
+            from fastmesh.streams import StreamStats
+            found = self.tcp_pairs[destination] = StreamStats()
+        return found
 
     def _learn_hosts(self, view) -> None:
         """What the outbound Detector needs of the view: the hosts the Gateway routes, and the
@@ -630,7 +642,11 @@ class Sidecar:
         if not self.opaque:
             return None
         from fastmesh.mesh.transparent import relay_counts
-        return {side: relay_counts(stats, self.relays) for side, stats in self.opaque.items()}
+        found = {side: relay_counts(stats, self.relays) for side, stats in self.opaque.items()}
+        found["outbound"]["by_destination"] = {
+            name: relay_counts(stats, self.relays, pair=True)
+            for name, stats in sorted(self.tcp_pairs.items())}
+        return found
 
     def authz_status(self) -> dict:
         from fastmesh.plugins.mesh_authorization import decisions

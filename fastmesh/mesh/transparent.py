@@ -39,6 +39,7 @@ IP6T_SO_ORIGINAL_DST = 80           # linux/netfilter_ipv6/ip6_tables.h, level S
 DETECT_TIMEOUT = 0.5                # no first byte within this: a server-first protocol, opaque
 DETECT_MAX = 16384                  # look at most this far for the end of the request head
 CONNECT_TIMEOUT = 2.0
+EXTERNAL = "(external)"         # the destination of a relay to an address outside the mesh
 
 _connecting: set = set()            # relays waiting for their upstream connection
 
@@ -91,15 +92,18 @@ class Detector(asyncio.Protocol):
     `route(original_destination, first_bytes, is_http)` decides: None to hand the connection
     to `gateway`, False to close it (refused), else the (host, port) to relay it to, or
     (host, port, tls) to relay it over mTLS (fastmesh.streams.Relay.connect's `tls`; None:
-    plaintext), or a list of those to try in order until one connects.
+    plaintext), or (host, port, tls, service) naming the mesh service it is for, or a list of
+    those to try in order until one connects. `pairs` (outbound): the StreamStats that counts
+    the relays to a service (EXTERNAL: not one of the mesh).
     `opaque`: known to be opaque TCP already (the mTLS inbound's ALPN said so): no sniffing.
     """
 
     def __init__(self, gateway, route: Callable, relays: set,
                  opaque_ports: frozenset = frozenset(), timeout: float = DETECT_TIMEOUT,
-                 stats=None, opaque: bool = False):
+                 stats=None, opaque: bool = False, pairs: Callable | None = None):
         self.gateway = gateway
         self.stats = stats              # a fastmesh.streams.StreamStats: this side's relays
+        self.pairs = pairs              # destination service -> its StreamStats (outbound)
         self.route = route
         self.relays = relays
         self.opaque_ports = opaque_ports
@@ -185,12 +189,15 @@ class Detector(asyncio.Protocol):
         relay = Relay(downstream, self.relays, self.stats)
         for target in targets if isinstance(targets, list) else (targets,):
             tls = target[2] if len(target) > 2 else None
+            if self.pairs is not None:
+                relay.pair = self.pairs(target[3] if len(target) > 3 else EXTERNAL)
             try:
                 await relay.connect(target[0], target[1], CONNECT_TIMEOUT, tls)
                 break
             except (OSError, asyncio.TimeoutError) as exc:
-                if self.stats is not None:
-                    self.stats.connect_failures += 1
+                for stats in (self.stats, relay.pair):
+                    if stats is not None:
+                        stats.connect_failures += 1
                 reason = getattr(exc, "strerror", None) or str(exc) or "connect timed out"
                 print(f"fastmesh sidecar: cannot relay to {target[0]}:{target[1]}: {reason}",
                       file=sys.stderr, flush=True)
@@ -206,17 +213,19 @@ class Detector(asyncio.Protocol):
         if downstream.is_closing():
             relay.server.transport.close()
             return
-        if self.stats is not None:
-            self.stats.accepted += 1
-            if tls is not None or downstream.get_extra_info("sslcontext") is not None:
-                self.stats.mtls += 1
+        secure = tls is not None or downstream.get_extra_info("sslcontext") is not None
+        for stats in (self.stats, relay.pair):
+            if stats is not None:
+                stats.accepted += 1
+                stats.mtls += secure
         relay.start(bytes(self.buffer), self.eof)
 
 
-def relay_counts(stats, relays: set) -> dict:
-    """One side's opaque TCP: connections relayed (and open now, and over mTLS), failed
-    connects, refused by authorization, and bytes each way, those of open relays included."""
-    live = [r for r in relays if r.stats is stats]
+def relay_counts(stats, relays: set, pair: bool = False) -> dict:
+    """One side's opaque TCP (or, `pair`, one destination's: `stats` is a Relay.pair):
+    connections relayed (and open now, and over mTLS), failed connects, refused by
+    authorization, and bytes each way, those of open relays included."""
+    live = [r for r in relays if (r.pair if pair else r.stats) is stats]
     return {"relayed": stats.accepted, "active": len(live), "mtls": stats.mtls,
             "connect_failures": stats.connect_failures, "refused": stats.refused,
             "bytes_to_destination": stats.bytes_in + sum(r.client.received for r in live),
