@@ -346,9 +346,11 @@ def test_call_chain_through_interception_by_name_and_by_instance_address(mesh):
     wait_until(lambda: opaque(a, "outbound")["active"] == 0 == opaque(c, "inbound")["active"],
                5, "the relays never closed")
     inbound, outbound = opaque(c, "inbound"), opaque(a, "outbound")
+    by_source = inbound.pop("by_source")
     assert inbound == {"relayed": 3, "active": 0, "mtls": 0, "connect_failures": 0, "refused": 0,
                        "bytes_to_destination": 5 + 800_000 + 5,
                        "bytes_from_destination": 8 + 1_100_000 + 14 + 8}, inbound
+    assert by_source == {"(unknown)": inbound}          # plaintext: no verified caller
     assert (outbound["relayed"], outbound["connect_failures"]) == (4, 0), outbound
     for flow in ("bytes_to_destination", "bytes_from_destination"):
         assert outbound[flow] > inbound[flow], outbound     # plus the example.org exchange
@@ -527,10 +529,14 @@ def test_opaque_tcp_to_a_service_address_goes_to_its_instances_in_turn(mesh):
     metrics = mesh.net.exec_in(a, [sys.executable, "-c", (
         "import urllib.request; print(urllib.request.urlopen("
         "'http://127.0.0.1:15000/metrics', timeout=5).read().decode())")])
-    assert 'fastmesh_mesh_tcp_connections_total{source="a",destination="b",' \
-           'outcome="relayed"} 10' in metrics
-    assert 'fastmesh_mesh_tcp_bytes_total{source="a",destination="b",' \
+    assert 'fastmesh_mesh_tcp_connections_total{direction="outbound",source="a",' \
+           'destination="b",outcome="relayed"} 10' in metrics
+    assert 'fastmesh_mesh_tcp_bytes_total{direction="outbound",source="a",destination="b",' \
            'flow="from_destination"} 80' in metrics
+    # And per caller on the destination's side, by its verified identity: b1 took 3 + 4 of
+    # a's (b1's own calls never left its pod).
+    inbound = mesh.admin(b["b1"], "/status")[1]["opaque_tcp"]["inbound"]
+    assert {name: c["relayed"] for name, c in inbound["by_source"].items()} == {"a": 7}, inbound
 
 
 @needs_netns

@@ -212,17 +212,20 @@ OPAQUE_FAMILIES = (
 )
 
 
-# The app's opaque TCP per destination service, as fastmesh_mesh_requests_total is for HTTP.
+# Opaque TCP per pair of services, as fastmesh_mesh_requests_total is for HTTP.
 PAIR_FAMILIES = (
     ("fastmesh_mesh_tcp_connections_total", "counter",
-     "The app's opaque TCP connections by destination service ((external): an address outside "
-     "the mesh): relayed, or a connect that failed.",
+     "Opaque TCP connections by direction, source and destination service ((external): an "
+     "address outside the mesh; (unknown): a caller without a verified identity): relayed, or "
+     "a connect that failed.",
      (("relayed", "outcome", "relayed"), ("connect_failures", "outcome", "connect_failed"))),
     ("fastmesh_mesh_tcp_bytes_total", "counter",
-     "Bytes of the app's opaque TCP by destination service, to it and back from it.",
+     "Bytes of opaque TCP by direction, source and destination service, to the destination "
+     "and back from it.",
      (("bytes_to_destination", "flow", "to_destination"),
       ("bytes_from_destination", "flow", "from_destination"))),
 )
+PAIR_SIDES = (("outbound", "by_destination"), ("inbound", "by_source"))
 
 
 def render_opaque(sidecar) -> str:
@@ -238,11 +241,15 @@ def render_opaque(sidecar) -> str:
             for key, label, value in samples:
                 w.sample(name, counts[key], direction=direction,
                          **({label: value} if label else {}))
-    pairs = found["outbound"]["by_destination"]
-    for name, kind, help_text, samples in PAIR_FAMILIES if pairs else ():
+    own = sidecar.options.service
+    if not any(found[side][key] for side, key in PAIR_SIDES):
+        return w.text()
+    for name, kind, help_text, samples in PAIR_FAMILIES:
         w.family(name, kind, help_text)
-        for destination, counts in pairs.items():
-            for key, label, value in samples:
-                w.sample(name, counts[key], source=sidecar.options.service,
-                         destination=destination, **{label: value})
+        for side, key in PAIR_SIDES:
+            for other, counts in found[side][key].items():
+                ends = {"source": own, "destination": other} if side == "outbound" else \
+                    {"source": other, "destination": own}
+                for field, label, value in samples:
+                    w.sample(name, counts[field], direction=side, **ends, **{label: value})
     return w.text()

@@ -199,6 +199,11 @@ def peer_identity(peercert: dict | None) -> str | None:
     return None
 
 
+def trust_domain_of(identity: str) -> str:
+    """'spiffe://td/svc/orders' -> 'td'."""
+    return identity[len(SPIFFE_SCHEME):].partition("/")[0]
+
+
 def service_of(identity: str | None, trust_domain_name: str | None = None) -> str | None:
     """'spiffe://td/svc/orders' -> 'orders' (None when it is not a service id of `td`)."""
     if not identity or not identity.startswith(SPIFFE_SCHEME):

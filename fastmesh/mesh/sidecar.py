@@ -137,6 +137,16 @@ def own_ipv6_addresses(path: str = "/proc/net/if_inet6") -> tuple[str, ...]:
     return tuple(sorted(found))
 
 
+def _pair(pairs: dict, name: str):
+    """The StreamStats in `pairs` for the service `name`, made at its first relay (one per
+    service the relays have had at the other end)."""
+    found = pairs.get(name)
+    if found is None:
+        from fastmesh.streams import StreamStats
+        found = pairs[name] = StreamStats()
+    return found
+
+
 def check_free(host: str, port: int) -> int:
     """Refuse an address another process listens on, and resolve port 0.
 
@@ -168,7 +178,8 @@ class Sidecar:
         self.hosts: frozenset[str] = frozenset()     # what the outbound routes match (intercept)
         self.peers: dict = {}                 # address -> opaque_mtls.Peers there (intercept)
         self.tcp_turns: dict[str, int] = {}   # address -> round robin over its Peers
-        self.tcp_pairs: dict = {}             # destination -> StreamStats (_tcp_pair)
+        # direction -> the other end's service -> StreamStats of the relays with it
+        self.tcp_pairs: dict[str, dict] = {"outbound": {}, "inbound": {}}
         self.dialer = None                           # opaque_mtls.Dialer (intercept with mTLS)
         self.relays: set = set()                     # open opaque TCP relays (intercept)
         self.inbound_ipv6 = None                     # mTLS + intercept: the IPv6 twin listener
@@ -280,9 +291,9 @@ class Sidecar:
     def _tls_files(self) -> MeshTLSFiles | None:
         if self.tls is None:
             return None
-        identity = self.tls.identity                # spiffe://<trust domain>/svc/<service>
+        from fastmesh.mesh.registry import trust_domain_of
         files = self.tls.outbound()
-        return MeshTLSFiles(identity[len("spiffe://"):].split("/", 1)[0], files["tls_ca"],
+        return MeshTLSFiles(trust_domain_of(self.tls.identity), files["tls_ca"],
                             files["tls_client_cert"], files["tls_client_key"])
 
     def _listen_mtls(self) -> None:
@@ -408,20 +419,24 @@ class Sidecar:
         from fastmesh.mesh.transparent import Detector
         opts = self.options
         wait = opts.detect_timeout if timeout is None else timeout
-        outbound = target == self._outbound_target
-        stats = self.opaque["outbound" if outbound else "inbound"]
-        pairs = self._tcp_pair if outbound else None
+        direction = "outbound" if target == self._outbound_target else "inbound"
+        stats = self.opaque[direction]
+        pairs = self.tcp_pairs[direction]
+        caller = self._tcp_caller if direction == "inbound" else None
         return lambda: Detector(gateway, target, self.relays, opts.opaque_ports, wait, stats,
-                                opaque, pairs)
+                                opaque, lambda name: _pair(pairs, name), caller)
 
-    def _tcp_pair(self, destination: str):
-        """The StreamStats of the app's opaque TCP to `destination` (a service, or
-        transparent.EXTERNAL): one per destination it has called."""
-        found = self.tcp_pairs.get(destination)
-        if found is None:
-            from fastmesh.streams import StreamStats
-            found = self.tcp_pairs[destination] = StreamStats()
-        return found
+    def _tcp_caller(self, transport) -> str:
+        """The service of an inbound relay's caller: its verified SPIFFE id's (mTLS), else
+        transparent.UNKNOWN (plaintext: nothing it says about itself is checked)."""
+        from fastmesh.mesh.transparent import UNKNOWN
+        if self.tls is None or transport.get_extra_info("sslcontext") is None:
+            return UNKNOWN
+        from fastmesh.mesh.mtls import peer_id
+        from fastmesh.mesh.registry import service_of, trust_domain_of
+        found = service_of(peer_id(transport.get_extra_info("peercert")),
+                           trust_domain_of(self.tls.identity))
+        return found or UNKNOWN
 
     def _learn_hosts(self, view) -> None:
         """What the outbound Detector needs of the view: the hosts the Gateway routes, and the
@@ -643,9 +658,9 @@ class Sidecar:
             return None
         from fastmesh.mesh.transparent import relay_counts
         found = {side: relay_counts(stats, self.relays) for side, stats in self.opaque.items()}
-        found["outbound"]["by_destination"] = {
-            name: relay_counts(stats, self.relays, pair=True)
-            for name, stats in sorted(self.tcp_pairs.items())}
+        for side, key in (("outbound", "by_destination"), ("inbound", "by_source")):
+            found[side][key] = {name: relay_counts(stats, self.relays, pair=True)
+                                for name, stats in sorted(self.tcp_pairs[side].items())}
         return found
 
     def authz_status(self) -> dict:

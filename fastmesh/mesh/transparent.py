@@ -40,6 +40,7 @@ DETECT_TIMEOUT = 0.5                # no first byte within this: a server-first 
 DETECT_MAX = 16384                  # look at most this far for the end of the request head
 CONNECT_TIMEOUT = 2.0
 EXTERNAL = "(external)"         # the destination of a relay to an address outside the mesh
+UNKNOWN = "(unknown)"           # the caller of an inbound relay without a verified identity
 
 _connecting: set = set()            # relays waiting for their upstream connection
 
@@ -93,17 +94,20 @@ class Detector(asyncio.Protocol):
     to `gateway`, False to close it (refused), else the (host, port) to relay it to, or
     (host, port, tls) to relay it over mTLS (fastmesh.streams.Relay.connect's `tls`; None:
     plaintext), or (host, port, tls, service) naming the mesh service it is for, or a list of
-    those to try in order until one connects. `pairs` (outbound): the StreamStats that counts
-    the relays to a service (EXTERNAL: not one of the mesh).
+    those to try in order until one connects. `pairs`: the StreamStats that counts the relays
+    with a service: outbound the destination's (EXTERNAL: not one of the mesh), inbound the
+    caller's, which `caller` tells from the connection (UNKNOWN: no verified identity).
     `opaque`: known to be opaque TCP already (the mTLS inbound's ALPN said so): no sniffing.
     """
 
     def __init__(self, gateway, route: Callable, relays: set,
                  opaque_ports: frozenset = frozenset(), timeout: float = DETECT_TIMEOUT,
-                 stats=None, opaque: bool = False, pairs: Callable | None = None):
+                 stats=None, opaque: bool = False, pairs: Callable | None = None,
+                 caller: Callable | None = None):
         self.gateway = gateway
         self.stats = stats              # a fastmesh.streams.StreamStats: this side's relays
-        self.pairs = pairs              # destination service -> its StreamStats (outbound)
+        self.pairs = pairs              # the other end's service -> its StreamStats
+        self.caller = caller            # inbound: transport -> the caller's service
         self.route = route
         self.relays = relays
         self.opaque_ports = opaque_ports
@@ -190,7 +194,8 @@ class Detector(asyncio.Protocol):
         for target in targets if isinstance(targets, list) else (targets,):
             tls = target[2] if len(target) > 2 else None
             if self.pairs is not None:
-                relay.pair = self.pairs(target[3] if len(target) > 3 else EXTERNAL)
+                relay.pair = self.pairs(self.caller(downstream) if self.caller is not None
+                                        else target[3] if len(target) > 3 else EXTERNAL)
             try:
                 await relay.connect(target[0], target[1], CONNECT_TIMEOUT, tls)
                 break
