@@ -840,7 +840,8 @@ def test_more_addresses_of_an_instance_route_to_its_service_and_take_opaque_mtls
     assert lookup(table, "10.0.0.9") == () and lookup(table, "10.0.0.10") == ()   # no TCP key
     for bad in ("fd00::5:1:2:3:4:5:6:7", "c1.pods.local", "fe80::1%eth0", "[10.0.0.1]",
                 ",".join(f"10.0.1.{i}" for i in range(17))):
-        with pytest.raises(ValueError, match=r"metadata: fastmesh.addresses: (expected IP|at most 16)"):
+        with pytest.raises(ValueError,
+                           match=r"metadata: fastmesh.addresses: (expected IP|at most 16)"):
             instance("c", "c1", "10.0.0.5:1", bad)
 
 

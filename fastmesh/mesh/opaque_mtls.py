@@ -87,8 +87,8 @@ CONNECT_TRIES = 3           # TCP to a service's virtual address: instances trie
 def targets(at: tuple[Peer, ...], port: int, turn: int, dialer: "Dialer | None",
             own: tuple[str, str] | None, app_host: str) -> list[tuple]:
     """Where TCP sent to `port` of an address with the Peers `at` goes: (host, port, tls or
-    None, service) for each to try in order (fastmesh.mesh.transparent.Detector), from `at[turn]` on,
-    CONNECT_TRIES at most (a connect that fails tries the next). Each over mTLS where the peer
+    None, service) for each to try in order (fastmesh.mesh.transparent.Detector), from
+    `at[turn]` on, CONNECT_TRIES at most (a connect that fails tries the next). Each over mTLS where the peer
     takes it (`wraps`) and there is a `dialer` (this sidecar has mTLS); without one, strict
     peers only when no other one takes plaintext. The peer that is this pod's own instance
     (`own`: its service and host) is `app_host`:port, as its inbound side would relay it: the

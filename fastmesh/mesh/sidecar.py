@@ -26,8 +26,8 @@ changes (a broken change keeps the rules in force).
 Lifecycle: ready (admin `GET /ready`) when both listeners are up and the registry view was loaded
 once. The instance is registered (address: --advertise, else the inbound listener's address;
 its other addresses: --advertise-also, and with --intercept on all interfaces this pod's IPv6
-ones) with a TTL heartbeat. SIGTERM/SIGINT: deregister first (callers stop picking this instance),
-then drain the inbound side while the outbound side keeps serving the app, then drain the
+ones) with a TTL heartbeat. SIGTERM/SIGINT: deregister first (callers stop picking this
+instance), then drain the inbound side while the outbound side keeps serving the app, then drain the
 outbound side, and exit 0.
 """
 from __future__ import annotations
@@ -117,9 +117,8 @@ UNUSABLE_IPV6 = 0x01 | 0x08 | 0x20 | 0x40
 def own_ipv6_addresses(path: str = "/proc/net/if_inet6") -> tuple[str, ...]:
     """This host's global-scope IPv6 addresses (a dual-stack pod's; not loopback or link-local,
     none that is temporary, tentative, deprecated or failed duplicate detection; read once, at
-    start): registered with the
-    instance (ADDRESSES_KEY) so that the mesh knows IPv6 calls to them. () where the file
-    cannot be read (not Linux, IPv6 off)."""
+    start): registered with the instance (ADDRESSES_KEY) so that the mesh knows IPv6 calls to
+    them. () where the file cannot be read (not Linux, IPv6 off)."""
     try:
         with open(path) as f:
             lines = f.read().splitlines()
@@ -379,7 +378,7 @@ class Sidecar:
                 f"{'' if rules else ' (open to any caller)'}")
 
     # -- transparent interception ---------------------------------------------------------------
-    async def _intercept(self, worker: Worker, target) -> None:
+    async def _intercept(self, worker: Worker, target):
         """Put a Detector in front of `worker`'s Gateway: its listener is replaced by one on the
         same address whose connections are sniffed first (before the sidecar is registered).
         Returns the IPv6 twin listener (_listen_ipv6), if any."""
