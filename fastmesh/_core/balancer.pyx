@@ -32,7 +32,7 @@ whose /healthz answers 200 but whose real requests fail stays ejected. If no tar
 pick returns None, or with fail_open (on_all_unhealthy: open) picks among all weighted targets.
 """
 from libc.stdlib cimport malloc, calloc, free
-from libc.string cimport memset
+from libc.string cimport memcpy, memset
 from libc.math cimport exp
 from libc.stdint cimport int64_t, uint64_t
 from cpython.object cimport PyObject
@@ -807,15 +807,14 @@ cdef class Balancer:
                 self.n_waiting += 1
                 if self.next_wakeup == 0 or t.ejected_until < self.next_wakeup:
                     self.next_wakeup = t.ejected_until
-        self._rebuild()
-        # The same round-robin cycle over the same targets goes on where the old one was.
-        if self.sched_len and self.sched_len == old.sched_len and \
+        # Over the same targets, the old round-robin cycle and its position are taken as this
+        # one's: _rebuild keeps the position when it computes the same cycle.
+        if old.sched_len and old.sched_len <= self.sched_cap and \
                 [(t.host, t.port) for t in self.targets] == [(o.host, o.port) for o in old.targets]:
-            for i in range(self.sched_len):
-                if self.schedule[i] != old.schedule[i]:
-                    break
-            else:
-                self.sched_pos = old.sched_pos
+            memcpy(self.schedule, old.schedule, old.sched_len * sizeof(int))
+            self.sched_len = old.sched_len
+            self.sched_pos = old.sched_pos
+        self._rebuild()
 
     @property
     def algorithm_name(self):

@@ -229,7 +229,7 @@ PAIR_SIDES = (("outbound", "by_destination"), ("inbound", "by_source"))
 
 
 def render_opaque(sidecar) -> str:
-    """Opaque TCP relayed under interception, per direction and, outbound, per destination
+    """Opaque TCP relayed under interception, per direction and per pair of services
     (nothing without interception)."""
     found = sidecar.opaque_status()
     if not found:

@@ -186,9 +186,9 @@ class Detector(asyncio.Protocol):
             protocol.eof_received()
 
     async def _relay(self, targets, http: bool) -> None:
-        """Relay to the first of `targets` that connects ((host, port[, tls]), or a list of
-        them: a service's instances, tried in turn); when none does, the Gateway answers HTTP
-        (503 naming the service) and anything else is aborted."""
+        """Relay to the first of `targets` that connects ((host, port[, tls[, service]]), or a
+        list of them: a service's instances, tried in turn); when none does, the Gateway
+        answers HTTP (503 naming the service) and anything else is aborted."""
         downstream = self.transport
         relay = Relay(downstream, self.relays, self.stats)
         for target in targets if isinstance(targets, list) else (targets,):
