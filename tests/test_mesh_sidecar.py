@@ -470,6 +470,26 @@ def test_redis_restart_keeps_missing_instances_for_one_ttl_then_drops_them(mesh)
     assert call(a.outbound, "c")[0] == 200
 
 
+def test_an_invalid_registry_entry_is_skipped_and_reported_once(mesh):
+    b1 = mesh.pod("b", "b1")
+    a = mesh.pod("a", "a1")
+    mesh.redis.command("SET", instance_key("x", "x1"), '{"service": "x", "id": "x1"}',
+                       "PX", "600000")             # no address: not an instance
+    mesh.redis.command("SADD", "fastmesh:idx:x", "x1")
+    mesh.redis.command("SADD", "fastmesh:services", "x")
+    mesh.redis.command("PUBLISH", "fastmesh:events", '{"op": "register"}')
+    first = a.status()["registry"]["resyncs"]
+    # Several resyncs read the same invalid entry; the valid instance keeps serving.
+    wait_until(lambda: a.status()["registry"]["resyncs"] >= first + 3, 15,
+               "the sidecar stopped resyncing", interval=0.1)
+    assert call(a.outbound, "b")[0] == 200
+    assert "x" not in a.status()["destinations"]
+    out = a.stop()
+    assert out.count("skipping an invalid instance") == 1, out
+    assert "Traceback" not in out, out
+    b1.stop()
+
+
 def test_sigterm_deregisters_and_exits_zero(mesh):
     b1 = mesh.pod("b", "b1")
     a = mesh.pod("a", "a1")
