@@ -192,6 +192,14 @@ def instance_key(service: str, instance: str) -> str:
     return f"fastmesh:svc:{service}:{instance}"
 
 
+def write_entry(redis, service: str, instance: str, value: str) -> None:
+    """Put a registry entry by hand, as no sidecar would keep it (no heartbeat), and announce it."""
+    redis.command("SET", instance_key(service, instance), value, "PX", "600000")
+    redis.command("SADD", f"fastmesh:idx:{service}", instance)
+    redis.command("SADD", "fastmesh:services", service)
+    redis.command("PUBLISH", "fastmesh:events", '{"op": "register"}')
+
+
 def redis_exists(redis, key: str) -> bool:
     return redis.command("EXISTS", key) == b":1\r\n"
 
@@ -448,11 +456,8 @@ def test_redis_restart_keeps_missing_instances_for_one_ttl_then_drops_them(mesh)
     c1 = mesh.pod("c", "c1")
     a = mesh.pod("a", "a1")
     # An instance of "x" that no sidecar heartbeats: written by hand, served by c1's pod.
-    value = json.dumps({"service": "x", "id": "x1", "address": f"127.0.0.1:{c1.inbound}"})
-    mesh.redis.command("SET", instance_key("x", "x1"), value, "PX", "600000")
-    mesh.redis.command("SADD", "fastmesh:idx:x", "x1")
-    mesh.redis.command("SADD", "fastmesh:services", "x")
-    mesh.redis.command("PUBLISH", "fastmesh:events", '{"op": "register"}')
+    write_entry(mesh.redis, "x", "x1",
+                json.dumps({"service": "x", "id": "x1", "address": f"127.0.0.1:{c1.inbound}"}))
     wait_until(lambda: "x" in a.status()["destinations"], 5, "a never saw x")
     mesh.redis.stop()
     wait_until(lambda: not a.status()["registry"]["reachable"], 10,
@@ -473,11 +478,7 @@ def test_redis_restart_keeps_missing_instances_for_one_ttl_then_drops_them(mesh)
 def test_an_invalid_registry_entry_is_skipped_and_reported_once(mesh):
     b1 = mesh.pod("b", "b1")
     a = mesh.pod("a", "a1")
-    mesh.redis.command("SET", instance_key("x", "x1"), '{"service": "x", "id": "x1"}',
-                       "PX", "600000")             # no address: not an instance
-    mesh.redis.command("SADD", "fastmesh:idx:x", "x1")
-    mesh.redis.command("SADD", "fastmesh:services", "x")
-    mesh.redis.command("PUBLISH", "fastmesh:events", '{"op": "register"}')
+    write_entry(mesh.redis, "x", "x1", '{"service": "x", "id": "x1"}')   # no address: invalid
     first = a.status()["registry"]["resyncs"]
     # Several resyncs read the same invalid entry; the valid instance keeps serving.
     wait_until(lambda: a.status()["registry"]["resyncs"] >= first + 3, 15,

@@ -197,25 +197,20 @@ class RedisRegistry(Registry):
     async def _resync(self) -> None:
         raw = await self.client.eval(RESYNC_SCRIPT, 1, self.services_key, self.prefix)
         grace = self.loop.time() < self.grace_until
-        known = self._parsed
-        if (not grace and self._exact and len(raw) == len(known)
-                and all(blob in known for blob in raw)):
+        if not grace:
             self.gone.clear()
-            self.resyncs += 1
-            self._first.set()
-            return
-        parsed = {blob: known[blob] if blob in known else self._parse(blob)
-                  for blob in raw}
-        self._parsed, self._exact = parsed, not grace
-        instances = [i for i in parsed.values() if i is not None]
-        if grace:
-            kept = [i for found in self._view.values() for i in found
-                    if (i.service, i.id) not in self.gone]
-            instances = kept + instances        # what Redis says wins
-        else:
-            self.gone.clear()
+        if grace or not self._exact or self._parsed.keys() != set(raw):
+            known = self._parsed
+            self._parsed = {blob: known[blob] if blob in known else self._parse(blob)
+                            for blob in raw}
+            self._exact = not grace
+            instances = [i for i in self._parsed.values() if i is not None]
+            if grace:
+                kept = [i for found in self._view.values() for i in found
+                        if (i.service, i.id) not in self.gone]
+                instances = kept + instances        # what Redis says wins
+            self._set_view(make_view(instances))
         self.resyncs += 1
-        self._set_view(make_view(instances))
         self._first.set()
 
     @staticmethod
