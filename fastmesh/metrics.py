@@ -21,10 +21,19 @@ import sys
 
 from fastmesh._core.histogram import BUCKETS, Histogram, bucket_value
 
-HISTOGRAMS = ("total", "upstream", "added")
 BUCKETS_SECONDS = (0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
                    0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 STATUS_CLASSES = ("0xx", "1xx", "2xx", "3xx", "4xx", "5xx")
+
+
+def total_of_class(cls: str) -> str:
+    """The histogram kind of the total time of responses of status class `cls` ("2xx")."""
+    return "total_" + cls
+
+
+# "total" is all classes merged (what the gateway's per-route metrics export); the mesh's
+# (source, destination) metrics export the per-class ones (fastmesh.mesh.admin).
+HISTOGRAMS = ("total", "upstream", "added") + tuple(total_of_class(c) for c in STATUS_CLASSES)
 
 
 # --- worker side ------------------------------------------------------------------------------
@@ -65,7 +74,9 @@ class _Accum:
     def add_target(self, target) -> None:
         self.add_counts(target.counts())
         _add(self.totals, {k: getattr(target, k) for k in ROUTE_TOTALS if getattr(target, k)})
-        self.add_hist("total", target.h_total)
+        for cls, hist in target.totals_by_class().items():
+            self.add_hist("total", hist)
+            self.add_hist(total_of_class(cls), hist)
         self.add_hist("upstream", target.h_upstream)
         self.add_hist("added", target.h_added)
 

@@ -103,7 +103,7 @@ def test_inbound_counts_each_caller_service_and_callers_outside_the_mesh(mesh):
     assert inbound_requests(c, UNKNOWN) == 2
     _, _, text = admin_text(c.admin, "/metrics")
     assert metric(text, "fastmesh_mesh_request_duration_seconds_count", direction="inbound",
-                  source="a", destination="c") == 3
+                  source="a", destination="c", status_class="2xx") == 3
     assert metric(text, "fastmesh_mesh_requests_total", direction="inbound", source="",
                   destination="c", status_class="2xx") is None
     # The caller's sidecar counted the same pair outbound.

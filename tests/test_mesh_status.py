@@ -120,9 +120,17 @@ def test_sidecar_metrics_per_source_destination_and_status_class(file_mesh, stat
     assert metric(text, "fastmesh_mesh_requests_total", **pair, status_class="5xx") == 2
     assert metric(text, "fastmesh_mesh_requests_total", direction="outbound", source="a",
                   destination="(unknown)", status_class="5xx") == 1
-    assert metric(text, "fastmesh_mesh_request_duration_seconds_count", **pair) == 5
-    assert metric(text, "fastmesh_mesh_request_duration_seconds_bucket", **pair, le="+Inf") == 5
-    assert 0 < metric(text, "fastmesh_mesh_request_duration_seconds_sum", **pair) < 5
+    # Latency per status class too: each class's histogram holds exactly its requests.
+    for cls, n in (("2xx", 2), ("4xx", 1), ("5xx", 2)):
+        assert metric(text, "fastmesh_mesh_request_duration_seconds_count", **pair,
+                      status_class=cls) == n
+        assert metric(text, "fastmesh_mesh_request_duration_seconds_bucket", **pair,
+                      status_class=cls, le="+Inf") == n
+        assert 0 < metric(text, "fastmesh_mesh_request_duration_seconds_sum", **pair,
+                          status_class=cls) < 5
+    assert metric(text, "fastmesh_mesh_request_duration_seconds_count", **pair,
+                  status_class="3xx") is None
+    assert metric(text, "fastmesh_mesh_request_duration_seconds_count", **pair) is None
     assert metric(text, "fastmesh_mesh_added_latency_seconds_count", **pair) == 5
     # The callee's sidecar counts the same requests inbound, under the caller's name.
     _, _, b_text = admin_text(b.admin, "/metrics")
@@ -138,6 +146,10 @@ def test_sidecar_metrics_per_source_destination_and_status_class(file_mesh, stat
     ab = pairs[("outbound", "a", "b")]
     assert ab["requests"] == 5 and ab["status"] == {"2xx": 2, "4xx": 1, "5xx": 2}
     assert ab["latency"]["count"] == 5 and sum(ab["latency"]["buckets"][1::2]) == 5
+    by_status = ab["latency_by_status"]
+    assert {cls: h["count"] for cls, h in by_status.items()} == {"2xx": 2, "4xx": 1, "5xx": 2}
+    assert sum(sum(h["buckets"][1::2]) for h in by_status.values()) == 5
+    assert min(h["min_ns"] for h in by_status.values()) == ab["latency"]["min_ns"]
     assert 0 < ab["latency"]["min_ns"] <= ab["latency"]["max_ns"]
     assert pairs[("outbound", "a", "(unknown)")]["status"] == {"5xx": 1}
 

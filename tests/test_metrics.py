@@ -151,17 +151,19 @@ def test_route_stats_fold_retired_targets_only_when_unreferenced():
     pools = PoolRegistry()
     stats = RouteStats()
     old = compile_plan(cfg, pools)
-    old.targets[0].h_total.add(1000)
+    old.targets[0].class_histogram(2).add(1000)
     held = old.targets[0]                     # as a connection still serving on the old Plan
     stats.retire(old)
     new = compile_plan(cfg, pools)
     del old
     snap = stats.snapshot(new)
     assert len(stats.retired) == 1 and not stats.folded
-    held.h_total.add(2000)                    # it can still record
+    held.class_histogram(5).add(2000)         # it can still record
     del held
     snap = stats.snapshot(new)
     assert stats.retired == [] and list(stats.folded) == [("r", "s")]
     from fastmesh._core.histogram import Histogram
     (route, service, data), = snap
     assert Histogram.loads(data["total"]).count == 2
+    assert Histogram.loads(data["total_2xx"]).max_ns == 1000      # and per status class
+    assert Histogram.loads(data["total_5xx"]).max_ns == 2000

@@ -1,5 +1,6 @@
 # The per-connection state machines of the data path and the worker's shared state.
 from libc.stdint cimport int64_t, uint64_t
+from cpython.object cimport PyObject
 
 from fastmesh._core.http1 cimport Head, Chunked, Limits
 from fastmesh._core.buffer cimport Buf
@@ -24,7 +25,7 @@ cdef class RouteTarget:
     cdef double read_timeout
     cdef double write_timeout
     cdef int64_t max_body_size      # 0: unlimited
-    cdef readonly Histogram h_total
+    cdef PyObject* h_total_by_class[6]  # Histogram per status class, made on the class's first response
     cdef readonly Histogram h_upstream
     cdef readonly Histogram h_added
     cdef uint64_t status_counts[6]  # index: status // 100 (0 = no response)
@@ -47,6 +48,8 @@ cdef class RouteTarget:
     # 0 = served; 426 = refused (Upgrade: TLS); 301/302/307/308 = redirected to https://
     cdef int https_only
     cdef bytes https_port_suffix        # b"" (port 443) or b":8443", appended in redirects
+
+    cdef Histogram _class_histogram(self, int cls)
 
 
 cdef class Gateway:

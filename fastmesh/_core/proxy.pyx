@@ -42,6 +42,7 @@ from fastmesh._core.balancer import request_hash_key
 from fastmesh._core.tls_transport import HandshakeTimeout, connect as tls_connect
 from fastmesh._core.plugin cimport Chain, HeaderEdits, Pending, Request, ResponseHead
 from cpython.object cimport PyObject
+from cpython.ref cimport Py_INCREF, Py_XDECREF
 
 cdef extern from "<time.h>" nogil:
     enum: CLOCK_MONOTONIC_COARSE
@@ -404,9 +405,36 @@ cdef class RouteTarget:
         self.read_timeout = read_timeout
         self.write_timeout = write_timeout
         self.max_body_size = max_body_size
-        self.h_total = Histogram()
         self.h_upstream = Histogram()
         self.h_added = Histogram()
+
+    def __dealloc__(self):
+        cdef int i
+        for i in range(6):
+            Py_XDECREF(self.h_total_by_class[i])
+
+    cdef Histogram _class_histogram(self, int cls):
+        """The total-time histogram of status class `cls` (0-5), made on its first response:
+        a route that only ever answers 2xx holds one, as it held one total histogram before
+        they were split by class (the mesh's latency per (source, destination, status class))."""
+        cdef Histogram hist
+        if self.h_total_by_class[cls] == NULL:
+            hist = Histogram()
+            Py_INCREF(hist)
+            self.h_total_by_class[cls] = <PyObject*>hist
+            return hist
+        return <Histogram>self.h_total_by_class[cls]
+
+    def class_histogram(self, int cls):
+        """_class_histogram from Python (cls 0-5)."""
+        if not 0 <= cls <= 5:
+            raise ValueError(f"status class {cls} is not 0-5")
+        return self._class_histogram(cls)
+
+    def totals_by_class(self):
+        """Total time by response status class: {"2xx": Histogram, ...}, classes seen only."""
+        return {f"{i}xx": <Histogram>self.h_total_by_class[i] for i in range(6)
+                if self.h_total_by_class[i] != NULL}
 
     def counts(self):
         """Responses by status class: {"2xx": n, ...} ("0xx": no response sent)."""
@@ -1476,7 +1504,7 @@ cdef class DownstreamProtocol:
         end = now_ns()
         total = end - self.t_start
         upstream = end - self.t_up_start
-        rt.h_total.record(total)
+        rt._class_histogram(cls).record(total)
         rt.h_upstream.record(upstream)
         rt.h_added.record(total - upstream)
         if self.gw.log_enabled:

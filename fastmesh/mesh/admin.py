@@ -8,8 +8,8 @@ Served by fastmesh.admin's connection handling (`AdminProtocol`) with this reque
 | GET | /ready | 200 when both listeners are up and the registry view was loaded, else 503 |
 | GET | /status | the instance, both listeners (requests, statuses, upstream health), registry |
 | GET | /registry | the registry view: every service and its instances |
-| GET | /metrics | Prometheus text: requests per (source, destination, status class), histograms; mTLS handshakes, certificate expiry, authorization decisions; opaque TCP relayed (interception) |
-| GET | /stats | the same as JSON, histograms with their log-linear buckets (mergeable) |
+| GET | /metrics | Prometheus text: requests and latency histograms per (source, destination, status class), added latency per pair; mTLS handshakes, certificate expiry, authorization decisions; opaque TCP relayed (interception) |
+| GET | /stats | the same as JSON, histograms with their log-linear buckets (mergeable): `latency` all classes, `latency_by_status` per class |
 
 East-west metrics come from the listeners' per-route counters (fastmesh.metrics), which the
 data path keeps anyway: the outbound listener has one route per destination service, so its
@@ -25,18 +25,18 @@ import time
 from fastmesh.admin import PROMETHEUS, Answer, error
 from fastmesh.metrics import (
     BUCKETS_SECONDS, STATUS_CLASSES, _Accum, _cls, _num, _Writer, prometheus_buckets,
+    total_of_class,
 )
 from fastmesh.mesh.routes import UNKNOWN, caller_of
 
 UNKNOWN_DESTINATION = "(unknown)"   # requests for a service the registry does not know
 UNKNOWN_SOURCE = "(unknown)"        # inbound requests from no known caller (outside the mesh)
-HISTOGRAMS = (
-    ("total", "fastmesh_mesh_request_duration_seconds",
-     "Time from the first byte of a request to the end of its response at this sidecar, by "
-     "direction and (source, destination) service pair."),
-    ("added", "fastmesh_mesh_added_latency_seconds",
-     "Latency this sidecar added (total minus upstream time), by direction and service pair."),
-)
+DURATION = ("fastmesh_mesh_request_duration_seconds",
+            "Time from the first byte of a request to the end of its response at this sidecar, "
+            "by direction, (source, destination) service pair and response status class "
+            "('none': no response sent); sum over status_class for all requests of a pair.")
+ADDED = ("fastmesh_mesh_added_latency_seconds",
+         "Latency this sidecar added (total minus upstream time), by direction and service pair.")
 
 
 class SidecarAdmin:
@@ -122,9 +122,12 @@ def histogram_json(hist) -> dict:
 
 def pair_json(direction: str, source: str, destination: str, acc: _Accum) -> dict:
     status = {_cls(cls): acc.counts[cls] for cls in STATUS_CLASSES if acc.counts.get(cls)}
+    by_status = {_cls(cls): histogram_json(acc.hists[total_of_class(cls)])
+                 for cls in STATUS_CLASSES if total_of_class(cls) in acc.hists}
     return {"direction": direction, "source": source or None, "destination": destination,
             "requests": sum(status.values()), "status": status,
             "latency": histogram_json(acc.hists.get("total")),
+            "latency_by_status": by_status,
             "added": histogram_json(acc.hists.get("added"))}
 
 
@@ -140,18 +143,27 @@ def render_pairs(pairs: list) -> str:
                 w.sample("fastmesh_mesh_requests_total", acc.counts[cls], direction=direction,
                          source=source, destination=destination, status_class=_cls(cls))
     bounds = [_num(b) for b in BUCKETS_SECONDS] + ["+Inf"]
-    for kind, name, help_text in HISTOGRAMS:
-        w.family(name, "histogram", help_text)
-        for (direction, source, destination), acc in pairs:
-            hist = acc.hists.get(kind)
-            if hist is None:
-                continue
-            labels = {"direction": direction, "source": source, "destination": destination}
-            cumulative, count, total = prometheus_buckets(hist)
-            for le, n in zip(bounds, cumulative):
-                w.sample(f"{name}_bucket", n, **labels, le=le)
-            w.sample(f"{name}_count", count, **labels)
-            w.sample(f"{name}_sum", total, **labels)
+
+    def histogram(name: str, hist, **labels: str) -> None:
+        cumulative, count, total = prometheus_buckets(hist)
+        for le, n in zip(bounds, cumulative):
+            w.sample(f"{name}_bucket", n, **labels, le=le)
+        w.sample(f"{name}_count", count, **labels)
+        w.sample(f"{name}_sum", total, **labels)
+
+    w.family(DURATION[0], "histogram", DURATION[1])
+    for (direction, source, destination), acc in pairs:
+        for cls in STATUS_CLASSES:
+            hist = acc.hists.get(total_of_class(cls))
+            if hist is not None:
+                histogram(DURATION[0], hist, direction=direction, source=source,
+                          destination=destination, status_class=_cls(cls))
+    w.family(ADDED[0], "histogram", ADDED[1])
+    for (direction, source, destination), acc in pairs:
+        hist = acc.hists.get("added")
+        if hist is not None:
+            histogram(ADDED[0], hist, direction=direction, source=source,
+                      destination=destination)
     return w.text()
 
 
