@@ -458,6 +458,9 @@ def _num(value: float) -> str:
     return repr(value)
 
 
+_LE_LABELS = [_num(b) for b in BUCKETS_SECONDS] + ["+Inf"]     # a histogram's le="..." labels
+
+
 class _Writer:
     def __init__(self):
         self.lines: list[str] = []
@@ -468,6 +471,14 @@ class _Writer:
 
     def sample(self, name: str, value: float, **labels: str) -> None:
         self.lines.append(f"{name}{_labels(**labels)} {_num(value)}")
+
+    def histogram(self, name: str, hist: Histogram, **labels: str) -> None:
+        """One histogram's _bucket (BUCKETS_SECONDS, +Inf), _count and _sum samples."""
+        cumulative, count, total = prometheus_buckets(hist)
+        for le, n in zip(_LE_LABELS, cumulative):
+            self.sample(f"{name}_bucket", n, **labels, le=le)
+        self.sample(f"{name}_count", count, **labels)
+        self.sample(f"{name}_sum", total, **labels)
 
     def text(self) -> str:
         return "\n".join(self.lines) + "\n"
@@ -530,18 +541,13 @@ def render(merged: dict, info: dict) -> str:
         w.family(name, "counter", help_text)
         for (route, service), acc in routes:
             w.sample(name, acc.totals.get(key, 0), route=route, service=service)
-    bounds = [_num(b) for b in BUCKETS_SECONDS] + ["+Inf"]
     for kind, name, help_text in HISTOGRAM_FAMILIES:
         w.family(name, "histogram", help_text)
         for (route, service), acc in routes:
             hist = acc.hists.get(kind)
             if hist is None:
                 continue
-            cumulative, count, total = prometheus_buckets(hist)
-            for le, n in zip(bounds, cumulative):
-                w.sample(f"{name}_bucket", n, route=route, service=service, le=le)
-            w.sample(f"{name}_count", count, route=route, service=service)
-            w.sample(f"{name}_sum", total, route=route, service=service)
+            w.histogram(name, hist, route=route, service=service)
 
     pools = sorted(merged["pools"].items())
     w.family("fastmesh_upstream_pool_connections", "gauge",

@@ -23,10 +23,7 @@ from __future__ import annotations
 import time
 
 from fastmesh.admin import PROMETHEUS, Answer, error
-from fastmesh.metrics import (
-    BUCKETS_SECONDS, STATUS_CLASSES, _Accum, _cls, _num, _Writer, prometheus_buckets,
-    total_of_class,
-)
+from fastmesh.metrics import STATUS_CLASSES, _Accum, _cls, _Writer, total_of_class
 from fastmesh.mesh.routes import UNKNOWN, caller_of
 
 UNKNOWN_DESTINATION = "(unknown)"   # requests for a service the registry does not know
@@ -142,27 +139,18 @@ def render_pairs(pairs: list) -> str:
             if acc.counts.get(cls):
                 w.sample("fastmesh_mesh_requests_total", acc.counts[cls], direction=direction,
                          source=source, destination=destination, status_class=_cls(cls))
-    bounds = [_num(b) for b in BUCKETS_SECONDS] + ["+Inf"]
-
-    def histogram(name: str, hist, **labels: str) -> None:
-        cumulative, count, total = prometheus_buckets(hist)
-        for le, n in zip(bounds, cumulative):
-            w.sample(f"{name}_bucket", n, **labels, le=le)
-        w.sample(f"{name}_count", count, **labels)
-        w.sample(f"{name}_sum", total, **labels)
-
     w.family(DURATION[0], "histogram", DURATION[1])
     for (direction, source, destination), acc in pairs:
         for cls in STATUS_CLASSES:
             hist = acc.hists.get(total_of_class(cls))
             if hist is not None:
-                histogram(DURATION[0], hist, direction=direction, source=source,
+                w.histogram(DURATION[0], hist, direction=direction, source=source,
                           destination=destination, status_class=_cls(cls))
     w.family(ADDED[0], "histogram", ADDED[1])
     for (direction, source, destination), acc in pairs:
         hist = acc.hists.get("added")
         if hist is not None:
-            histogram(ADDED[0], hist, direction=direction, source=source,
+            w.histogram(ADDED[0], hist, direction=direction, source=source,
                       destination=destination)
     return w.text()
 
