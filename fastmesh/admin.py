@@ -1,7 +1,7 @@
 """The admin API: a small JSON-over-HTTP/1.1 server on its own listener.
 
 Parsing uses fastmesh's own HTTP/1.1 parser (`fastmesh._core.http1`) in a plain asyncio protocol;
-no web framework. Bodies and answers are JSON (orjson), except `GET /metrics` (Prometheus text).
+no web framework. Bodies and answers are JSON (fastmesh.jsonbytes), except `GET /metrics` (Prometheus text).
 Requests on one connection are answered in order (keep-alive and pipelining work).
 
 | method | path | what |
@@ -21,13 +21,12 @@ import asyncio
 import re
 from urllib.parse import unquote
 
-import orjson
-
 from fastmesh._core.http1 import ChunkedDecoder, HTTPParseError, parse_request
 from fastmesh.config import ConfigIssue
 from fastmesh.entities import (
     EntityError, delete_entity, get_entity, list_entities, patch_entity, put_entity,
 )
+from fastmesh.jsonbytes import dumps_lenient, loads
 from fastmesh.metrics import merge_upstream_health, upstream_summaries
 from fastmesh.osutil import compare_digest
 from fastmesh.server import parse_listen, start_server
@@ -54,7 +53,7 @@ class Answer:
         elif body is None and status == 204:
             self.payload = b""
         else:
-            self.payload = orjson.dumps(body, default=str) + b"\n"
+            self.payload = dumps_lenient(body) + b"\n"
 
 
 def error(status: int, message: str, **extra) -> Answer:
@@ -143,8 +142,8 @@ class AdminAPI:
         if not body.strip():
             return error(400, "expected a JSON body")
         try:
-            return orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
+            return loads(body)
+        except ValueError as exc:
             return error(400, f"invalid JSON: {exc}")
 
     def applied(self) -> dict:

@@ -21,7 +21,7 @@ import logging
 import sys
 from urllib.parse import parse_qsl
 
-import orjson
+from fastmesh.jsonbytes import dumps as json_dumps
 
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 
@@ -498,9 +498,9 @@ class Response:
         if body is None:
             body = b""
         elif isinstance(body, (dict, list)):
-            body = orjson.dumps(body)
+            body = json_dumps(body)
         elif isinstance(body, str):
-            body = orjson.dumps({"message": body})
+            body = json_dumps({"message": body})
         elif not isinstance(body, bytes):
             raise TypeError(f"Response body must be dict, list, str, bytes or None, "
                             f"not {type(body).__name__}")

@@ -39,7 +39,6 @@ from fastmesh._core.balancer cimport (
 )
 from fastmesh._core.includes.clock cimport now_ns, clock_gettime, timespec
 from fastmesh._core.balancer import request_hash_key
-from fastmesh._core.tls_transport import HandshakeTimeout, connect as tls_connect
 from fastmesh._core.plugin cimport Chain, HeaderEdits, Pending, Request, ResponseHead
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_INCREF, Py_XDECREF
@@ -63,7 +62,7 @@ import os
 import socket
 import time
 
-import orjson
+from fastmesh.jsonbytes import dumps as json_dumps
 
 
 # Downstream states
@@ -132,6 +131,18 @@ cdef Py_ssize_t PIPELINE_MAX = 65536      # pipelined input buffered before read
 cdef double SWEEP_INTERVAL = 0.1
 
 cdef bytes VIA_TOKEN = b"fastmesh"
+
+# fastmesh._core.tls_transport, imported by the first HTTPS upstream connect: a gateway or
+# sidecar without one never loads it (~0.3 MiB of RSS).
+cdef object _tls_transport = None
+
+
+cdef object tls_transport():
+    global _tls_transport
+    if _tls_transport is None:
+        import fastmesh._core.tls_transport as module
+        _tls_transport = module
+    return _tls_transport
 
 
 _PARSE_ERRORS = {
@@ -211,7 +222,7 @@ cdef bytes _header_safe(object value):
 
 def error_response(int status, str message, bint close) -> bytes:
     """A complete JSON error response: {"message": ...}."""
-    body = orjson.dumps({"message": message})
+    body = json_dumps({"message": message})
     head = (
         f"HTTP/1.1 {status} {REASONS.get(status, b'Error').decode()}\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
@@ -1156,8 +1167,8 @@ cdef class DownstreamProtocol:
         if pool.ssl is None:
             connecting = self.gw.loop.create_connection(lambda: up, pool.host, pool.port)
         else:
-            connecting = tls_connect(self.gw.loop, up, pool.host, pool.port, pool.ssl,
-                                     pool.server_hostname, rt.connect_timeout)
+            connecting = tls_transport().connect(self.gw.loop, up, pool.host, pool.port, pool.ssl,
+                                                 pool.server_hostname, rt.connect_timeout)
         task = self.gw.loop.create_task(connecting)
         up.connect_task = task
         task.add_done_callback(up._connect_done)
@@ -1177,7 +1188,7 @@ cdef class DownstreamProtocol:
         self.pending_out = None
         if self._connect_failed_retry():
             return
-        if isinstance(exc, HandshakeTimeout):
+        if _tls_transport is not None and isinstance(exc, _tls_transport.HandshakeTimeout):
             self.close_after = True
             self._fail(504, "upstream TLS handshake timed out")
             return
@@ -1890,8 +1901,8 @@ cdef class DownstreamProtocol:
                 + PyBytes_FromStringAndSize(b + h.path.off, h.path.len)
             if h.has_query:
                 location += b"?" + PyBytes_FromStringAndSize(b + h.query.off, h.query.len)
-            body = orjson.dumps({"message": "this route requires HTTPS",
-                                 "location": location.decode("latin-1")})
+            body = json_dumps({"message": "this route requires HTTPS",
+                               "location": location.decode("latin-1")})
             extra = b"Location: " + location + b"\r\nConnection: " + conn
         payload = b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n" \
             b"%s\r\n\r\n%s" % (status, REASONS.get(status, b"Error"), len(body), extra, body)

@@ -26,8 +26,7 @@ import ssl
 import tempfile
 import time
 
-import orjson
-
+from fastmesh import jsonbytes
 from fastmesh._core.http1 import HTTPParseError, parse_request
 from fastmesh.config.schema import Invalid
 from fastmesh.mesh.ca import CA, CAError, LEAF_TTL, cert_expiry, spiffe_id
@@ -70,8 +69,8 @@ class SigningService:
 
     def sign(self, body: bytes, peer: str) -> tuple[int, dict]:
         try:
-            request = orjson.loads(body)
-        except orjson.JSONDecodeError:
+            request = jsonbytes.loads(body)
+        except ValueError:
             return self._refuse(400, "body must be a JSON object {service, csr, token}", peer)
         if not isinstance(request, dict):
             return self._refuse(400, "body must be a JSON object {service, csr, token}", peer)
@@ -170,7 +169,7 @@ class SignProtocol(asyncio.Protocol):
             self.timer = None
         if self.transport is None or self.transport.is_closing():
             return
-        payload = orjson.dumps(answer) + b"\n"
+        payload = jsonbytes.dumps(answer) + b"\n"
         head = (f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\n"
                 f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
                 "Cache-Control: no-store\r\nConnection: close\r\n\r\n").encode("latin-1")

@@ -31,7 +31,6 @@ import socket
 import ssl
 from typing import Callable
 
-from fastmesh._core.tls_transport import accept as tls_accept
 from fastmesh.tls import ALPN_HTTP1, HANDSHAKE_FAILURES, classify, harden
 
 log = logging.getLogger("fastmesh")
@@ -160,6 +159,7 @@ class MtlsListener:
             if first[0] != TLS_HANDSHAKE:
                 await self._plaintext(conn, self.plain_factory)
                 return
+            from fastmesh._core.tls_transport import accept as tls_accept
             try:
                 await tls_accept(self.loop, self.tls_factory(), conn, self.ctx,
                                  HANDSHAKE_TIMEOUT)

@@ -27,8 +27,7 @@ import time
 from typing import Callable
 from urllib.parse import urlsplit
 
-import orjson
-
+from fastmesh import jsonbytes
 from fastmesh.mesh.registry import (
     BUNDLE_FILE, CERT_FILE, KEY_FILE, lifetime_of, peer_identity, service_name, service_of,
 )
@@ -391,7 +390,7 @@ class CertificateSource:
         request = {"service": self._service, "csr": csr.decode(), "token": self._token}
         if self.ttl is not None:
             request["ttl"] = self.ttl
-        status, answer = await self._post("/v1/sign", orjson.dumps(request))
+        status, answer = await self._post("/v1/sign", jsonbytes.dumps(request))
         if status != 200:
             error = CertificateError(f"the CA server answered {status}: "
                                      f"{answer.get('message', '?')}")
@@ -512,8 +511,8 @@ def _parse_answer(data: bytes) -> tuple[int, dict]:
     if resp.content_length is not None:
         body = body[:resp.content_length]
     try:
-        answer = orjson.loads(body)
-    except orjson.JSONDecodeError:
+        answer = jsonbytes.loads(body)
+    except ValueError:
         answer = {"message": body[:200].decode("utf-8", "replace")}
     return resp.status, answer if isinstance(answer, dict) else {"message": str(answer)[:200]}
 
