@@ -9,8 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 
-import orjson
-
+from fastmesh import jsonbytes
 from fastmesh._core.http1 import ChunkedDecoder, HTTPParseError, error_status, parse_request
 from fastmesh.server import start_server
 
@@ -110,7 +109,7 @@ class EchoProtocol(asyncio.Protocol):
             "body": body_text,
             "remote": self.peer,
         }
-        payload = orjson.dumps(description)
+        payload = jsonbytes.dumps(description)
         close = not req.keep_alive
         head = (
             "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
@@ -122,7 +121,7 @@ class EchoProtocol(asyncio.Protocol):
             self.transport.close()
 
     def _answer_error(self, status: int, message: str):
-        payload = orjson.dumps({"message": message})
+        payload = jsonbytes.dumps({"message": message})
         self.transport.write(
             f"HTTP/1.1 {status} Error\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode() + payload)

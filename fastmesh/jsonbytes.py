@@ -1,9 +1,10 @@
 """JSON as bytes with the standard library's C encoder, for the answers that are not per request:
-error bodies (4xx/5xx of the data path and of plugins), the admin APIs, the CA's messages.
+error bodies (4xx/5xx of the data path and of plugins), the admin APIs, the CA's messages, the
+built-in echo upstream.
 
 orjson is faster, but a process that imports it also loads datetime, uuid and platform: ~0.3 MiB
 of RSS in every sidecar, for bodies that a healthy mesh never sends. It stays where its speed is
-paid back, the access log (one record per request) and the echo server. The output is the same
+paid back, the access log (one record per request, and only when it is on). The output is the same
 shape as orjson's (compact, no spaces); non-ASCII is written as \\u escapes, so encoding never
 fails, whatever a message holds.
 """

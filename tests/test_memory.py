@@ -41,6 +41,8 @@ NOT_IN_IDLE_GATEWAY = (
     "fastmesh.accesslog",            # access_log: off
     "ctypes",                        # malloc_trim: for big configs (or without bytecode)
     "fastmesh.streams", "fastmesh.sni",   # L4 streams: only when the config has some
+    "orjson", "uuid",                # the access log's JSON (fastmesh.jsonbytes for the rest)
+    "fastmesh._core.tls_transport",  # the first HTTPS upstream connect
 )
 
 # Not in a plaintext sidecar with a JSON registry file, after a call through it.
@@ -53,6 +55,8 @@ NOT_IN_IDLE_SIDECAR = (
     "fastmesh.mesh.ca",              # `fastmesh ca ...`; the sidecar reads SPIFFE ids (registry)
     "fastmesh.mesh.status",          # `fastmesh mesh status`
     "fastmesh.mesh.interception", "fastmesh.mesh.transparent",   # --intercept only
+    "orjson", "uuid", "datetime",    # JSON answers come from fastmesh.jsonbytes
+    "fastmesh._core.tls_transport",  # mTLS and HTTPS upstreams only
 )
 BENCH_SERVICES = 5                     # benches/mesh_chain.py: s1 .. s5
 
