@@ -185,7 +185,7 @@ cdef class DownstreamProtocol:
     cdef Py_ssize_t _take_body(self, const char* p, Py_ssize_t n) except -2
     cdef int _send_upstream(self, object out) except -1
     cdef int _build_request_head(self, const char* b, Py_ssize_t mlen) except -1
-    cdef int _write_response_head(self, UpstreamProtocol up, const char* b) except -1
+    cdef int _write_response_head(self, UpstreamProtocol up, const char* b, Head* h) except -1
     cdef int _relay_body(self, object data, const char* p, Py_ssize_t off, Py_ssize_t n) except -1
     cdef int _response_done(self, bint upstream_reusable) except -1
     cdef int _next_request(self) except -1
@@ -238,8 +238,7 @@ cdef class UpstreamProtocol(PooledConnection):
     cdef bint counted                # counted in balancer.connections (connected)
     cdef DownstreamProtocol down
     cdef int state
-    cdef Buf rbuf
-    cdef Head head
+    cdef Buf rbuf                    # a response head in pieces (parsed into proxy.RESP_HEAD)
     cdef int body_kind
     cdef int64_t remaining
     cdef Chunked chunked

@@ -132,6 +132,13 @@ cdef double SWEEP_INTERVAL = 0.1
 
 cdef bytes VIA_TOKEN = b"fastmesh"
 
+# The head of the upstream response being read: one for the process, not one per upstream
+# connection (2.6 KB each, MAX_HEADERS headers). A response head is parsed, written to the client
+# and done with inside one UpstreamProtocol._parse_head call; nothing keeps a pointer into it
+# after (the plugins' ResponseHead view is detached when its phase returns), and no other
+# connection's callback can run in between.
+cdef Head RESP_HEAD
+
 # fastmesh._core.tls_transport, imported by the first HTTPS upstream connect: a gateway or
 # sidecar without one never loads it (~0.3 MiB of RSS).
 cdef object _tls_transport = None
@@ -1329,9 +1336,8 @@ cdef class DownstreamProtocol:
             buf_add(w, "/", 1)
         return buf_add(w, path, plen)
 
-    cdef int _write_response_head(self, UpstreamProtocol up, const char* b) except -1:
+    cdef int _write_response_head(self, UpstreamProtocol up, const char* b, Head* h) except -1:
         cdef Buf* w = &self.wbuf
-        cdef Head* h = &up.head
         cdef Header* hd
         cdef int i
         cdef int64_t now
@@ -2149,6 +2155,7 @@ cdef class UpstreamProtocol(PooledConnection):
         cdef const char* b
         cdef Py_ssize_t avail, r, off
         cdef object owner
+        cdef Head* h = &RESP_HEAD
         if self.rbuf.len:
             buf_add(&self.rbuf, p, n)
             owner = PyBytes_FromStringAndSize(self.rbuf.data, self.rbuf.len)
@@ -2159,7 +2166,7 @@ cdef class UpstreamProtocol(PooledConnection):
         avail = PyBytes_GET_SIZE(owner)
         off = 0
         while True:
-            r = parse_response_head(b + off, avail - off, &self.head, &down.gw.resp_limits, down.method_head)
+            r = parse_response_head(b + off, avail - off, h, &down.gw.resp_limits, down.method_head)
             if r == PARSE_INCOMPLETE:
                 buf_add(&self.rbuf, b + off, avail - off)
                 return 0
@@ -2167,9 +2174,9 @@ cdef class UpstreamProtocol(PooledConnection):
                 self.reusable = False
                 down._fail(502, "upstream sent an invalid response")
                 return 0
-            if self.head.status >= 100 and self.head.status < 200 and self.head.status != 101:
+            if h.status >= 100 and h.status < 200 and h.status != 101:
                 # Interim response: relay 100 Continue to a client that asked for it.
-                if self.head.status == 100 and down.expect_continue and not down.resp_started:
+                if h.status == 100 and down.expect_continue and not down.resp_started:
                     down._out(b"HTTP/1.1 100 Continue\r\n\r\n")
                 off += r
                 if off >= avail:
@@ -2177,27 +2184,27 @@ cdef class UpstreamProtocol(PooledConnection):
                 continue
             break
         down.t_up_first = now_ns()
-        if 502 <= self.head.status <= 504 and down._may_retry(RETRY_5XX):
+        if 502 <= h.status <= 504 and down._may_retry(RETRY_5XX):
             failed = down.target
-            status = self.head.status
+            status = h.status
             down._end_target(OUTCOME_RESPONSE, status)
             down._detach_upstream(False)     # its body is not read: never reuse it
             if not down._retry(failed, RETRY_5XX):
                 down._fail(status, f"upstream answered {status}")
             return 0
-        down._end_target(OUTCOME_RESPONSE, self.head.status)
-        if self.head.status == 101 and not down.wants_upgrade:
+        down._end_target(OUTCOME_RESPONSE, h.status)
+        if h.status == 101 and not down.wants_upgrade:
             down._fail(502, "upstream switched protocols without an upgrade request")
             return 0
-        self.body_kind = self.head.body_kind
-        self.remaining = self.head.content_length if self.body_kind == BODY_LENGTH else 0
+        self.body_kind = h.body_kind
+        self.remaining = h.content_length if self.body_kind == BODY_LENGTH else 0
         if self.body_kind == BODY_LENGTH and self.remaining == 0:
             self.body_kind = BODY_NONE
-        self.resp_keep_alive = self.head.keep_alive
+        self.resp_keep_alive = h.keep_alive
         memset(&self.chunked, 0, sizeof(Chunked))
-        down.resp_status = self.head.status
+        down.resp_status = h.status
         # Shift the spans' base: they are relative to b + off.
-        down._write_response_head(self, b + off)
+        down._write_response_head(self, b + off, h)
         down.resp_started = True
         off += r
         if self.body_kind == BODY_LENGTH and self.remaining <= avail - off \
@@ -2215,7 +2222,7 @@ cdef class UpstreamProtocol(PooledConnection):
             return 0
         down.resp_bytes += down.wbuf.len
         down._out(buf_take(&down.wbuf))
-        if self.head.status == 101:
+        if h.status == 101:
             self.state = U_TUNNEL
             down.state = D_TUNNEL
             down.dkind = K_NONE
