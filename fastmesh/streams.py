@@ -43,6 +43,7 @@ import asyncio
 import logging
 import socket
 import time
+from typing import Callable
 
 from fastmesh._core.balancer import ABORTED, CONNECT_FAIL, RESPONSE, Balancer
 from fastmesh.config.streams import Destination, Stream
@@ -54,6 +55,12 @@ HIGH_WATER = 256 * 1024             # a side pauses the other side's reading abo
 IDLE_CHECKS = 4                     # idle timer looks this many times per idle_timeout
 MAX_CONNECT_TRIES = 3               # targets tried for one connection, at most
 LISTEN_BACKLOG = 4096
+
+# What Relay.connect_balanced came to.
+CONNECTED = "connected"
+NO_TARGET = "no target"             # the balancer had none to give (all ejected, breaker open)
+FAILED = "failed"                   # every target tried refused or timed out
+GONE = "gone"                       # the client left first
 
 
 # --- the relay --------------------------------------------------------------------------------
@@ -132,6 +139,48 @@ class Relay:
             else:
                 from fastmesh.mesh.opaque_mtls import connect
                 await connect(self.loop, self.server, host, port, tls, timeout)
+
+    async def connect_balanced(self, balancer: Balancer, key: bytes, timeout: float,
+                               dial: Callable, failed: Callable) -> str:
+        """Connect the server side to a target that `balancer` picks, another one after a
+        failure (MAX_CONNECT_TRIES at most, never more than it has); CONNECTED, NO_TARGET,
+        FAILED or GONE. `dial(target)`: the (host, port, tls) to connect to for it;
+        `failed(host, port, exc)` hears of each failed connect. The balancer learns each
+        outcome (module doc): a failed connect counts towards ejecting the target, a connection
+        that is up is in flight until the relay releases it."""
+        tries = min(MAX_CONNECT_TRIES, len(balancer.targets))
+        target = None
+        for _ in range(tries):
+            if self.client.transport.is_closing():
+                return GONE
+            target = None if not balancer.admit_py() or not balancer.admit_connection_py() \
+                else balancer.pick_py(key, target)
+            if target is None:
+                return NO_TARGET
+            host, port, tls = dial(target)
+            balancer.begin_py(target)
+            balancer.pending_begin_py()
+            started = time.monotonic_ns()
+            try:
+                await self.connect(host, port, timeout, tls)
+            except (OSError, TimeoutError) as exc:
+                balancer.pending_end_py()
+                balancer.end_py(target, time.monotonic_ns() - started, CONNECT_FAIL, 0)
+                failed(host, port, exc)
+                continue
+            except asyncio.CancelledError:
+                balancer.pending_end_py()
+                balancer.end_py(target, 0, ABORTED, 0)
+                raise
+            balancer.pending_end_py()
+            balancer.end_py(target, time.monotonic_ns() - started, RESPONSE, 200)
+            balancer.begin_py(target)             # in flight again while the connection lives
+            balancer.conn_opened_py()
+            self.balancer, self.target = balancer, target
+            if self.done:                         # the server closed already
+                self.release()
+            return CONNECTED
+        return FAILED
 
     def start(self, initial: bytes = b"", eof: bool = False) -> None:
         """Relay from now on: the client's transport gets its Side; `initial` (bytes read before
@@ -376,61 +425,43 @@ class StreamListener:
             stats.no_target += 1                  # cannot happen with a validated config
             transport.abort()
             return
-        tries = min(MAX_CONNECT_TRIES, len(balancer.targets)) if balancer is not None else 1
-        key = b""
-        if balancer is not None and balancer.algorithm_name == "consistent-hashing":
-            peer = transport.get_extra_info("peername")
-            key = peer[0].encode() if peer else b""
-        target = None
-        unavailable = False
-        for _ in range(tries):
-            if transport.is_closing():
-                return
+
+        def failed(host: str, port: int, exc: BaseException) -> None:
+            stats.connect_failures += 1
+            reason = getattr(exc, "strerror", None) or "connect timed out"
+            log.info("stream %s: cannot connect to %s:%d: %s", stream.name, host, port, reason)
+
+        try:
             if balancer is not None:
-                target = None if not balancer.admit_py() or not balancer.admit_connection_py() \
-                    else balancer.pick_py(key, target)
-                if target is None:
-                    unavailable = True
-                    break
-                host, port = target.host, target.port
-                balancer.begin_py(target)
-                balancer.pending_begin_py()
+                key = b""
+                if balancer.algorithm_name == "consistent-hashing":
+                    peer = transport.get_extra_info("peername")
+                    key = peer[0].encode() if peer else b""
+                outcome = await relay.connect_balanced(
+                    balancer, key, stream.connect_timeout,
+                    lambda target: (target.host, target.port, None), failed)
             else:
-                host, port = destination.host, destination.port
-            started = time.monotonic_ns()
-            try:
-                await relay.connect(host, port, stream.connect_timeout)
-            except (OSError, TimeoutError) as exc:
-                stats.connect_failures += 1
-                reason = getattr(exc, "strerror", None) or "connect timed out"
-                log.info("stream %s: cannot connect to %s:%d: %s", stream.name, host, port, reason)
-                if balancer is not None:
-                    balancer.pending_end_py()
-                    balancer.end_py(target, time.monotonic_ns() - started, CONNECT_FAIL, 0)
-                continue
-            except asyncio.CancelledError:        # the stream was removed or the worker stops
-                if balancer is not None:
-                    balancer.pending_end_py()
-                    balancer.end_py(target, 0, ABORTED, 0)
-                transport.abort()
-                raise
-            if balancer is not None:
-                balancer.pending_end_py()
-                balancer.end_py(target, time.monotonic_ns() - started, RESPONSE, 200)
-                balancer.begin_py(target)         # in flight again while the connection lives
-                balancer.conn_opened_py()
-                relay.balancer, relay.target = balancer, target
-                if relay.done:                    # the server closed already
-                    relay.release()
+                outcome = CONNECTED
+                try:
+                    await relay.connect(destination.host, destination.port,
+                                        stream.connect_timeout)
+                except (OSError, TimeoutError) as exc:
+                    failed(destination.host, destination.port, exc)
+                    outcome = FAILED
+        except asyncio.CancelledError:            # the stream was removed or the worker stops
+            transport.abort()
+            raise
+        if outcome == CONNECTED:
             if transport.is_closing():            # the client left while we connected
                 relay.server.transport.close()
                 relay.side_lost(relay.client)
                 return
             relay.start(bytes(accepted.buffer), accepted.eof)
             return
-        if unavailable:
+        if outcome == NO_TARGET:
             stats.no_target += 1
-        transport.abort()
+        if outcome != GONE:
+            transport.abort()
 
     def close(self) -> None:
         """Stop accepting and close every connection of this stream."""

@@ -481,11 +481,12 @@ def test_opaque_tcp_between_sidecars_is_mtls_checked_and_authorized(mesh, tmp_pa
 
 
 @needs_netns
-def test_opaque_tcp_to_a_service_address_goes_to_its_instances_in_turn(mesh):
+def test_opaque_tcp_to_a_service_address_is_balanced_over_its_instances(mesh):
     # What the name `b` resolves to in every pod (VIPS, like a cluster IP) is no pod's address:
     # relayed as sent, TCP to it went nowhere. b's instances register it (--advertise-also),
-    # so a's sidecar sends TCP for it to them in turn, over mTLS as they are strict, and a
-    # connect that fails tries the next instance.
+    # so a's sidecar balances TCP for it over them (least connections: one at a time, they
+    # take turns), over mTLS as they are strict; a connect that fails tries the next
+    # instance, and three in a row eject the failing one.
     ca = CA(mesh.workdir / "ca")
 
     def tls(service: str, instance: str) -> tuple:
@@ -537,6 +538,11 @@ def test_opaque_tcp_to_a_service_address_goes_to_its_instances_in_turn(mesh):
     # a's (b1's own calls never left its pod).
     inbound = mesh.admin(b["b1"], "/status")[1]["opaque_tcp"]["inbound"]
     assert {name: c["relayed"] for name, c in inbound["by_source"].items()} == {"a": 7}, inbound
+    # b2's third failed connect in a row ejects it: from then on a's TCP for b goes to b1
+    # without trying b2 first (still registered: its heartbeat has not expired yet).
+    assert [ping(a) for _ in range(6)] == [b"b1 ping\n"] * 6
+    outbound = mesh.admin(a, "/status")[1]["opaque_tcp"]["outbound"]
+    assert outbound["relayed"] == 16 and outbound["connect_failures"] == 3, outbound
 
 
 @needs_netns
@@ -845,22 +851,51 @@ def test_more_addresses_of_an_instance_route_to_its_service_and_take_opaque_mtls
             instance("c", "c1", "10.0.0.5:1", bad)
 
 
-def test_opaque_tcp_targets_take_turns_prefer_plaintext_without_mtls_and_serve_their_own():
-    from fastmesh.mesh.opaque_mtls import Peer, targets
+def test_opaque_tcp_balancers_weigh_prefer_plaintext_without_mtls_and_serve_their_own():
+    from fastmesh._core.balancer import CONNECT_FAIL
+    from fastmesh.mesh.opaque_mtls import Peer, TcpBalancers
+    from fastmesh.mesh.routes import MeshPolicy
     b1, b2, b3 = (Peer("b", f"10.0.0.{i}", mode, frozenset())
                   for i, mode in ((1, "strict"), (2, "disabled"), (3, "permissive")))
-    at = (b1, b2, b3)
-    # Without mTLS: strict b1 is skipped while another instance takes plaintext.
-    assert targets(at, 9000, 0, None, None, "127.0.0.1") == \
-        [("10.0.0.2", 9000, None, "b"), ("10.0.0.3", 9000, None, "b")]
-    assert targets(at, 9000, 1, None, None, "127.0.0.1")[0] == ("10.0.0.3", 9000, None, "b")
-    assert targets((b1,), 9000, 5, None, None, "127.0.0.1") == [("10.0.0.1", 9000, None, "b")]
+    vip = "10.96.0.2"
+    plain = TcpBalancers(MeshPolicy(), mtls=False)
+    plain.update({vip: (b1, b2, b3), "10.0.0.1": (b1,)})
+    # Without mTLS: strict b1 is left out while another instance takes plaintext; alone, kept.
+    route = plain.route(vip, 9000, None, None, "127.0.0.1")
+    assert route.service == "b"
+    assert [route.dial(t) for t in route.balancer.targets] == \
+        [("10.0.0.2", 9000, None), ("10.0.0.3", 9000, None)]
+    assert [t.host for t in plain.route("10.0.0.1", 1, None, None, "::1").balancer.targets] == \
+        ["10.0.0.1"]
+    assert plain.route("10.0.0.9", 9000, None, None, "127.0.0.1") is None
     # This pod's own instance is its app's port, locally, never over TLS.
-    assert targets(at, 9000, 1, None, ("b", "10.0.0.3"), "127.0.0.1") == \
-        [("127.0.0.1", 9000, None, "b"), ("10.0.0.2", 9000, None, "b")]
-    many = tuple(Peer("b", f"10.0.1.{i}", "disabled", frozenset()) for i in range(5))
-    assert [t[0] for t in targets(many, 1, 3, None, None, "::1")] == \
-        ["10.0.1.3", "10.0.1.4", "10.0.1.0"]                        # 3 tries at most
+    route = plain.route(vip, 9000, None, ("b", "10.0.0.3"), "127.0.0.1")
+    assert route.dial(route.balancer.targets[1]) == ("127.0.0.1", 9000, None)
+    # Least connections, by the registry's weights; this zone's instances first.
+    heavy, light, far = (Peer("c", f"10.0.1.{i}", "disabled", frozenset(), weight, zone)
+                         for i, weight, zone in ((1, 300, "z1"), (2, 100, "z1"), (3, 100, "z2")))
+    zoned = TcpBalancers(MeshPolicy(local_zone="z1"), mtls=False)
+    zoned.update({vip: (heavy, light, far)})
+    balancer = zoned.route(vip, 1, None, None, "::1").balancer
+    picked = []
+    for _ in range(8):
+        target = balancer.pick_py(b"", None)
+        picked.append(target.host)
+        balancer.begin_py(target)           # each stays open: counts as a connection
+    assert picked.count("10.0.1.1") == 6 and picked.count("10.0.1.2") == 2, picked
+    # Three failed connects in a row eject an instance (MeshPolicy.eject_failures). A view
+    # change keeps an unchanged address's balancer, and carries health over otherwise.
+    for _ in range(3):
+        balancer.begin_py(balancer.targets[1])
+        balancer.end_py(balancer.targets[1], 1000, CONNECT_FAIL, 0)
+    assert balancer.targets[1].state_name == "ejected"
+    zoned.update({vip: (heavy, light, far)})
+    assert zoned.route(vip, 1, None, None, "::1").balancer is balancer
+    zoned.update({vip: (heavy, light)})
+    fresh = zoned.route(vip, 1, None, None, "::1").balancer
+    assert fresh is not balancer
+    assert [(t.host, t.state_name) for t in fresh.targets] == \
+        [("10.0.1.1", "healthy"), ("10.0.1.2", "ejected")]
 
 
 def test_own_ipv6_addresses_are_the_usable_global_ones(tmp_path):

@@ -26,7 +26,10 @@ import logging
 from dataclasses import dataclass
 from typing import Callable
 
-from fastmesh.mesh.routes import MTLS_KEY, MeshTLSFiles, host_owners, routable_host
+from fastmesh._core.balancer import Balancer
+from fastmesh.mesh.routes import (
+    MTLS_KEY, MeshPolicy, MeshTLSFiles, host_owners, routable_host, zone_priorities,
+)
 
 log = logging.getLogger("fastmesh")
 
@@ -42,6 +45,8 @@ class Peer:
     host: str                       # where it is dialled: its registered address's host
     mode: str                       # its inbound mTLS mode (strict, permissive, disabled)
     opaque_ports: frozenset[int]
+    weight: int = 100               # the registry's, as for HTTP
+    zone: str = ""
 
 
 def tcp_metadata(opaque_ports: frozenset[int]) -> str:
@@ -68,7 +73,7 @@ def peers(view) -> dict[str, tuple[Peer, ...]]:
             if TCP_KEY not in meta or own is None:
                 continue
             peer = Peer(name, instance.host, meta.get(MTLS_KEY, "disabled"),
-                        _ports(meta[TCP_KEY]))
+                        _ports(meta[TCP_KEY]), instance.weight, instance.zone)
             for address in dict.fromkeys(filter(None, map(routable_host, instance.hosts))):
                 names, registered = owners[address]
                 if names == {name} and (address == own or not registered):
@@ -81,31 +86,80 @@ def wraps(peer: Peer, port: int) -> bool:
     return peer.mode == "strict" or (peer.mode == "permissive" and port not in peer.opaque_ports)
 
 
-CONNECT_TRIES = 3           # TCP to a service's virtual address: instances tried at most
+@dataclass(frozen=True)
+class Balanced:
+    """Opaque TCP for an address of the mesh, as fastmesh.mesh.transparent.Detector relays it
+    (fastmesh.streams.Relay.connect_balanced): the address's balancer, the service there, and
+    `dial(target)`, the (host, port, tls or None) to connect to for a target it picks."""
+
+    balancer: Balancer
+    service: str
+    dial: Callable
 
 
-def targets(at: tuple[Peer, ...], port: int, turn: int, dialer: "Dialer | None",
-            own: tuple[str, str] | None, app_host: str) -> list[tuple]:
-    """Where TCP sent to `port` of an address with the Peers `at` goes: (host, port, tls or
-    None, service) for each to try in order (fastmesh.mesh.transparent.Detector), from
-    `at[turn]` on, CONNECT_TRIES at most (a connect that fails tries the next). Each over mTLS where the peer
-    takes it (`wraps`) and there is a `dialer` (this sidecar has mTLS); without one, strict
-    peers only when no other one takes plaintext. The peer that is this pod's own instance
-    (`own`: its service and host) is `app_host`:port, as its inbound side would relay it: the
-    sidecar's own connections are not redirected, so a dial of its pod address would reach the
-    app directly, past TLS."""
-    if dialer is None:
-        at = tuple(peer for peer in at if peer.mode != "strict") or at
-    first = turn % len(at)
-    found = []
-    for peer in (at[first:] + at[:first])[:CONNECT_TRIES]:
-        if own == (peer.service, peer.host):
-            found.append((app_host, port, None, peer.service))
-        elif dialer is not None and wraps(peer, port):
-            found.append((peer.host, port, dialer.dial(peer.service), peer.service))
-        else:
-            found.append((peer.host, port, None, peer.service))
-    return found
+class TcpBalancers:
+    """Opaque TCP to an address of the mesh goes where the balancer of that address sends it,
+    as the streams of the gateway do: one Balancer per address over the Peers there (a
+    service's virtual address has all its instances; an instance's own address, one), with
+    the registry's weights, this zone's instances first (policy.local_zone), and passive
+    ejection: policy.eject_failures failed connects in a row take an instance out for
+    policy.ejection_time. Least connections, not the HTTP routes' p2c-ewma: opaque bytes have
+    no response time to learn from, only connect times, and a TCP connection's cost is that it
+    stays open, which least connections evens out (equal counts take turns).
+
+    Without mTLS here, strict peers are left out while another one takes plaintext (they
+    would refuse it). `update` rebuilds the balancers of the addresses whose Peers changed;
+    each new one carries over the health of the instances it keeps (Balancer.inherit)."""
+
+    def __init__(self, policy: MeshPolicy, mtls: bool):
+        self.policy = policy
+        self.mtls = mtls
+        self.at: dict[str, tuple[Balancer, tuple[Peer, ...]]] = {}
+
+    def update(self, table: dict[str, tuple[Peer, ...]]) -> None:
+        found = {}
+        for address, at in table.items():
+            if not self.mtls:
+                at = tuple(peer for peer in at if peer.mode != "strict") or at
+            at = tuple({peer.host: peer for peer in at}.values())   # one target per host
+            old = self.at.get(address)
+            if old is not None and old[1] == at:
+                found[address] = old
+                continue
+            policy = self.policy
+            balancer = Balancer(
+                address, [(peer.host, 0, peer.weight, tier) for peer, tier
+                          in zip(at, zone_priorities(at, policy.local_zone))],
+                "least-connections", passive_failures=policy.eject_failures,
+                passive_timeouts=policy.eject_timeouts, ejection_time=policy.ejection_time)
+            if old is not None:
+                balancer.inherit(old[0])
+            found[address] = (balancer, at)
+        self.at = found
+
+    def route(self, host: str, port: int, dialer: "Dialer | None",
+              own: tuple[str, str] | None, app_host: str) -> Balanced | None:
+        """TCP sent to `host`:`port` (an original destination), or None when no Peer takes
+        it there. Each target is dialled over mTLS where the peer takes it (`wraps`) and this
+        sidecar has mTLS (`dialer`). The peer that is this pod's own instance (`own`: its
+        service and host) is `app_host`:port, as its inbound side would relay it: the sidecar's
+        own connections are not redirected, so a dial of its pod address would reach the app
+        directly, past TLS."""
+        address = routable_host(host)
+        found = self.at.get(address) if address is not None else None
+        if found is None:
+            return None
+        balancer, at = found
+
+        def dial(target) -> tuple:
+            peer = at[target.index]
+            if own == (peer.service, peer.host):
+                return app_host, port, None
+            if dialer is not None and wraps(peer, port):
+                return peer.host, port, dialer.dial(peer.service)
+            return peer.host, port, None
+
+        return Balanced(balancer, at[0].service, dial)
 
 
 def lookup(table: dict[str, tuple[Peer, ...]], host: str) -> tuple[Peer, ...]:

@@ -175,8 +175,7 @@ class Sidecar:
         self._scheduled = False
         self.stopping = False
         self.hosts: frozenset[str] = frozenset()     # what the outbound routes match (intercept)
-        self.peers: dict = {}                 # address -> opaque_mtls.Peers there (intercept)
-        self.tcp_turns: dict[str, int] = {}   # address -> round robin over its Peers
+        self.tcp = None             # opaque_mtls.TcpBalancers: TCP to mesh addresses (intercept)
         # direction -> the other end's service -> StreamStats of the relays with it
         self.tcp_pairs: dict[str, dict] = {"outbound": {}, "inbound": {}}
         self.dialer = None                           # opaque_mtls.Dialer (intercept with mTLS)
@@ -226,13 +225,15 @@ class Sidecar:
         also = opts.advertise_also
         if opts.intercept:
             from fastmesh.streams import StreamStats
+            from fastmesh.mesh.opaque_mtls import Dialer, TcpBalancers
             self.opaque = {"outbound": StreamStats(), "inbound": StreamStats()}
+            if self.tls is not None:
+                self.dialer = Dialer(self._tls_files())
+            self.tcp = TcpBalancers(opts.policy, self.dialer is not None)
             self._learn_hosts(self.registry.view())
             if self.tls is None:
                 twin = await self._intercept(self.inbound, self._inbound_target)
             else:                           # the mTLS accept path takes it over (below)
-                from fastmesh.mesh.opaque_mtls import Dialer
-                self.dialer = Dialer(self._tls_files())
                 twin = self.inbound_ipv6 = await self._listen_ipv6(
                     self.inbound, self.inbound.gateway.protocol_factory)
             await self._intercept(self.outbound, self._outbound_target)
@@ -442,7 +443,7 @@ class Sidecar:
         instances that take opaque TCP at their address (maybe over mTLS)."""
         from fastmesh.mesh.opaque_mtls import peers
         self.hosts = mesh_hosts(view)
-        self.peers = peers(view)
+        self.tcp.update(peers(view))
 
     def _tcp_allowed(self, peer: str | None) -> bool:
         """The authorization policy's answer for opaque TCP from `peer` (None: plaintext),
@@ -507,20 +508,11 @@ class Sidecar:
                 host = f"[{dialled}]" if ":" in dialled else dialled
             if host in self.hosts or (host and "." not in host and not host.startswith("[")):
                 return None
-        from fastmesh.mesh.opaque_mtls import lookup
-        at = lookup(self.peers, original[0])
-        return self._tcp_targets(original[0], at, original[1]) if at else original
-
-    def _tcp_targets(self, address: str, at: tuple, port: int) -> list[tuple]:
-        """Where TCP sent to a registered `address` goes (opaque_mtls.targets), the instances
-        there taken in turn: round robin over a service's virtual address."""
-        from fastmesh.mesh.opaque_mtls import targets
-        turn = 0
-        if len(at) > 1:
-            turn = self.tcp_turns[address] = self.tcp_turns.get(address, -1) + 1
+        # TCP sent to an address of the mesh: balanced over the instances there.
         me = self.instance
-        return targets(at, port, turn, self.dialer, (me.service, me.host) if me else None,
-                       self.options.app_host)
+        return self.tcp.route(original[0], original[1], self.dialer,
+                              (me.service, me.host) if me else None,
+                              self.options.app_host) or original
 
     @staticmethod
     def _advertised_host(bound: str) -> str:

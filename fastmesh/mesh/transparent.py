@@ -11,7 +11,8 @@ pods' at the inbound one, redirected by iptables. A `Detector` takes each new co
   handed over with the bytes read so far, so the Gateway serves it exactly as if it had
   accepted it; nothing in Python stays on the request path afterwards;
 - anything else is relayed as opaque TCP to the original destination (outbound: or, sent to an
-  address an instance registered, to the instances that registered it, in turn) or to the
+  address an instance registered, to one of the instances that registered it, as the
+  address's balancer picks: opaque_mtls.TcpBalancers) or to the
   app's port that was asked for (inbound), by the project's one TCP relay (fastmesh.streams.Relay:
   flow control and half-close as for `streams`; no idle timeout here), counted per side
   (`relay_counts`: the sidecar's /status and /metrics). The outbound relay to a sidecar with
@@ -32,7 +33,7 @@ import struct
 import sys
 from typing import Callable
 
-from fastmesh.streams import Relay, close_all
+from fastmesh.streams import CONNECTED, FAILED, GONE, Relay, close_all
 
 SO_ORIGINAL_DST = 80                # linux/netfilter_ipv4.h, level SOL_IP
 IP6T_SO_ORIGINAL_DST = 80           # linux/netfilter_ipv6/ip6_tables.h, level SOL_IPV6
@@ -93,8 +94,8 @@ class Detector(asyncio.Protocol):
     `route(original_destination, first_bytes, is_http)` decides: None to hand the connection
     to `gateway`, False to close it (refused), else the (host, port) to relay it to, or
     (host, port, tls) to relay it over mTLS (fastmesh.streams.Relay.connect's `tls`; None:
-    plaintext), or (host, port, tls, service) naming the mesh service it is for, or a list of
-    those to try in order until one connects. `pairs`: the StreamStats that counts the relays
+    plaintext), or (host, port, tls, service) naming the mesh service it is for, or an
+    opaque_mtls.Balanced: a mesh address's instances, as its balancer picks them. `pairs`: the StreamStats that counts the relays
     with a service: outbound the destination's (EXTERNAL: not one of the mesh), inbound the
     caller's, which `caller` tells from the connection (UNKNOWN: no verified identity).
     `opaque`: known to be opaque TCP already (the mTLS inbound's ALPN said so): no sniffing.
@@ -185,30 +186,46 @@ class Detector(asyncio.Protocol):
         if self.eof and not transport.is_closing():
             protocol.eof_received()
 
-    async def _relay(self, targets, http: bool) -> None:
-        """Relay to the first of `targets` that connects ((host, port[, tls[, service]]), or a
-        list of them: a service's instances, tried in turn); when none does, the Gateway
-        answers HTTP (503 naming the service) and anything else is aborted."""
+    async def _relay(self, target, http: bool) -> None:
+        """Relay to `target`: (host, port[, tls[, service]]), or a mesh address's instances
+        (opaque_mtls.Balanced: the one its balancer picks, another after a failed connect).
+        When none connects, the Gateway answers HTTP (503 naming the service) and anything
+        else is aborted."""
         downstream = self.transport
         relay = Relay(downstream, self.relays, self.stats)
-        for target in targets if isinstance(targets, list) else (targets,):
-            tls = target[2] if len(target) > 2 else None
-            if self.pairs is not None:
-                relay.pair = self.pairs(self.caller(downstream) if self.caller is not None
-                                        else target[3] if len(target) > 3 else EXTERNAL)
-            try:
-                await relay.connect(target[0], target[1], CONNECT_TIMEOUT, tls)
-                break
-            except (OSError, asyncio.TimeoutError) as exc:
-                for stats in (self.stats, relay.pair):
-                    if stats is not None:
-                        stats.connect_failures += 1
-                reason = getattr(exc, "strerror", None) or str(exc) or "connect timed out"
-                print(f"fastmesh sidecar: cannot relay to {target[0]}:{target[1]}: {reason}",
-                      file=sys.stderr, flush=True)
-                if downstream.is_closing():
-                    return
+        balanced = not isinstance(target, tuple)
+        if self.pairs is not None:
+            relay.pair = self.pairs(
+                self.caller(downstream) if self.caller is not None
+                else target.service if balanced else target[3] if len(target) > 3 else EXTERNAL)
+        dialled = [target[2] if not balanced and len(target) > 2 else None]
+
+        def failed(host: str, port: int, exc: BaseException) -> None:
+            for stats in (self.stats, relay.pair):
+                if stats is not None:
+                    stats.connect_failures += 1
+            reason = getattr(exc, "strerror", None) or str(exc) or "connect timed out"
+            print(f"fastmesh sidecar: cannot relay to {host}:{port}: {reason}",
+                  file=sys.stderr, flush=True)
+
+        def dial(picked) -> tuple:
+            found = target.dial(picked)
+            dialled[0] = found[2]
+            return found
+
+        if balanced:
+            outcome = await relay.connect_balanced(target.balancer, b"", CONNECT_TIMEOUT, dial,
+                                                   failed)
         else:
+            outcome = CONNECTED
+            try:
+                await relay.connect(target[0], target[1], CONNECT_TIMEOUT, dialled[0])
+            except (OSError, asyncio.TimeoutError) as exc:
+                failed(target[0], target[1], exc)
+                outcome = FAILED
+        if outcome == GONE or outcome != CONNECTED and downstream.is_closing():
+            return
+        if outcome != CONNECTED:
             if http:                    # let the Gateway answer (503 naming the service)
                 downstream.resume_reading()
                 self._to_gateway()
@@ -218,7 +235,7 @@ class Detector(asyncio.Protocol):
         if downstream.is_closing():
             relay.server.transport.close()
             return
-        secure = tls is not None or downstream.get_extra_info("sslcontext") is not None
+        secure = dialled[0] is not None or downstream.get_extra_info("sslcontext") is not None
         for stats in (self.stats, relay.pair):
             if stats is not None:
                 stats.accepted += 1
