@@ -350,7 +350,7 @@ def test_call_chain_through_interception_by_name_and_by_instance_address(mesh):
     assert inbound == {"relayed": 3, "active": 0, "mtls": 0, "connect_failures": 0, "refused": 0,
                        "bytes_to_destination": 5 + 800_000 + 5,
                        "bytes_from_destination": 8 + 1_100_000 + 14 + 8}, inbound
-    assert by_source == {"(unknown)": inbound}          # plaintext: no verified caller
+    assert by_source == {"a": inbound}          # plaintext: by the address a's sidecar dials from
     assert (outbound["relayed"], outbound["connect_failures"]) == (4, 0), outbound
     for flow in ("bytes_to_destination", "bytes_from_destination"):
         assert outbound[flow] > inbound[flow], outbound     # plus the example.org exchange
@@ -543,6 +543,11 @@ def test_opaque_tcp_to_a_service_address_is_balanced_over_its_instances(mesh):
     assert [ping(a) for _ in range(6)] == [b"b1 ping\n"] * 6
     outbound = mesh.admin(a, "/status")[1]["opaque_tcp"]["outbound"]
     assert outbound["relayed"] == 16 and outbound["connect_failures"] == 3, outbound
+    balancing = outbound["balancing"][VIPS["b"]]
+    assert balancing["service"] == "b"
+    assert {i["host"]: (i["state"], i["failures"], i["ejections"])
+            for i in balancing["instances"]} == {b["b1"].address: ("healthy", 0, 0),
+                                                 b["b2"].address: ("ejected", 3, 1)}
 
 
 @needs_netns

@@ -216,7 +216,8 @@ OPAQUE_FAMILIES = (
 PAIR_FAMILIES = (
     ("fastmesh_mesh_tcp_connections_total", "counter",
      "Opaque TCP connections by direction, source and destination service ((external): an "
-     "address outside the mesh; (unknown): a caller without a verified identity): relayed, or "
+     "address outside the mesh; (unknown): a caller neither its mTLS identity nor its address "
+     "names): relayed, or "
      "a connect that failed.",
      (("relayed", "outcome", "relayed"), ("connect_failures", "outcome", "connect_failed"))),
     ("fastmesh_mesh_tcp_bytes_total", "counter",

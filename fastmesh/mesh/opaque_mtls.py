@@ -137,6 +137,21 @@ class TcpBalancers:
             found[address] = (balancer, at)
         self.at = found
 
+    def status(self) -> dict:
+        """Address -> its service and instances as its balancer sees them, for the addresses
+        with more than one (a service's virtual address) or with one that is not healthy:
+        open connections, failed connects, ejections and state (the sidecar's /status)."""
+        found = {}
+        for address, (balancer, at) in sorted(self.at.items()):
+            targets = balancer.targets
+            if len(targets) < 2 and all(t.state_name == "healthy" for t in targets):
+                continue
+            found[address] = {"service": at[0].service, "instances": [
+                {"host": t.host, "weight": t.weight, "priority": t.priority,
+                 "state": t.state_name, "open": t.in_flight, "failures": t.failures,
+                 "ejections": t.ejections} for t in targets]}
+        return found
+
     def route(self, host: str, port: int, dialer: "Dialer | None",
               own: tuple[str, str] | None, app_host: str) -> Balanced | None:
         """TCP sent to `host`:`port` (an original destination), or None when no Peer takes

@@ -48,8 +48,8 @@ from fastmesh.mesh.registry import (
     ADDRESSES_KEY, ADDRESSES_MAX, Instance, Registry, addresses_value, open_registry,
 )
 from fastmesh.mesh.routes import (
-    MTLS_KEY, MeshPolicy, MeshTLSFiles, destination_of, inbound_config, mesh_hosts,
-    outbound_config, use_sources,
+    MTLS_KEY, MeshPolicy, MeshTLSFiles, destination_of, host_owners, inbound_config, mesh_hosts,
+    outbound_config, routable_host, use_sources,
 )
 from fastmesh.mesh.destinations import DEFAULT_IDLE, SWEEPS_PER_IDLE, Destinations
 from fastmesh.server import DRAIN_TIMEOUT, Worker, format_url, parse_listen, start_server
@@ -176,6 +176,7 @@ class Sidecar:
         self.stopping = False
         self.hosts: frozenset[str] = frozenset()     # what the outbound routes match (intercept)
         self.tcp = None             # opaque_mtls.TcpBalancers: TCP to mesh addresses (intercept)
+        self.tcp_callers: dict[str, str] = {}   # instance host -> its service (plaintext callers)
         # direction -> the other end's service -> StreamStats of the relays with it
         self.tcp_pairs: dict[str, dict] = {"outbound": {}, "inbound": {}}
         self.dialer = None                           # opaque_mtls.Dialer (intercept with mTLS)
@@ -427,11 +428,15 @@ class Sidecar:
                                 opaque, lambda name: _pair(pairs, name), caller)
 
     def _tcp_caller(self, transport) -> str:
-        """The service of an inbound relay's caller: its verified SPIFFE id's (mTLS), else
-        transparent.UNKNOWN (plaintext: nothing it says about itself is checked)."""
+        """The service of an inbound relay's caller, for its counters: its verified SPIFFE
+        id's (mTLS); in plaintext the service whose instance is registered at the address it
+        connects from (a caller's sidecar dials from its pod's address; as a plaintext HTTP
+        call's source is what its request says, this is what its address says, and it
+        authorizes nothing); transparent.UNKNOWN when neither tells."""
         from fastmesh.mesh.transparent import UNKNOWN
         if self.tls is None or transport.get_extra_info("sslcontext") is None:
-            return UNKNOWN
+            peer = transport.get_extra_info("peername")
+            return self.tcp_callers.get(routable_host(peer[0]) if peer else None, UNKNOWN)
         from fastmesh.mesh.mtls import peer_id
         from fastmesh.mesh.registry import service_of, trust_domain_of
         found = service_of(peer_id(transport.get_extra_info("peercert")),
@@ -444,6 +449,9 @@ class Sidecar:
         from fastmesh.mesh.opaque_mtls import peers
         self.hosts = mesh_hosts(view)
         self.tcp.update(peers(view))
+        self.tcp_callers = {host: next(iter(names))
+                            for host, (names, registered) in host_owners(view).items()
+                            if registered and len(names) == 1}
 
     def _tcp_allowed(self, peer: str | None) -> bool:
         """The authorization policy's answer for opaque TCP from `peer` (None: plaintext),
@@ -652,6 +660,7 @@ class Sidecar:
         for side, key in (("outbound", "by_destination"), ("inbound", "by_source")):
             found[side][key] = {name: relay_counts(stats, self.relays, pair=True)
                                 for name, stats in sorted(self.tcp_pairs[side].items())}
+        found["outbound"]["balancing"] = self.tcp.status()
         return found
 
     def authz_status(self) -> dict:
