@@ -160,9 +160,8 @@ class TcpBalancers:
         service and host) is `app_host`:port, as its inbound side would relay it: the sidecar's
         own connections are not redirected, so a dial of its pod address would reach the app
         directly, past TLS."""
-        address = routable_host(host)
-        found = self.at.get(address) if address is not None else None
-        if found is None:
+        found = lookup(self.at, host)
+        if not found:
             return None
         balancer, at = found
 
@@ -177,8 +176,9 @@ class TcpBalancers:
         return Balanced(balancer, at[0].service, dial)
 
 
-def lookup(table: dict[str, tuple[Peer, ...]], host: str) -> tuple[Peer, ...]:
-    """The Peers at `host` (an original destination: an IP address as the kernel gives it)."""
+def lookup(table: dict[str, tuple], host: str) -> tuple:
+    """What `table` (by routable address: `peers`, TcpBalancers.at) has for `host`, an
+    original destination as the kernel gives it; () when nothing."""
     address = routable_host(host)
     return table.get(address, ()) if address is not None else ()
 

@@ -95,9 +95,10 @@ class Detector(asyncio.Protocol):
     to `gateway`, False to close it (refused), else the (host, port) to relay it to, or
     (host, port, tls) to relay it over mTLS (fastmesh.streams.Relay.connect's `tls`; None:
     plaintext), or (host, port, tls, service) naming the mesh service it is for, or an
-    opaque_mtls.Balanced: a mesh address's instances, as its balancer picks them. `pairs`: the StreamStats that counts the relays
-    with a service: outbound the destination's (EXTERNAL: not one of the mesh), inbound the
-    caller's, which `caller` tells from the connection (UNKNOWN: no verified identity).
+    opaque_mtls.Balanced: a mesh address's instances, as its balancer picks them. `pairs`: the
+    StreamStats that counts the relays with a service: outbound the destination's (EXTERNAL:
+    not one of the mesh), inbound the caller's, which `caller` tells from the connection
+    (UNKNOWN: neither a verified identity nor a registered address).
     `opaque`: known to be opaque TCP already (the mTLS inbound's ALPN said so): no sniffing.
     """
 
