@@ -71,12 +71,15 @@ class _Accum:
         else:
             mine.merge(hist)
 
-    def add_target(self, target) -> None:
+    def add_target(self, target, by_class: bool = False) -> None:
+        """Add a RouteTarget's numbers; `by_class`: also its total-time histogram per status
+        class (the mesh exports them; the gateway's per-route metrics only the merged one)."""
         self.add_counts(target.counts())
         _add(self.totals, {k: getattr(target, k) for k in ROUTE_TOTALS if getattr(target, k)})
         for cls, hist in target.totals_by_class().items():
             self.add_hist("total", hist)
-            self.add_hist(total_of_class(cls), hist)
+            if by_class:
+                self.add_hist(total_of_class(cls), hist)
         self.add_hist("upstream", target.h_upstream)
         self.add_hist("added", target.h_added)
 
@@ -102,9 +105,11 @@ class _Accum:
 
 
 class RouteStats:
-    """A worker's per-route counters across Plan swaps (see the module docstring)."""
+    """A worker's per-route counters across Plan swaps (see the module docstring). `by_class`:
+    keep the per-status-class histograms too (a sidecar's listeners; see _Accum.add_target)."""
 
-    def __init__(self):
+    def __init__(self, by_class: bool = False):
+        self.by_class = by_class
         self.retired: list = []                       # RouteTargets of Plans no longer active
         self.folded: dict[tuple[str, str], _Accum] = {}
 
@@ -123,7 +128,7 @@ class RouteStats:
                 keep.append(target)
                 continue
             key = (target.name, target.service)
-            self.folded.setdefault(key, _Accum()).add_target(target)
+            self.folded.setdefault(key, _Accum()).add_target(target, self.by_class)
         self.retired = keep
 
     def snapshot(self, plan) -> list:
@@ -133,7 +138,8 @@ class RouteStats:
         for key, acc in self.folded.items():
             merged.setdefault(key, _Accum()).add_accum(acc)
         for target in list(plan.targets if plan is not None else ()) + self.retired:
-            merged.setdefault((target.name, target.service), _Accum()).add_target(target)
+            merged.setdefault((target.name, target.service), _Accum()).add_target(
+                target, self.by_class)
         return [[route, service, acc.dump()] for (route, service), acc in merged.items()
                 if acc.counts or acc.hists or acc.totals]
 

@@ -149,7 +149,8 @@ def test_route_stats_fold_retired_targets_only_when_unreferenced():
     cfg = load_config_data({"services": [{"name": "s", "url": "http://127.0.0.1:1",
                                           "routes": [{"name": "r", "paths": ["/"]}]}]})
     pools = PoolRegistry()
-    stats = RouteStats()
+    stats = RouteStats(by_class=True)         # a sidecar's: the per-class histograms too
+    edge = RouteStats()
     old = compile_plan(cfg, pools)
     old.targets[0].class_histogram(2).add(1000)
     held = old.targets[0]                     # as a connection still serving on the old Plan
@@ -167,3 +168,7 @@ def test_route_stats_fold_retired_targets_only_when_unreferenced():
     assert Histogram.loads(data["total"]).count == 2
     assert Histogram.loads(data["total_2xx"]).max_ns == 1000      # and per status class
     assert Histogram.loads(data["total_5xx"]).max_ns == 2000
+    # The gateway's keeps the merged histogram only (its metrics have no status class label).
+    new.targets[0].class_histogram(2).add(500)
+    (_, _, data), = edge.snapshot(new)
+    assert data["total"] and not any(kind.startswith("total_") for kind in data), list(data)

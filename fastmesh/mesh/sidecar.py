@@ -212,11 +212,13 @@ class Sidecar:
         in_port = check_free(in_host, in_port)
         out_port = check_free(out_host, out_port)
         self.inbound = Worker(0)
+        self.inbound.route_stats.by_class = True    # /metrics: latency per status class
         await self.inbound.start(self._inbound_config(), in_host, in_port)
         from fastmesh.mesh.mtls import PEER_HEADER, identify
         # Always: a caller's own X-Fastmesh-Peer never reaches the app, mTLS or not.
         self.inbound.gateway.set_peer_identity(PEER_HEADER, identify)
         self.outbound = Worker(1)
+        self.outbound.route_stats.by_class = True
         await self.outbound.start(self._outbound_config(self.registry.view()), out_host, out_port)
         # Caller services: outbound stamps this service, inbound counts per caller (routes.py).
         use_sources(self.inbound.gateway, self.outbound.gateway, opts.service,
