@@ -74,6 +74,14 @@ def _word(rnd, alphabet: bytes, lo: int, hi: int) -> bytes:
     return bytes(rnd.choice(alphabet) for _ in range(rnd.randint(lo, hi)))
 
 
+MEANINGFUL = {b"host", b"content-length", b"transfer-encoding", b"connection", b"keep-alive",
+              b"proxy-connection", b"te", b"trailer", b"upgrade", b"expect"}
+
+
+def _other_name(name: bytes) -> bytes:
+    return b"X-" + name if name.lower() in MEANINGFUL else name
+
+
 def valid_request(rnd) -> bytes:
     method = rnd.choice(METHODS)
     version = rnd.choice([b"1.1", b"1.1", b"1.0"])
@@ -82,7 +90,10 @@ def valid_request(rnd) -> bytes:
         target += b"?" + _word(rnd, PATHC + b"?", 0, 10)
     if rnd.randint(0, 9) == 0:
         target = b"http://" + rnd.choice(HOSTS[:4]) + target
-    headers = [(_word(rnd, TOKEN, 1, 10), _word(rnd, b"abc xyz;=,\t\"0123", 0, 15).strip(OWS))
+    # Random names are other headers: one that happens to spell a header with meaning ("HOST",
+    # "te") would make the message invalid (a second Host is a 400) or reframe it.
+    headers = [(_other_name(_word(rnd, TOKEN, 1, 10)),
+                _word(rnd, b"abc xyz;=,\t\"0123", 0, 15).strip(OWS))
                for _ in range(rnd.randint(0, 4))]
     if version == b"1.1" or rnd.randint(0, 1):
         headers.insert(rnd.randint(0, len(headers)), (b"Host", rnd.choice(HOSTS)))
@@ -331,7 +342,7 @@ def valid_response(rnd) -> bytes:
     status = rnd.choice([b"200 OK", b"204 No Content", b"304 Not Modified", b"404 Nope", b"101 Switching",
                          b"100 Continue", b"500 ", b"302 Found"])
     version = rnd.choice([b"1.1", b"1.0"])
-    headers = [(_word(rnd, TOKEN, 1, 8), _word(rnd, b"abc 012;=,", 0, 10).strip(OWS))
+    headers = [(_other_name(_word(rnd, TOKEN, 1, 8)), _word(rnd, b"abc 012;=,", 0, 10).strip(OWS))
                for _ in range(rnd.randint(0, 3))]
     mode = rnd.choice(["length", "chunked", "close"] if version == b"1.1" else ["length", "close"])
     tail = b""
