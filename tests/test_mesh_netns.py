@@ -347,7 +347,8 @@ def test_call_chain_through_interception_by_name_and_by_instance_address(mesh):
                5, "the relays never closed")
     inbound, outbound = opaque(c, "inbound"), opaque(a, "outbound")
     by_source = inbound.pop("by_source")
-    assert inbound == {"relayed": 3, "active": 0, "mtls": 0, "connect_failures": 0, "refused": 0,
+    assert inbound == {"relayed": 3, "active": 0, "mtls": 0, "connect_failures": 0,
+                       "no_target": 0, "refused": 0,
                        "bytes_to_destination": 5 + 800_000 + 5,
                        "bytes_from_destination": 8 + 1_100_000 + 14 + 8}, inbound
     assert by_source == {"a": inbound}          # plaintext: by the address a's sidecar dials from
@@ -545,6 +546,27 @@ def test_opaque_tcp_to_a_service_address_is_balanced_over_its_instances(mesh):
     # a's (b1's own calls never left its pod).
     inbound = mesh.admin(b["b1"], "/status")[1]["opaque_tcp"]["inbound"]
     assert {name: c["relayed"] for name, c in inbound["by_source"].items()} == {"a": 13}, inbound
+    # b1's sidecar dies too: two failed connects for the next connection (b1 is all there is),
+    # the third ejects b1, and with no instance left a's sidecar closes its connections at
+    # once, without a connect, counted as no_target.
+    mesh.sidecars["b1"].kill()
+    mesh.sidecars["b1"].wait(timeout=10)
+
+    def unanswered() -> bytes:
+        with mesh.net.connect(a, (VIPS["b"], 9000), timeout=10) as sock:
+            try:
+                sock.sendall(b"ping\n")
+                sock.shutdown(socket.SHUT_WR)
+            except OSError:                 # closed already
+                return b""
+            return read_to_end(sock)
+
+    assert [unanswered() for _ in range(3)] == [b""] * 3
+    outbound = mesh.admin(a, "/status")[1]["opaque_tcp"]["outbound"]
+    assert (outbound["relayed"], outbound["connect_failures"], outbound["no_target"]) == \
+        (16, 6, 2), outbound
+    assert outbound["by_destination"]["b"]["no_target"] == 2
+    assert "no instance of b to relay to" in mesh.log("a1")
 
 
 @needs_netns

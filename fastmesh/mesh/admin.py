@@ -197,9 +197,10 @@ def render_security(sidecar) -> str:
 OPAQUE_FAMILIES = (
     ("fastmesh_mesh_opaque_connections_total", "counter",
      "Intercepted connections that were not HTTP for the mesh, by outcome: relayed as TCP, "
-     "the connect to their destination failed, or refused by the authorization policy.",
+     "the connect to their destination failed, no instance to relay to (all ejected), or "
+     "refused by the authorization policy.",
      (("relayed", "outcome", "relayed"), ("connect_failures", "outcome", "connect_failed"),
-      ("refused", "outcome", "refused"))),
+      ("no_target", "outcome", "no_target"), ("refused", "outcome", "refused"))),
     ("fastmesh_mesh_opaque_mtls_connections_total", "counter",
      "Of the relayed opaque TCP connections, those carried over mTLS between sidecars.",
      (("mtls", None, None),)),
@@ -217,9 +218,9 @@ PAIR_FAMILIES = (
     ("fastmesh_mesh_tcp_connections_total", "counter",
      "Opaque TCP connections by direction, source and destination service ((external): an "
      "address outside the mesh; (unknown): a caller neither its mTLS identity nor its address "
-     "names): relayed, or "
-     "a connect that failed.",
-     (("relayed", "outcome", "relayed"), ("connect_failures", "outcome", "connect_failed"))),
+     "names): relayed, a connect that failed, or no instance to relay to.",
+     (("relayed", "outcome", "relayed"), ("connect_failures", "outcome", "connect_failed"),
+      ("no_target", "outcome", "no_target"))),
     ("fastmesh_mesh_tcp_bytes_total", "counter",
      "Bytes of opaque TCP by direction, source and destination service, to the destination "
      "and back from it.",

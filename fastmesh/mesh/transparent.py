@@ -33,7 +33,7 @@ import struct
 import sys
 from typing import Callable
 
-from fastmesh.streams import CONNECTED, FAILED, GONE, Relay, close_all
+from fastmesh.streams import CONNECTED, FAILED, GONE, NO_TARGET, Relay, close_all
 
 SO_ORIGINAL_DST = 80                # linux/netfilter_ipv4.h, level SOL_IP
 IP6T_SO_ORIGINAL_DST = 80           # linux/netfilter_ipv6/ip6_tables.h, level SOL_IPV6
@@ -226,6 +226,13 @@ class Detector(asyncio.Protocol):
                 outcome = FAILED
         if outcome == GONE or outcome != CONNECTED and downstream.is_closing():
             return
+        if outcome == NO_TARGET:        # every instance there ejected (or of weight 0)
+            for stats in (self.stats, relay.pair):
+                if stats is not None:
+                    stats.no_target += 1
+            print(f"fastmesh sidecar: no instance of {target.service} to relay to at "
+                  f"{self.original[0]} (all ejected after failed connects, or weight 0)",
+                  file=sys.stderr, flush=True)
         if outcome != CONNECTED:
             if http:                    # let the Gateway answer (503 naming the service)
                 downstream.resume_reading()
@@ -246,11 +253,13 @@ class Detector(asyncio.Protocol):
 
 def relay_counts(stats, relays: set, pair: bool = False) -> dict:
     """One side's opaque TCP (or, `pair`, one destination's: `stats` is a Relay.pair):
-    connections relayed (and open now, and over mTLS), failed connects, refused by
-    authorization, and bytes each way, those of open relays included."""
+    connections relayed (and open now, and over mTLS), failed connects, none relayed for want
+    of an instance (all ejected), refused by authorization, and bytes each way, those of open
+    relays included."""
     live = [r for r in relays if (r.pair if pair else r.stats) is stats]
     return {"relayed": stats.accepted, "active": len(live), "mtls": stats.mtls,
-            "connect_failures": stats.connect_failures, "refused": stats.refused,
+            "connect_failures": stats.connect_failures, "no_target": stats.no_target,
+            "refused": stats.refused,
             "bytes_to_destination": stats.bytes_in + sum(r.client.received for r in live),
             "bytes_from_destination": stats.bytes_out + sum(r.server.received for r in live)}
 
