@@ -1,7 +1,8 @@
 """The admin API: a small JSON-over-HTTP/1.1 server on its own listener.
 
 Parsing uses fastmesh's own HTTP/1.1 parser (`fastmesh._core.http1`) in a plain asyncio protocol;
-no web framework. Bodies and answers are JSON (fastmesh.jsonbytes), except `GET /metrics` (Prometheus text).
+no web framework. Bodies and answers are JSON (fastmesh.jsonbytes), except `GET /metrics`
+(Prometheus text).
 Requests on one connection are answered in order (keep-alive and pipelining work).
 
 | method | path | what |

@@ -110,7 +110,7 @@ class Relay:
     """
 
     __slots__ = ("loop", "owner", "stats", "pair", "client", "server", "idle_timeout", "timer",
-                 "seen", "quiet_since", "balancer", "target", "done", "started")
+                 "seen", "quiet_since", "balancer", "target", "done", "started", "secure")
 
     def __init__(self, downstream, owner: set, stats: "StreamStats | None" = None,
                  idle_timeout: float | None = None):
@@ -128,6 +128,7 @@ class Relay:
         self.target = None
         self.done = False
         self.started = False
+        self.secure = False         # the server side is over mTLS (connect's `tls`)
         self.pair = None            # a second StreamStats that counts it (the sidecar's per pair)
 
     async def connect(self, host: str, port: int, timeout: float, tls: tuple | None = None) -> None:
@@ -139,6 +140,20 @@ class Relay:
             else:
                 from fastmesh.mesh.opaque_mtls import connect
                 await connect(self.loop, self.server, host, port, tls, timeout)
+        self.secure = tls is not None
+
+    async def connect_to(self, host: str, port: int, timeout: float, tls: tuple | None,
+                         failed: Callable) -> str:
+        """`connect` to one given server: CONNECTED, FAILED (`failed(host, port, exc)` hears
+        why) or GONE (the client left first: no connect)."""
+        if self.client.transport.is_closing():
+            return GONE
+        try:
+            await self.connect(host, port, timeout, tls)
+        except (OSError, TimeoutError) as exc:
+            failed(host, port, exc)
+            return FAILED
+        return CONNECTED
 
     async def connect_balanced(self, balancer: Balancer, key: bytes, timeout: float,
                                dial: Callable, failed: Callable) -> str:
@@ -441,13 +456,8 @@ class StreamListener:
                     balancer, key, stream.connect_timeout,
                     lambda target: (target.host, target.port, None), failed)
             else:
-                outcome = CONNECTED
-                try:
-                    await relay.connect(destination.host, destination.port,
-                                        stream.connect_timeout)
-                except (OSError, TimeoutError) as exc:
-                    failed(destination.host, destination.port, exc)
-                    outcome = FAILED
+                outcome = await relay.connect_to(destination.host, destination.port,
+                                                 stream.connect_timeout, None, failed)
         except asyncio.CancelledError:            # the stream was removed or the worker stops
             transport.abort()
             raise

@@ -145,13 +145,13 @@ def render_pairs(pairs: list) -> str:
             hist = acc.hists.get(total_of_class(cls))
             if hist is not None:
                 w.histogram(DURATION[0], hist, direction=direction, source=source,
-                          destination=destination, status_class=_cls(cls))
+                            destination=destination, status_class=_cls(cls))
     w.family(ADDED[0], "histogram", ADDED[1])
     for (direction, source, destination), acc in pairs:
         hist = acc.hists.get("added")
         if hist is not None:
             w.histogram(ADDED[0], hist, direction=direction, source=source,
-                      destination=destination)
+                        destination=destination)
     return w.text()
 
 

@@ -57,14 +57,15 @@ def _ports(text: str) -> frozenset[int]:
     return frozenset(int(p) for p in text.split(",") if p.strip().isdigit())
 
 
-def peers(view) -> dict[str, tuple[Peer, ...]]:
+def peers(view, owners: dict | None = None) -> dict[str, tuple[Peer, ...]]:
     """Address -> the Peers that take TCP sent to it: the instances of the registry view that
     intercept inbound (and are registered at a routable address), under each of their
     `Instance.hosts` that names their service only (routes.host_owners). An instance's own
     address has one; a service's virtual address, which all its instances register
     (--advertise-also), has each of them. An address registered by an instance is its alone;
-    one that two services claim is left out (its owner, hence its identity, is unknown)."""
-    owners = host_owners(view)
+    one that two services claim is left out (its owner, hence its identity, is unknown).
+    `owners`: host_owners(view), when the caller has it already."""
+    owners = host_owners(view) if owners is None else owners
     found: dict[str, list[Peer]] = {}
     for name, instances in view.items():
         for instance in instances:

@@ -450,9 +450,9 @@ class Sidecar:
         instances that take opaque TCP at their address (maybe over mTLS)."""
         from fastmesh.mesh.opaque_mtls import peers
         self.hosts = mesh_hosts(view)
-        self.tcp.update(peers(view))
-        self.tcp_callers = {host: next(iter(names))
-                            for host, (names, registered) in host_owners(view).items()
+        owners = host_owners(view)
+        self.tcp.update(peers(view, owners))
+        self.tcp_callers = {host: next(iter(names)) for host, (names, registered) in owners.items()
                             if registered and len(names) == 1}
 
     def _tcp_allowed(self, peer: str | None) -> bool:

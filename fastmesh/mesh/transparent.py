@@ -33,7 +33,7 @@ import struct
 import sys
 from typing import Callable
 
-from fastmesh.streams import CONNECTED, FAILED, GONE, NO_TARGET, Relay, close_all
+from fastmesh.streams import CONNECTED, GONE, NO_TARGET, Relay, close_all
 
 SO_ORIGINAL_DST = 80                # linux/netfilter_ipv4.h, level SOL_IP
 IP6T_SO_ORIGINAL_DST = 80           # linux/netfilter_ipv6/ip6_tables.h, level SOL_IPV6
@@ -199,37 +199,26 @@ class Detector(asyncio.Protocol):
             relay.pair = self.pairs(
                 self.caller(downstream) if self.caller is not None
                 else target.service if balanced else target[3] if len(target) > 3 else EXTERNAL)
-        dialled = [target[2] if not balanced and len(target) > 2 else None]
+        counted = [stats for stats in (self.stats, relay.pair) if stats is not None]
 
         def failed(host: str, port: int, exc: BaseException) -> None:
-            for stats in (self.stats, relay.pair):
-                if stats is not None:
-                    stats.connect_failures += 1
+            for stats in counted:
+                stats.connect_failures += 1
             reason = getattr(exc, "strerror", None) or str(exc) or "connect timed out"
             print(f"fastmesh sidecar: cannot relay to {host}:{port}: {reason}",
                   file=sys.stderr, flush=True)
 
-        def dial(picked) -> tuple:
-            found = target.dial(picked)
-            dialled[0] = found[2]
-            return found
-
         if balanced:
-            outcome = await relay.connect_balanced(target.balancer, b"", CONNECT_TIMEOUT, dial,
-                                                   failed)
+            outcome = await relay.connect_balanced(target.balancer, b"", CONNECT_TIMEOUT,
+                                                   target.dial, failed)
         else:
-            outcome = CONNECTED
-            try:
-                await relay.connect(target[0], target[1], CONNECT_TIMEOUT, dialled[0])
-            except (OSError, asyncio.TimeoutError) as exc:
-                failed(target[0], target[1], exc)
-                outcome = FAILED
+            outcome = await relay.connect_to(target[0], target[1], CONNECT_TIMEOUT,
+                                             target[2] if len(target) > 2 else None, failed)
         if outcome == GONE or outcome != CONNECTED and downstream.is_closing():
             return
         if outcome == NO_TARGET:        # every instance there ejected (or of weight 0)
-            for stats in (self.stats, relay.pair):
-                if stats is not None:
-                    stats.no_target += 1
+            for stats in counted:
+                stats.no_target += 1
             print(f"fastmesh sidecar: no instance of {target.service} to relay to at "
                   f"{self.original[0]} (all ejected after failed connects, or weight 0)",
                   file=sys.stderr, flush=True)
@@ -243,11 +232,10 @@ class Detector(asyncio.Protocol):
         if downstream.is_closing():
             relay.server.transport.close()
             return
-        secure = dialled[0] is not None or downstream.get_extra_info("sslcontext") is not None
-        for stats in (self.stats, relay.pair):
-            if stats is not None:
-                stats.accepted += 1
-                stats.mtls += secure
+        secure = relay.secure or downstream.get_extra_info("sslcontext") is not None
+        for stats in counted:
+            stats.accepted += 1
+            stats.mtls += secure
         relay.start(bytes(self.buffer), self.eof)
 
 
